@@ -1,0 +1,31 @@
+# fedsweep: `make run` (quickstart) and `make test` install into .venv first when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+
+.PHONY: install run test test-all lint clean
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changed since the last install (a no-op otherwise).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/python -m src.run experiment=quickstart
+
+test: install
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf outputs/runs outputs/multiruns .pytest_cache .ruff_cache wandb
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

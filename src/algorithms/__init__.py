@@ -1,0 +1,5 @@
+from src.algorithms.base import Algorithm
+from src.algorithms.fedavg import FedAvg
+from src.algorithms.fedlora import FedLoRA
+
+__all__ = ["Algorithm", "FedAvg", "FedLoRA"]

@@ -1,0 +1,38 @@
+"""Config checks that run before anything is built: one clear line naming the key."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    fl = cfg.fl
+    _require(fl.rounds >= 1, f"fl.rounds must be >= 1, got {fl.rounds}")
+    _require(fl.num_clients >= 1, f"fl.num_clients must be >= 1, got {fl.num_clients}")
+    _require(
+        1 <= fl.clients_per_round <= fl.num_clients,
+        f"fl.clients_per_round must be in [1, fl.num_clients={fl.num_clients}], got {fl.clients_per_round}",
+    )
+    _require(fl.local_epochs >= 1, f"fl.local_epochs must be >= 1, got {fl.local_epochs}")
+    _require(fl.batch_size >= 1, f"fl.batch_size must be >= 1, got {fl.batch_size}")
+    _require(fl.eval_every >= 1, f"fl.eval_every must be >= 1, got {fl.eval_every}")
+    _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if "alpha" in cfg.partitioner:
+        _require(cfg.partitioner.alpha > 0, f"partitioner.alpha must be > 0, got {cfg.partitioner.alpha}")
+    _require(
+        0 <= cfg.partitioner.test_fraction < 1,
+        f"partitioner.test_fraction must be in [0, 1), got {cfg.partitioner.test_fraction}",
+    )
+    lora = cfg.alg.get("lora")
+    if lora is not None:
+        _require(lora.r >= 1, f"alg.lora.r must be >= 1, got {lora.r}")
+        _require(lora.alpha > 0, f"alg.lora.alpha must be > 0, got {lora.alpha}")

@@ -1,0 +1,200 @@
+"""Small image datasets as uint8 tensors (DESIGN §3.7, §8).
+
+Every loader returns an :class:`ImageDataset`: the whole train pool and the global test set as
+contiguous ``uint8 [N, C, H, W]`` tensors plus int64 labels, so the orchestrator can put them on
+the device once and gather/normalise batches there.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ImageSplit:
+    images: torch.Tensor  # uint8 [N, C, H, W], contiguous
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    train: ImageSplit  # the pool that gets partitioned over clients
+    test: ImageSplit  # the global test set
+    num_classes: int
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units (pixels / 255)
+    std: tuple[float, ...]
+
+
+class DatasetNotFoundError(RuntimeError):
+    """The dataset files are not on disk and could not be downloaded."""
+
+
+def _split(images, labels) -> ImageSplit:
+    images = torch.as_tensor(images, dtype=torch.uint8)
+    if images.ndim == 3:  # [N, H, W] -> [N, 1, H, W]
+        images = images.unsqueeze(1)
+    return ImageSplit(images.contiguous(), torch.as_tensor(labels, dtype=torch.int64).contiguous())
+
+
+# --------------------------------------------------------------------------- digits (offline)
+
+
+def load_digits(image_size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> ImageDataset:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), as 1 x image_size^2 uint8.
+
+    Pixels 0..16 are scaled to 0..255, resized with bilinear interpolation, then split into a
+    seeded, stratified train/test split. mean/std are computed from the train split.
+    """
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    if int(image_size) < 1:
+        raise ValueError(f"data.image_size must be >= 1, got {image_size}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    bunch = sk_load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) * (255.0 / 16.0)
+    if int(image_size) != x.shape[-1]:
+        size = (int(image_size), int(image_size))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    images = x.round().clamp_(0, 255).to(torch.uint8)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    train = _split(images[torch.as_tensor(train_idx)], labels[train_idx])
+    test = _split(images[torch.as_tensor(test_idx)], labels[test_idx])
+    pixels = train.images.float().div_(255.0)
+    mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(pixels.std(dim=(0, 2, 3)).tolist())
+    return ImageDataset("digits", train, test, 10, mean, std)
+
+
+# --------------------------------------------------------------------------- torchvision datasets
+
+# Reader: (root, train) -> (uint8 images [N, (C,) H, W], int labels [N]); raises FileNotFoundError
+# or RuntimeError (torchvision's "Dataset not found") when the files are absent.
+Reader = Callable[[str, bool], tuple]
+
+
+def _load_torchvision(
+    name: str,
+    root: str,
+    download: bool,
+    folder: str,
+    read: Reader,
+    fetch: Callable[[str], object],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> ImageDataset:
+    """Shared by the torchvision loaders: read from disk, else download once, else one clear error."""
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    where = os.path.join(root, folder) + os.sep
+
+    def read_both() -> tuple[ImageSplit, ImageSplit]:
+        return _split(*read(root, True)), _split(*read(root, False))
+
+    try:
+        train, test = read_both()
+    except (FileNotFoundError, RuntimeError) as missing:
+        reason = "download=false"
+        if download:
+            try:
+                fetch(root)
+                train, test = read_both()
+            except Exception as err:  # offline: URLError, RuntimeError, OSError, ...
+                first_line = (str(err).strip().splitlines() or [""])[0]
+                reason = f"download failed: {type(err).__name__}: {first_line}"
+            else:
+                return ImageDataset(name, train, test, 10, mean, std)
+        raise DatasetNotFoundError(
+            f"{name} not found in {where} ({reason}); put the files there in torchvision layout, "
+            f"set paths.data_dir=<folder containing {folder}/>, or run once online with download=true"
+        ) from missing
+    return ImageDataset(name, train, test, 10, mean, std)
+
+
+def _read_cifar10(root: str, train: bool) -> tuple[np.ndarray, list[int]]:
+    # We read the pickles ourselves instead of using torchvision.datasets.CIFAR10, because that
+    # class checks the md5 of every batch file and rejects any file it did not download itself
+    # (re-packed copies, the test fixtures). The format is CIFAR's documented python pickle:
+    # {"data": uint8 [N, 3072] (R, G, B planes of 32x32), "labels": [N]}.
+    folder = os.path.join(root, "cifar-10-batches-py")
+    files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    data, labels = [], []
+    for file in files:
+        with open(os.path.join(folder, file), "rb") as f:  # FileNotFoundError when absent
+            entry = pickle.load(f, encoding="latin1")  # the originals are python-2 pickles
+        data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry["labels"])
+    return np.concatenate(data), labels
+
+
+def _torchvision_reader(cls) -> Reader:
+    # MNIST-style classes only check that the raw files exist (no md5) and decode the idx files.
+    def read(root: str, train: bool):
+        ds = cls(root=root, train=train, download=False)
+        return ds.data, ds.targets
+
+    return read
+
+
+def load_cifar10(root: str, download: bool = True) -> ImageDataset:
+    """CIFAR-10, 3x32x32, files in ``<root>/cifar-10-batches-py/``."""
+    from torchvision.datasets import CIFAR10
+
+    return _load_torchvision(
+        "CIFAR-10",
+        root,
+        download,
+        "cifar-10-batches-py",
+        _read_cifar10,
+        lambda r: CIFAR10(root=r, train=True, download=True),  # fetches train and test
+        # Official per-channel constants (computed once over the 50k train images).
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    )
+
+
+def load_mnist(root: str, download: bool = True) -> ImageDataset:
+    """MNIST, 1x28x28, files in ``<root>/MNIST/raw/``."""
+    from torchvision.datasets import MNIST
+
+    return _load_torchvision(
+        "MNIST",
+        root,
+        download,
+        os.path.join("MNIST", "raw"),
+        _torchvision_reader(MNIST),
+        lambda r: MNIST(root=r, train=True, download=True),  # fetches train and test
+        mean=(0.1307,),  # official constants over the 60k train images
+        std=(0.3081,),
+    )
+
+
+def load_fashion_mnist(root: str, download: bool = True) -> ImageDataset:
+    """Fashion-MNIST, 1x28x28, files in ``<root>/FashionMNIST/raw/``."""
+    from torchvision.datasets import FashionMNIST
+
+    return _load_torchvision(
+        "Fashion-MNIST",
+        root,
+        download,
+        os.path.join("FashionMNIST", "raw"),
+        _torchvision_reader(FashionMNIST),
+        lambda r: FashionMNIST(root=r, train=True, download=True),
+        mean=(0.2860,),  # official constants over the 60k train images
+        std=(0.3530,),
+    )

@@ -1,0 +1,70 @@
+"""Experiment loggers: W&B (offline unless logged in), Lightning's CSV logger, or none."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def wandb_logged_in() -> bool:
+    """True when W&B credentials are present (WANDB_API_KEY or ~/.netrc); never asks the network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def build_loggers(cfg: DictConfig, run_name: str, group: str) -> list[Logger]:
+    kind = cfg.logger.name
+    out = Path(cfg.paths.output_dir)
+    if kind == "none":
+        return []
+    if kind == "csv":
+        return [CSVLogger(save_dir=str(out), name="csv", version="")]
+    if kind == "wandb":
+        mode = cfg.logger.mode or ("online" if wandb_logged_in() else "offline")
+        tags = [cfg.alg.name, cfg.model.name, cfg.data.name, cfg.aggregator.name, *cfg.logger.tags]
+        return [
+            WandbLogger(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                name=run_name,
+                group=cfg.logger.group or group,
+                tags=tags,
+                save_dir=str(out),
+                mode=mode,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        ]
+    raise ValueError(f"logger={kind} is not an option; choose one of wandb, csv, none")
+
+
+def finish_wandb(loggers: list[Logger], per_client_rows: list[list] | None = None) -> None:
+    """Log the per-client table, close the W&B run and say how to sync an offline run."""
+    import wandb
+
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger) or wandb.run is None:
+            continue
+        if per_client_rows:
+            logger.log_table(
+                "clients",
+                columns=["client", "train_samples", "test_samples", "personal_acc"],
+                data=per_client_rows,
+            )
+        run_dir = Path(wandb.run.dir).parent
+        offline = wandb.run.settings.mode == "offline" if hasattr(wandb.run.settings, "mode") else False
+        wandb.finish()
+        if offline:
+            log.info("W&B run saved offline in %s; upload it with: wandb sync %s", run_dir, run_dir)
+    if wandb.run is not None:  # a run we did not own the logger of; still never leave it open
+        wandb.finish()

@@ -1,0 +1,146 @@
+"""Entry point: compose the config -> build data, model, algorithm, aggregator -> fit -> summarize.
+
+    python -m src.run alg=fedlora model=vit_small32 data=digits
+    python -m src.run -m alg=fedavg,fedlora seed=0,1,2
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from src.config_checks import validate_config
+from src.federated.checkpoint import LastRoundCheckpoint
+from src.federated.data import Federation
+from src.federated.orchestrator import FederatedModule
+from src.loggers import build_loggers, finish_wandb
+from src.outputs import RoundRecorder, summarize, write_summary
+
+log = logging.getLogger("fedsweep")
+
+# One batch per epoch and no workers are by design; Lightning's hints about them are noise here.
+for pattern in (".*does not have many workers.*", ".*number of training batches.*", ".*LightningModule.*log.*"):
+    warnings.filterwarnings("ignore", message=pattern)
+
+
+def hydra_names(cfg: DictConfig) -> tuple[str, str, bool]:
+    """(run name from the overrides, group = sweep or run folder name, is this a multirun job)."""
+    if not HydraConfig.initialized():
+        return "run", Path(cfg.paths.output_dir).name, False
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    run_name = hc.job.override_dirname or "default"
+    group = Path(hc.sweep.dir if multirun else hc.run.dir).name
+    return run_name, group, multirun
+
+
+def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
+    log.info("loading data=%s", cfg.data.name)
+    dataset = instantiate(cfg.data.loader)
+    partitioner = instantiate(cfg.partitioner)
+    federation = Federation.build(dataset, partitioner, cfg.fl.num_clients, cfg.seed)
+    log.info(
+        "partition=%s: %d clients, %s train samples each (min %d)",
+        cfg.partitioner.name, federation.num_clients,
+        "/".join(str(n) for n in federation.summary["train_samples"][:8])
+        + ("/..." if federation.num_clients > 8 else ""),
+        min(federation.summary["train_samples"]),
+    )
+    algorithm = instantiate(cfg.alg, _convert_="all")
+    model = algorithm.prepare_model(instantiate(cfg.model.net))
+    return FederatedModule(
+        model=model,
+        algorithm=algorithm,
+        aggregator=instantiate(cfg.aggregator),
+        federation=federation,
+        optimizer=instantiate(cfg.optim),
+        rounds=cfg.fl.rounds,
+        clients_per_round=cfg.fl.clients_per_round,
+        local_epochs=cfg.fl.local_epochs,
+        batch_size=cfg.fl.batch_size,
+        eval_every=cfg.fl.eval_every,
+        eval_batch_size=cfg.fl.eval_batch_size,
+        seed=cfg.seed,
+        recorder=RoundRecorder(output_dir / "metrics.csv"),
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one federated experiment; returns (and writes) its summary."""
+    validate_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_name, group, _ = hydra_names(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    started = time.perf_counter()
+
+    module = build_module(cfg, output_dir)
+    loggers = build_loggers(cfg, run_name, group)
+    per_client = None
+    try:
+        checkpoint = LastRoundCheckpoint(output_dir / "checkpoints")
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
+        log.info(
+            "fitting alg=%s model=%s aggregator=%s for %d rounds on %s",
+            cfg.alg.name, cfg.model.name, cfg.aggregator.name, cfg.fl.rounds,
+            trainer.strategy.root_device,
+        )
+        trainer.fit(module)
+
+        fed = module.federation
+        per_client = [
+            [i, fed.summary["train_samples"][i], fed.summary["test_samples"][i], acc]
+            for i, acc in enumerate(getattr(module, "per_client_acc", []))
+        ]
+        summary = write_summary(
+            output_dir / "summary.json",
+            status="completed",
+            run_name=run_name,
+            rounds_done=module.current_epoch,
+            rounds=cfg.fl.rounds,
+            wall_time_s=time.perf_counter() - started,
+            total_bytes=module.total_bytes,
+            **summarize(module.recorder.rows),
+            per_client=[dict(zip(["client", "train_samples", "test_samples", "personal_acc"], row))
+                        for row in per_client],
+            partition=fed.summary,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    finally:
+        finish_wandb(loggers, per_client)
+
+    final = summary["final"]
+    log.info(
+        "done in %.1fs: val/global_acc %.4f, val/personal_acc %.4f; results in %s",
+        summary["wall_time_s"], final.get("val/global_acc", float("nan")),
+        final.get("val/personal_acc", float("nan")), output_dir,
+    )
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    _, _, multirun = hydra_names(cfg)
+    try:
+        summary = train(cfg)
+    except Exception as error:
+        if not multirun:
+            raise
+        # In a sweep one failing job must not stop the others: record it and move on.
+        log.exception("job failed: %s", error)
+        write_summary(Path(cfg.paths.output_dir) / "summary.json", status="failed", error=repr(error))
+        return None
+    return summary["final"].get("val/global_acc")  # what a Hydra sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""logger=wandb offline writes a real run file: summary, group, tags, resolved config."""
+
+from pathlib import Path
+
+from src.loggers import wandb_logged_in
+from src.run import train
+from tests.wandb_records import read_run
+
+
+def test_offline_wandb_run_has_val_global_acc_in_its_summary(make_digits_config, tmp_path):
+    cfg = make_digits_config("logger=wandb", "logger.mode=offline", "fl.rounds=2")
+    summary = train(cfg)
+    run_files = list(Path(cfg.paths.output_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    run = read_run(run_files[0])
+    assert run["summary"]["val/global_acc"] == summary["final"]["val/global_acc"]
+    assert [row["_step"] for row in run["history"] if "train/loss" in row] == [1, 2]  # one per round
+    assert run["config"]["alg"]["name"] == "fedavg"  # the resolved config is the run config
+    assert any(key.startswith("clients") for key in run["summary"])  # the per-client table
+
+
+def test_mode_defaults_to_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    assert wandb_logged_in() is False
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_logged_in() is True
