@@ -1,0 +1,172 @@
+"""Vision Transformers from timm: a named timm model (optionally pretrained) or a small ViT from kwargs."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import logging
+import re
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv
+from timm.models.vision_transformer import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+_FIX = "set model.net.pretrained=false (train from scratch) or model.net.weights=PATH (a local file)"
+# what the hub raises when it cannot deliver a file: OSError covers LocalEntryNotFoundError,
+# HfHubHTTPError and requests' errors; httpx(2) transport errors are not OSErrors.
+_HUB_ERRORS = (OSError,) + tuple(
+    importlib.import_module(m).HTTPError for m in ("httpx2", "httpx") if importlib.util.find_spec(m)
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model or its weights cannot be built/loaded; the message names the config key to change."""
+
+
+def build_vit(
+    model_name: str | None,
+    img_size: int,
+    in_chans: int,
+    num_classes: int,
+    pretrained: bool = False,
+    weights: str | None = None,
+    **vit_kwargs,
+) -> torch.nn.Module:
+    """Build a ViT whose forward is ``model(images[B, in_chans, img_size, img_size]) -> logits[B, num_classes]``.
+
+    ``model_name``: a timm name, or None to build ``VisionTransformer(**vit_kwargs)`` directly.
+    ``pretrained``: timm hub weights (cache first; fails fast with ModelLoadError when offline).
+    ``weights``: a local state dict / fedsweep checkpoint; takes precedence over ``pretrained``.
+    """
+    size = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+    if model_name is None:
+        if pretrained and not weights:
+            raise ModelLoadError(f"model.net.pretrained=true needs a timm model.net.model_name; {_FIX}")
+        patch = vit_kwargs.get("patch_size", 16)
+        if img_size % patch:
+            raise ValueError(
+                f"data.image_size={img_size} is not a multiple of model.net.patch_size={patch}"
+            )
+        model = VisionTransformer(**size, **vit_kwargs)
+    else:
+        if not timm.is_model(model_name):
+            close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+            raise ModelLoadError(f"model.net.model_name={model_name} is not a timm model; close: {close}")
+        if pretrained and not weights:
+            model = _create_pretrained(model_name, **size, **vit_kwargs)
+        else:
+            model = timm.create_model(model_name, pretrained=False, **size, **vit_kwargs)
+    if weights:
+        load_weights(model, weights)
+    return model
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick HEAD request to the Hugging Face endpoint (respects HF_ENDPOINT, proxies, HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants, get_session
+
+    if constants.is_offline_mode():
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+        return True
+    except Exception:  # any failure of the probe means: treat the hub as unreachable
+        return False
+
+
+def _create_pretrained(model_name: str, **kwargs) -> torch.nn.Module:
+    # Unreachable hub: huggingface_hub would retry each file 5 times with backoff (~50 s here),
+    # so we switch it to offline mode for this call: cached weights still load, else it fails at once.
+    from huggingface_hub import constants
+
+    online = _hub_reachable()
+    try:
+        with mock.patch.object(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE or not online):
+            return timm.create_model(model_name, pretrained=True, **kwargs)
+    except _HUB_ERRORS as e:
+        why = "not in the local cache and the hub is unreachable (offline)" if not online else str(e).splitlines()[0]
+        raise ModelLoadError(
+            f"model.net.model_name={model_name}: pretrained weights could not be loaded: {why}; {_FIX}"
+        ) from e
+
+
+def _normalize_keys(sd: dict) -> dict:
+    """Plain model keys from a state dict or fedsweep/Lightning checkpoint (drops LoRA, undoes peft renames)."""
+    if isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if any(k.startswith("model.") for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    out = {}
+    for k, v in sd.items():
+        if "lora_" in k or ".original_module." in k:
+            continue
+        k = k.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        out[re.sub(r"\.modules_to_save\.[^.]+\.", ".", k)] = v
+    return out
+
+
+def _adapt_shapes(sd: dict, model: torch.nn.Module) -> None:
+    """Resample a ViT position embedding to the model's grid and adapt the patch conv to in_chans."""
+    target = model.state_dict()
+    pe, tpe = sd.get("pos_embed"), target.get("pos_embed")
+    if pe is not None and tpe is not None and pe.shape[1] != tpe.shape[1] and pe.shape[2] == tpe.shape[2]:
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        sd["pos_embed"] = resample_abs_pos_embed(pe, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+    conv, tconv = sd.get("patch_embed.proj.weight"), target.get("patch_embed.proj.weight")
+    if conv is not None and tconv is not None and conv.shape[1] != tconv.shape[1]:
+        sd["patch_embed.proj.weight"] = adapt_input_conv(tconv.shape[1], conv)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Initialise ``model`` from a local file (``model.net.weights``); returns the model.
+
+    Accepts ``torch.save(model.state_dict())``, a fedsweep/Lightning checkpoint (``state_dict`` with
+    ``model.``-prefixed keys; LoRA tensors are ignored) or a ``.safetensors`` file. Tensors whose
+    shape differs (e.g. the head for another num_classes) keep the model's fresh init, with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model.net.weights={path}: no such file; give a state dict or checkpoint, or set model.net.weights=null")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # Lightning checkpoints may pickle configs: the file is the user's own
+                obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ModelLoadError(f"model.net.weights={path}: cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"model.net.weights={path}: expected a state dict, got {type(obj).__name__}")
+
+    sd = _normalize_keys(obj)
+    _adapt_shapes(sd, model)
+    target = model.state_dict()
+    mismatched = [k for k, v in sd.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    if mismatched:
+        warnings.warn(
+            f"model.net.weights={path}: shape differs, keeping fresh init for {mismatched}", stacklevel=2
+        )
+    for k in mismatched:
+        sd.pop(k)
+    res = model.load_state_dict(sd, strict=False)
+    missing = [k for k in res.missing_keys if k not in mismatched]
+    if missing or res.unexpected_keys:
+        raise ModelLoadError(
+            f"model.net.weights={path} does not fit the model (model.net.model_name / architecture keys): "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {res.unexpected_keys[:5]}{'...' if len(res.unexpected_keys) > 5 else ''}"
+        )
+    log.info("loaded %d tensors from %s", len(sd), path)
+    return model
