@@ -28,7 +28,12 @@ from src.outputs import RoundRecorder, summarize, write_summary
 log = logging.getLogger("fedsweep")
 
 # One batch per epoch and no workers are by design; Lightning's hints about them are noise here.
-for pattern in (".*does not have many workers.*", ".*number of training batches.*", ".*LightningModule.*log.*"):
+for pattern in (
+    ".*does not have many workers.*",
+    ".*number of training batches.*",
+    ".*configure_optimizers.*returned.*None.*",
+    ".*LeafSpec.*is deprecated.*",
+):
     warnings.filterwarnings("ignore", message=pattern)
 
 

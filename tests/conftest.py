@@ -18,10 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def compose_config(overrides: list[str] | None = None, tmp_path: Path | None = None):
-    """The project's config with `overrides`, CPU trainer, no logger, outputs under tmp_path."""
+def compose_config(overrides: list[str] | None = None, tmp_path: Path | None = None, for_tests: bool = True):
+    """The project's config with `overrides`, outputs under tmp_path; `for_tests`: CPU, no logger."""
     GlobalHydra.instance().clear()
-    base = ["trainer=cpu", "logger=none", "trainer.enable_progress_bar=false"]
+    base = ["trainer=cpu", "logger=none", "trainer.enable_progress_bar=false"] if for_tests else []
     if tmp_path is not None:
         base += [f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'data'}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

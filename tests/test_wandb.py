@@ -14,7 +14,8 @@ def test_offline_wandb_run_has_val_global_acc_in_its_summary(make_digits_config,
     assert len(run_files) == 1
     run = read_run(run_files[0])
     assert run["summary"]["val/global_acc"] == summary["final"]["val/global_acc"]
-    assert [row["_step"] for row in run["history"] if "train/loss" in row] == [1, 2]  # one per round
+    # one history row per round, stepped by the round number
+    assert [row["trainer/global_step"] for row in run["history"] if "train/loss" in row] == [1, 2]
     assert run["config"]["alg"]["name"] == "fedavg"  # the resolved config is the run config
     assert any(key.startswith("clients") for key in run["summary"])  # the per-client table
 

@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from src.aggregators import Aggregator
@@ -156,8 +157,11 @@ class FederatedModule(pl.LightningModule):
         return upload, loss_sum, seen
 
     # ----------------------------------------------------------------- evaluation
+    def _fitting(self) -> bool:
+        return self.trainer.state.fn == TrainerFn.FITTING
+
     def _is_eval_round(self) -> bool:
-        if not self.trainer.training:  # trainer.validate(): always evaluate
+        if not self._fitting():  # trainer.validate(): always evaluate
             return True
         done = self.round + 1
         return done % self.eval_every == 0 or done == self.rounds
@@ -169,7 +173,7 @@ class FederatedModule(pl.LightningModule):
         metrics = self.evaluate()
         for key in ("val/global_acc", "val/personal_acc"):
             self.log(key, metrics[key], prog_bar=True, logger=False)
-        if self.trainer.training:
+        if self._fitting():
             self._round_metrics.update(metrics)
             self._emit(evaluated=True)
 
