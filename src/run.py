@@ -61,7 +61,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         min(federation.summary["train_samples"]),
     )
     algorithm = instantiate(cfg.alg, _convert_="all")
-    model = algorithm.prepare_model(instantiate(cfg.model.net))
+    model = algorithm.prepare_model(instantiate(cfg.model))
     return FederatedModule(
         model=model,
         algorithm=algorithm,

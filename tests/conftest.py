@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+
+from src.aggregators import MeanAggregator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -39,3 +42,17 @@ def digits_config(tmp_path: Path, *overrides: str):
 @pytest.fixture
 def make_digits_config(tmp_path):
     return lambda *overrides: digits_config(tmp_path, *overrides)
+
+
+class RecordingMean(MeanAggregator):
+    """The mean aggregator, keeping a copy of every upload and its weight for inspection."""
+
+    def __init__(self, name: str = "mean", **kw):
+        super().__init__(name, **kw)
+        self.uploads: list[dict[str, torch.Tensor]] = []
+        self.weights: list[float] = []
+
+    def _add(self, upload, weight):
+        self.uploads.append({name: t.detach().clone() for name, t in upload.items()})
+        self.weights.append(weight)
+        super()._add(upload, weight)

@@ -49,7 +49,7 @@ def test_defaults_match_the_design(tmp_path):
 
 def test_data_shape_flows_into_the_model(tmp_path):
     cfg = compose_config(["data=mnist", "model=vit_small32"], tmp_path)
-    assert (cfg.model.net.img_size, cfg.model.net.in_chans, cfg.model.net.num_classes) == (28, 1, 10)
+    assert (cfg.model.img_size, cfg.model.in_chans, cfg.model.num_classes) == (28, 1, 10)
 
 
 @pytest.mark.parametrize(

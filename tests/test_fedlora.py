@@ -4,26 +4,15 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from src.aggregators import MeanAggregator
 from src.run import build_module
-
-
-class RecordingMean(MeanAggregator):
-    """The mean aggregator, remembering the names and sizes of every upload it saw."""
-
-    def _add(self, upload, weight):
-        self.seen.append({name: (t.numel(), t.element_size()) for name, t in upload.items()})
-        super()._add(upload, weight)
-
-    seen: list
+from tests.conftest import RecordingMean
 
 
 @pytest.fixture
 def one_round(make_digits_config, tmp_path):
     cfg = make_digits_config("alg=fedlora", "fl.rounds=1")
     module = build_module(cfg, tmp_path)
-    module.aggregator = RecordingMean(name="mean")
-    module.aggregator.seen = []
+    module.aggregator = RecordingMean()
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     trainer.fit(module)
@@ -45,8 +34,8 @@ def test_backbone_is_bit_identical_after_a_round(one_round):
 
 def test_upload_contains_only_lora_and_head(one_round):
     module, _ = one_round
-    assert len(module.aggregator.seen) == module.clients_per_round
-    for upload in module.aggregator.seen:
+    assert len(module.aggregator.uploads) == module.clients_per_round
+    for upload in module.aggregator.uploads:
         assert upload, "empty upload"
         for name in upload:
             assert "lora_A" in name or "lora_B" in name or name.startswith("head."), name
@@ -55,7 +44,7 @@ def test_upload_contains_only_lora_and_head(one_round):
 
 def test_up_bytes_equal_the_size_of_the_uploaded_tensors(one_round):
     module, _ = one_round
-    expected = sum(numel * size for upload in module.aggregator.seen for numel, size in upload.values())
+    expected = sum(t.numel() * t.element_size() for up in module.aggregator.uploads for t in up.values())
     rows = module.recorder.rows
     assert rows[-1]["comm/up_bytes"] == expected
     lora_and_head = sum(

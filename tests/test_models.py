@@ -33,7 +33,7 @@ def test_vit_small32_config_output_shape(size, chans, classes):
         {"model": OmegaConf.load(CONF / "vit_small32.yaml")},
         {"data": {"image_size": size, "channels": chans, "num_classes": classes}},
     )
-    model = instantiate(cfg.model.net)
+    model = instantiate(cfg.model)
     assert model(torch.randn(2, chans, size, size)).shape == (2, classes)
 
 
@@ -42,7 +42,7 @@ def test_vit_config_resolves_data_keys():
         {"model": OmegaConf.load(CONF / "vit.yaml")},
         {"data": {"image_size": 32, "channels": 3, "num_classes": 10}},
     )
-    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    net = OmegaConf.to_container(cfg.model, resolve=True)
     assert net["_target_"] == "src.models.vit.build_vit"
     assert (net["img_size"], net["in_chans"], net["num_classes"]) == (32, 3, 10)
 
@@ -88,7 +88,7 @@ def test_head_of_other_num_classes_is_reinitialised_with_warning(tmp_path):
 
 
 def test_missing_weights_file_names_the_key(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"model\.net\.weights"):
+    with pytest.raises(ModelLoadError, match=r"model\.weights"):
         small_vit(weights=str(tmp_path / "nope.pt"))
 
 
@@ -107,7 +107,7 @@ def empty_hf_cache(monkeypatch, tmp_path):
 def test_pretrained_offline_fails_fast_with_fix(monkeypatch, empty_hf_cache):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # guarantees no network attempt
     t0 = time.perf_counter()
-    with pytest.raises(ModelLoadError, match=r"vit_tiny_patch16_224.*offline.*model\.net\.pretrained=false"):
+    with pytest.raises(ModelLoadError, match=r"vit_tiny_patch16_224.*offline.*model\.pretrained=false"):
         build_vit("vit_tiny_patch16_224", 32, 3, 10, pretrained=True)
     assert time.perf_counter() - t0 < 5
 
@@ -117,13 +117,13 @@ def test_pretrained_unreachable_hub_fails_fast_without_offline_flag(monkeypatch,
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")
     t0 = time.perf_counter()
-    with pytest.raises(ModelLoadError, match=r"offline.*model\.net\.weights=PATH"):
+    with pytest.raises(ModelLoadError, match=r"offline.*model\.weights=PATH"):
         build_vit("vit_tiny_patch16_224", 32, 3, 10, pretrained=True)
     assert time.perf_counter() - t0 < 5
 
 
 def test_unknown_timm_name_names_the_key():
-    with pytest.raises(ModelLoadError, match=r"model\.net\.model_name=vit_tiny_patch16_244.*vit_tiny_patch16_224"):
+    with pytest.raises(ModelLoadError, match=r"model\.arch=vit_tiny_patch16_244.*vit_tiny_patch16_224"):
         build_vit("vit_tiny_patch16_244", 32, 3, 10)
 
 

@@ -182,13 +182,12 @@ class FederatedModule(pl.LightningModule):
         metrics, done = self._round_metrics, self.round + 1
         for logger in self.loggers:
             logger.log_metrics(metrics, step=done)
+        line = f"round {done}/{self.rounds}  train/loss {metrics['train/loss']:.4f}"
         if evaluated:
             self.recorder.record(done, metrics)
-            log.info(
-                "round %d/%d  train/loss %.4f  val/global_acc %.4f  val/personal_acc %.4f",
-                done, self.rounds, metrics["train/loss"], metrics["val/global_acc"],
-                metrics["val/personal_acc"],
-            )
+            line += f"  val/global_acc {metrics['val/global_acc']:.4f}"
+            line += f"  val/personal_acc {metrics['val/personal_acc']:.4f}"
+        log.info("%s  (%.1fs)", line, metrics["time/round_s"])
 
     @torch.no_grad()
     def _predict(self, data, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

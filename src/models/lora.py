@@ -64,7 +64,7 @@ def add_lora(
     for p in trainable:
         if not any(_under(n, p) for n in param_names):
             top = [n for n, _ in model.named_children()]
-            raise ValueError(f"trainable prefix '{p}' matches no parameter; top-level modules: {top}")
+            raise ValueError(f"alg.trainable: '{p}' matches no parameter; top-level modules: {top}")
 
     config = LoraConfig(
         r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
 
-_FIX = "set model.net.pretrained=false (train from scratch) or model.net.weights=PATH (a local file)"
+_FIX = "set model.pretrained=false (train from scratch) or model.weights=PATH (a local file)"
 # what the hub raises when it cannot deliver a file: OSError covers LocalEntryNotFoundError,
 # HfHubHTTPError and requests' errors; httpx(2) transport errors are not OSErrors.
 _HUB_ERRORS = (OSError,) + tuple(
@@ -32,38 +32,40 @@ class ModelLoadError(RuntimeError):
 
 
 def build_vit(
-    model_name: str | None,
+    arch: str | None,
     img_size: int,
     in_chans: int,
     num_classes: int,
     pretrained: bool = False,
     weights: str | None = None,
+    name: str | None = None,
     **vit_kwargs,
 ) -> torch.nn.Module:
     """Build a ViT whose forward is ``model(images[B, in_chans, img_size, img_size]) -> logits[B, num_classes]``.
 
-    ``model_name``: a timm name, or None to build ``VisionTransformer(**vit_kwargs)`` directly.
+    ``arch``: a timm model name, or None to build ``VisionTransformer(**vit_kwargs)`` directly.
     ``pretrained``: timm hub weights (cache first; fails fast with ModelLoadError when offline).
     ``weights``: a local state dict / fedsweep checkpoint; takes precedence over ``pretrained``.
+    ``name``: the config option's name (``vit``, ``vit_small32``); not used to build.
     """
     size = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes)
-    if model_name is None:
+    if arch is None:
         if pretrained and not weights:
-            raise ModelLoadError(f"model.net.pretrained=true needs a timm model.net.model_name; {_FIX}")
+            raise ModelLoadError(f"model.pretrained=true needs a timm model.arch; {_FIX}")
         patch = vit_kwargs.get("patch_size", 16)
         if img_size % patch:
             raise ValueError(
-                f"data.image_size={img_size} is not a multiple of model.net.patch_size={patch}"
+                f"data.image_size={img_size} is not a multiple of model.patch_size={patch}"
             )
         model = VisionTransformer(**size, **vit_kwargs)
     else:
-        if not timm.is_model(model_name):
-            close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
-            raise ModelLoadError(f"model.net.model_name={model_name} is not a timm model; close: {close}")
+        if not timm.is_model(arch):
+            close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+            raise ModelLoadError(f"model.arch={arch} is not a timm model; close: {close}")
         if pretrained and not weights:
-            model = _create_pretrained(model_name, **size, **vit_kwargs)
+            model = _create_pretrained(arch, **size, **vit_kwargs)
         else:
-            model = timm.create_model(model_name, pretrained=False, **size, **vit_kwargs)
+            model = timm.create_model(arch, pretrained=False, **size, **vit_kwargs)
     if weights:
         load_weights(model, weights)
     return model
@@ -94,7 +96,7 @@ def _create_pretrained(model_name: str, **kwargs) -> torch.nn.Module:
     except _HUB_ERRORS as e:
         why = "not in the local cache and the hub is unreachable (offline)" if not online else str(e).splitlines()[0]
         raise ModelLoadError(
-            f"model.net.model_name={model_name}: pretrained weights could not be loaded: {why}; {_FIX}"
+            f"model.arch={model_name}: pretrained weights could not be loaded: {why}; {_FIX}"
         ) from e
 
 
@@ -126,7 +128,7 @@ def _adapt_shapes(sd: dict, model: torch.nn.Module) -> None:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Initialise ``model`` from a local file (``model.net.weights``); returns the model.
+    """Initialise ``model`` from a local file (``model.weights``); returns the model.
 
     Accepts ``torch.save(model.state_dict())``, a fedsweep/Lightning checkpoint (``state_dict`` with
     ``model.``-prefixed keys; LoRA tensors are ignored) or a ``.safetensors`` file. Tensors whose
@@ -134,7 +136,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelLoadError(f"model.net.weights={path}: no such file; give a state dict or checkpoint, or set model.net.weights=null")
+        raise ModelLoadError(f"model.weights={path}: no such file; give a state dict or checkpoint, or set model.weights=null")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -146,9 +148,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
             except Exception:  # Lightning checkpoints may pickle configs: the file is the user's own
                 obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ModelLoadError(f"model.net.weights={path}: cannot be read ({type(e).__name__}: {e})") from e
+        raise ModelLoadError(f"model.weights={path}: cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
-        raise ModelLoadError(f"model.net.weights={path}: expected a state dict, got {type(obj).__name__}")
+        raise ModelLoadError(f"model.weights={path}: expected a state dict, got {type(obj).__name__}")
 
     sd = _normalize_keys(obj)
     _adapt_shapes(sd, model)
@@ -156,7 +158,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     mismatched = [k for k, v in sd.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
     if mismatched:
         warnings.warn(
-            f"model.net.weights={path}: shape differs, keeping fresh init for {mismatched}", stacklevel=2
+            f"model.weights={path}: shape differs, keeping fresh init for {mismatched}", stacklevel=2
         )
     for k in mismatched:
         sd.pop(k)
@@ -164,7 +166,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     missing = [k for k in res.missing_keys if k not in mismatched]
     if missing or res.unexpected_keys:
         raise ModelLoadError(
-            f"model.net.weights={path} does not fit the model (model.net.model_name / architecture keys): "
+            f"model.weights={path} does not fit the model (model.arch / architecture keys): "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {res.unexpected_keys[:5]}{'...' if len(res.unexpected_keys) > 5 else ''}"
         )
