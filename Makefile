@@ -25,6 +25,7 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 
 clean:
 	rm -rf outputs/runs outputs/multiruns .pytest_cache .ruff_cache wandb

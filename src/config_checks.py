@@ -27,7 +27,9 @@ def validate_config(cfg: DictConfig) -> None:
     _require(fl.eval_every >= 1, f"fl.eval_every must be >= 1, got {fl.eval_every}")
     _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     if "alpha" in cfg.partitioner:
-        _require(cfg.partitioner.alpha > 0, f"partitioner.alpha must be > 0, got {cfg.partitioner.alpha}")
+        _require(
+            cfg.partitioner.alpha > 0, f"partitioner.alpha must be > 0, got {cfg.partitioner.alpha}"
+        )
     _require(
         0 <= cfg.partitioner.test_fraction < 1,
         f"partitioner.test_fraction must be in [0, 1), got {cfg.partitioner.test_fraction}",

@@ -48,23 +48,20 @@ def build_loggers(cfg: DictConfig, run_name: str, group: str) -> list[Logger]:
     raise ValueError(f"logger={kind} is not an option; choose one of wandb, csv, none")
 
 
-def finish_wandb(loggers: list[Logger], per_client_rows: list[list] | None = None) -> None:
-    """Log the per-client table, close the W&B run and say how to sync an offline run."""
+def finish_wandb(loggers: list[Logger], per_client: list[dict] | None = None) -> None:
+    """Log the per-client table, close the W&B run (always) and say how to sync an offline run."""
     import wandb
 
-    for logger in loggers:
-        if not isinstance(logger, WandbLogger) or wandb.run is None:
-            continue
-        if per_client_rows:
-            logger.log_table(
-                "clients",
-                columns=["client", "train_samples", "test_samples", "personal_acc"],
-                data=per_client_rows,
-            )
-        run_dir = Path(wandb.run.dir).parent
-        offline = wandb.run.settings.mode == "offline" if hasattr(wandb.run.settings, "mode") else False
-        wandb.finish()
-        if offline:
-            log.info("W&B run saved offline in %s; upload it with: wandb sync %s", run_dir, run_dir)
-    if wandb.run is not None:  # a run we did not own the logger of; still never leave it open
-        wandb.finish()
+    run = wandb.run
+    if run is None:
+        return
+    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    if wandb_loggers and per_client:
+        columns = list(per_client[0])
+        wandb_loggers[0].log_table(
+            "clients", columns=columns, data=[[row[c] for c in columns] for row in per_client]
+        )
+    run_dir, offline = Path(run.dir).parent, run.offline
+    wandb.finish()
+    if offline:
+        log.info("W&B run saved offline in %s; upload it with: wandb sync %s", run_dir, run_dir)

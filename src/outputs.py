@@ -34,7 +34,9 @@ def summarize(rows: list[dict]) -> dict:
     """Final and best value of every metric over the evaluated rounds."""
     final, best = {}, {}
     for key in sorted({k for row in rows for k in row} - {"round"}):
-        values = [(row["round"], row[key]) for row in rows if key in row and not math.isnan(row[key])]
+        values = [
+            (row["round"], row[key]) for row in rows if key in row and not math.isnan(row[key])
+        ]
         if not values:
             continue
         final[key] = values[-1][1]

@@ -1,7 +1,7 @@
 """Entry point: compose the config -> build data, model, algorithm, aggregator -> fit -> summarize.
 
-    python -m src.run alg=fedlora model=vit_small32 data=digits
-    python -m src.run -m alg=fedavg,fedlora seed=0,1,2
+python -m src.run alg=fedlora model=vit_small32 data=digits
+python -m src.run -m alg=fedavg,fedlora seed=0,1,2
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     federation = Federation.build(dataset, partitioner, cfg.fl.num_clients, cfg.seed)
     log.info(
         "partition=%s: %d clients, %s train samples each (min %d)",
-        cfg.partitioner.name, federation.num_clients,
+        cfg.partitioner.name,
+        federation.num_clients,
         "/".join(str(n) for n in federation.summary["train_samples"][:8])
         + ("/..." if federation.num_clients > 8 else ""),
         min(federation.summary["train_samples"]),
@@ -96,15 +97,23 @@ def train(cfg: DictConfig) -> dict:
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
         log.info(
             "fitting alg=%s model=%s aggregator=%s for %d rounds on %s",
-            cfg.alg.name, cfg.model.name, cfg.aggregator.name, cfg.fl.rounds,
+            cfg.alg.name,
+            cfg.model.name,
+            cfg.aggregator.name,
+            cfg.fl.rounds,
             trainer.strategy.root_device,
         )
         trainer.fit(module)
 
         fed = module.federation
         per_client = [
-            [i, fed.summary["train_samples"][i], fed.summary["test_samples"][i], acc]
-            for i, acc in enumerate(getattr(module, "per_client_acc", []))
+            {
+                "client": i,
+                "train_samples": fed.summary["train_samples"][i],
+                "test_samples": fed.summary["test_samples"][i],
+                "personal_acc": acc,
+            }
+            for i, acc in enumerate(module.per_client_acc)
         ]
         summary = write_summary(
             output_dir / "summary.json",
@@ -115,8 +124,7 @@ def train(cfg: DictConfig) -> dict:
             wall_time_s=time.perf_counter() - started,
             total_bytes=module.total_bytes,
             **summarize(module.recorder.rows),
-            per_client=[dict(zip(["client", "train_samples", "test_samples", "personal_acc"], row))
-                        for row in per_client],
+            per_client=per_client,
             partition=fed.summary,
             config=OmegaConf.to_container(cfg, resolve=True),
         )
@@ -126,8 +134,10 @@ def train(cfg: DictConfig) -> dict:
     final = summary["final"]
     log.info(
         "done in %.1fs: val/global_acc %.4f, val/personal_acc %.4f; results in %s",
-        summary["wall_time_s"], final.get("val/global_acc", float("nan")),
-        final.get("val/personal_acc", float("nan")), output_dir,
+        summary["wall_time_s"],
+        final.get("val/global_acc", float("nan")),
+        final.get("val/personal_acc", float("nan")),
+        output_dir,
     )
     return summary
 
@@ -142,7 +152,9 @@ def main(cfg: DictConfig) -> float | None:
             raise
         # In a sweep one failing job must not stop the others: record it and move on.
         log.exception("job failed: %s", error)
-        write_summary(Path(cfg.paths.output_dir) / "summary.json", status="failed", error=repr(error))
+        write_summary(
+            Path(cfg.paths.output_dir) / "summary.json", status="failed", error=repr(error)
+        )
         return None
     return summary["final"].get("val/global_acc")  # what a Hydra sweeper would optimise
 

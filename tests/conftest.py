@@ -21,7 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def compose_config(overrides: list[str] | None = None, tmp_path: Path | None = None, for_tests: bool = True):
+def compose_config(
+    overrides: list[str] | None = None, tmp_path: Path | None = None, for_tests: bool = True
+):
     """The project's config with `overrides`, outputs under tmp_path; `for_tests`: CPU, no logger."""
     GlobalHydra.instance().clear()
     base = ["trainer=cpu", "logger=none", "trainer.enable_progress_bar=false"] if for_tests else []

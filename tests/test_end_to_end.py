@@ -16,14 +16,29 @@ import pytest
 from src.run import train
 
 CONTRACT_COLUMNS = {
-    "round", "train/loss", "val/global_acc", "val/personal_acc", "val/personal_acc_std",
-    "val/loss", "comm/up_bytes", "comm/down_bytes", "comm/total_bytes", "time/round_s",
+    "round",
+    "train/loss",
+    "val/global_acc",
+    "val/personal_acc",
+    "val/personal_acc_std",
+    "val/loss",
+    "comm/up_bytes",
+    "comm/down_bytes",
+    "comm/total_bytes",
+    "time/round_s",
 }
 
 THRESHOLDS = {"fedavg": 0.6, "fedlora": 0.35}
 
 # Five iid clients, all sampled every round: the smallest setting in which both algorithms learn.
-FAST = ["partitioner=iid", "fl.num_clients=5", "fl.clients_per_round=5", "fl.local_epochs=2", "fl.rounds=12", "fl.eval_every=6"]
+FAST = [
+    "partitioner=iid",
+    "fl.num_clients=5",
+    "fl.clients_per_round=5",
+    "fl.local_epochs=2",
+    "fl.rounds=12",
+    "fl.eval_every=6",
+]
 
 
 @pytest.mark.parametrize("alg", ["fedavg", "fedlora"])

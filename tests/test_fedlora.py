@@ -29,7 +29,10 @@ def test_backbone_is_bit_identical_after_a_round(one_round):
         changed.append(name)
     assert len(changed) > 10  # the ViT backbone really was checked
     trained = [n for n, p in module.model.named_parameters() if "lora_B" in n]
-    assert any(not torch.equal(dict(module.model.named_parameters())[n].detach(), before[n]) for n in trained)
+    assert any(
+        not torch.equal(dict(module.model.named_parameters())[n].detach(), before[n])
+        for n in trained
+    )
 
 
 def test_upload_contains_only_lora_and_head(one_round):
@@ -44,7 +47,9 @@ def test_upload_contains_only_lora_and_head(one_round):
 
 def test_up_bytes_equal_the_size_of_the_uploaded_tensors(one_round):
     module, _ = one_round
-    expected = sum(t.numel() * t.element_size() for up in module.aggregator.uploads for t in up.values())
+    expected = sum(
+        t.numel() * t.element_size() for up in module.aggregator.uploads for t in up.values()
+    )
     rows = module.recorder.rows
     assert rows[-1]["comm/up_bytes"] == expected
     lora_and_head = sum(

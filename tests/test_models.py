@@ -107,7 +107,9 @@ def empty_hf_cache(monkeypatch, tmp_path):
 def test_pretrained_offline_fails_fast_with_fix(monkeypatch, empty_hf_cache):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # guarantees no network attempt
     t0 = time.perf_counter()
-    with pytest.raises(ModelLoadError, match=r"vit_tiny_patch16_224.*offline.*model\.pretrained=false"):
+    with pytest.raises(
+        ModelLoadError, match=r"vit_tiny_patch16_224.*offline.*model\.pretrained=false"
+    ):
         build_vit("vit_tiny_patch16_224", 32, 3, 10, pretrained=True)
     assert time.perf_counter() - t0 < 5
 
@@ -123,13 +125,17 @@ def test_pretrained_unreachable_hub_fails_fast_without_offline_flag(monkeypatch,
 
 
 def test_unknown_timm_name_names_the_key():
-    with pytest.raises(ModelLoadError, match=r"model\.arch=vit_tiny_patch16_244.*vit_tiny_patch16_224"):
+    with pytest.raises(
+        ModelLoadError, match=r"model\.arch=vit_tiny_patch16_244.*vit_tiny_patch16_224"
+    ):
         build_vit("vit_tiny_patch16_244", 32, 3, 10)
 
 
 def lora_vit(r=4, alpha=6.0, dtype=torch.float32):
     base = small_vit(seed=0).to(dtype).eval()
-    return base, add_lora(copy.deepcopy(base), r=r, alpha=alpha, dropout=0.0, target_modules=TARGETS)
+    return base, add_lora(
+        copy.deepcopy(base), r=r, alpha=alpha, dropout=0.0, target_modules=TARGETS
+    )
 
 
 def test_add_lora_only_lora_and_head_require_grad():
@@ -175,5 +181,7 @@ def test_add_lora_bad_rank_names_the_key(r):
 
 
 def test_add_lora_unmatched_target_names_the_key_and_lists_linears():
-    with pytest.raises(ValueError, match=r"alg\.lora\.target_modules.*attn\.qkvz.*blocks\.0\.attn\.qkv"):
+    with pytest.raises(
+        ValueError, match=r"alg\.lora\.target_modules.*attn\.qkvz.*blocks\.0\.attn\.qkv"
+    ):
         add_lora(small_vit(), r=8, alpha=16, dropout=0.0, target_modules=["attn.proj", "attn.qkvz"])

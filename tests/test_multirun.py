@@ -11,10 +11,23 @@ from tests.conftest import ROOT
 def _multirun(tmp_path, *overrides: str) -> list:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     subprocess.run(
-        [sys.executable, "-m", "src.run", "-m", "experiment=quickstart", "logger=none",
-         "fl.rounds=1", "trainer.enable_progress_bar=false",
-         f"hydra.sweep.dir={tmp_path}", *overrides],
-        cwd=ROOT, env=env, check=True, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "src.run",
+            "-m",
+            "experiment=quickstart",
+            "logger=none",
+            "fl.rounds=1",
+            "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={tmp_path}",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     return sorted(p for p in tmp_path.iterdir() if p.is_dir())
 
@@ -22,7 +35,7 @@ def _multirun(tmp_path, *overrides: str) -> list:
 def test_two_job_multirun_makes_two_complete_job_folders(tmp_path):
     jobs = _multirun(tmp_path, "alg=fedavg,fedlora")
     assert len(jobs) == 2
-    for job, alg in zip(jobs, ["fedavg", "fedlora"]):
+    for job, alg in zip(jobs, ["fedavg", "fedlora"], strict=True):
         summary = json.loads((job / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["config"]["alg"]["name"] == alg
         assert (job / "metrics.csv").is_file()

@@ -54,11 +54,11 @@ class DeviceImages:
 class Federation:
     """Everything the orchestrator needs to know about the data."""
 
-    train: DeviceImages            # the pool the clients' indices point into
-    test: DeviceImages             # the global test set
-    clients: list[ClientSplit]     # per client: train and local-test indices into `train`
+    train: DeviceImages  # the pool the clients' indices point into
+    test: DeviceImages  # the global test set
+    clients: list[ClientSplit]  # per client: train and local-test indices into `train`
     num_classes: int
-    summary: dict                  # the partition summary (goes into summary.json)
+    summary: dict  # the partition summary (goes into summary.json)
 
     @classmethod
     def build(cls, dataset: ImageDataset, partitioner, num_clients: int, seed: int) -> Federation:
@@ -81,5 +81,7 @@ class Federation:
         if self.train.device != device:
             self.train.to(device)
             self.test.to(device)
-            self.clients = [ClientSplit(c.train.to(device), c.test.to(device)) for c in self.clients]
+            self.clients = [
+                ClientSplit(c.train.to(device), c.test.to(device)) for c in self.clients
+            ]
         return self

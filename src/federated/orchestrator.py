@@ -15,8 +15,8 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
 from pytorch_lightning.trainer.states import TrainerFn
+from torch import nn
 from torch.utils.data import DataLoader
 
 from src.aggregators import Aggregator
@@ -69,6 +69,9 @@ class FederatedModule(pl.LightningModule):
         self.recorder = recorder or RoundRecorder(None)
         self.shared_names = algorithm.shared_names(model)
         self.total_bytes = 0
+        self.per_client_acc: list[
+            float
+        ] = []  # of the last evaluation; NaN for a client without test data
         self._round_metrics: dict[str, float] = {}
 
     # ----------------------------------------------------------------- Lightning plumbing
@@ -108,11 +111,15 @@ class FederatedModule(pl.LightningModule):
         loss_sum, seen, dropped, up_bytes = 0.0, 0, 0, 0
         for client_id in sampled:
             upload, client_loss, client_seen = self._run_client(client_id, round_idx, global_state)
-            if not all(torch.isfinite(t).all() for t in upload.values()):
-                log.warning("round %d: client %d uploaded non-finite values; dropped", round_idx + 1, client_id)
+            up_bytes += nbytes(upload)  # sent, even if the server then rejects it
+            if not torch.stack([torch.isfinite(t).all() for t in upload.values()]).all():
+                log.warning(
+                    "round %d: client %d uploaded non-finite values; dropped",
+                    round_idx + 1,
+                    client_id,
+                )
                 dropped += 1
                 continue
-            up_bytes += nbytes(upload)
             self.aggregator.add(upload, weight=float(len(self.federation.clients[client_id].train)))
             loss_sum += client_loss
             seen += client_seen
@@ -151,7 +158,9 @@ class FederatedModule(pl.LightningModule):
             for batch in self.federation.train.batches(train_index, self.batch_size, generator)
         )
         optimizer = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
-        loss_sum, seen = self.algorithm.local_update(self.model, optimizer, batches, self.manual_backward)
+        loss_sum, seen = self.algorithm.local_update(
+            self.model, optimizer, batches, self.manual_backward
+        )
         # The aggregator reads the upload before the next client overwrites the resident model.
         upload = {name: p.detach() for name, p in shared.items()}
         return upload, loss_sum, seen
@@ -207,7 +216,10 @@ class FederatedModule(pl.LightningModule):
         """Global model on the global test set; each client's deployed model on its local test split."""
         test = self.federation.test
         losses, correct = self._predict(test, torch.arange(len(test), device=self.device))
-        metrics = {"val/global_acc": correct.float().mean().item(), "val/loss": losses.mean().item()}
+        metrics = {
+            "val/global_acc": correct.float().mean().item(),
+            "val/loss": losses.mean().item(),
+        }
 
         # Non-personalised: every client deploys the global model, so one pass covers them all.
         clients = self.federation.clients

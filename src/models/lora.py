@@ -51,7 +51,9 @@ def add_lora(
     if not 0 <= dropout < 1:
         raise ValueError(f"alg.lora.dropout must be in [0, 1), got {dropout}")
     if isinstance(target_modules, str) or not target_modules:
-        raise ValueError(f"alg.lora.target_modules must be a non-empty list, got {target_modules!r}")
+        raise ValueError(
+            f"alg.lora.target_modules must be a non-empty list, got {target_modules!r}"
+        )
     layers = [n for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)]
     for t in target_modules:
         if not any(_matches(n, t) for n in layers):
@@ -67,8 +69,13 @@ def add_lora(
             raise ValueError(f"alg.trainable: '{p}' matches no parameter; top-level modules: {top}")
 
     config = LoraConfig(
-        r=int(r), lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-        bias="none", use_rslora=False, init_lora_weights=True,
+        r=int(r),
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        use_rslora=False,
+        init_lora_weights=True,
     )
     model = inject_adapter_in_model(config, model)
     for name, param in model.named_parameters():

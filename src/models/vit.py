@@ -94,7 +94,11 @@ def _create_pretrained(model_name: str, **kwargs) -> torch.nn.Module:
         with mock.patch.object(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE or not online):
             return timm.create_model(model_name, pretrained=True, **kwargs)
     except _HUB_ERRORS as e:
-        why = "not in the local cache and the hub is unreachable (offline)" if not online else str(e).splitlines()[0]
+        why = (
+            "not in the local cache and the hub is unreachable (offline)"
+            if not online
+            else str(e).splitlines()[0]
+        )
         raise ModelLoadError(
             f"model.arch={model_name}: pretrained weights could not be loaded: {why}; {_FIX}"
         ) from e
@@ -105,7 +109,7 @@ def _normalize_keys(sd: dict) -> dict:
     if isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if any(k.startswith("model.") for k in sd):
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     out = {}
     for k, v in sd.items():
         if "lora_" in k or ".original_module." in k:
@@ -119,9 +123,16 @@ def _adapt_shapes(sd: dict, model: torch.nn.Module) -> None:
     """Resample a ViT position embedding to the model's grid and adapt the patch conv to in_chans."""
     target = model.state_dict()
     pe, tpe = sd.get("pos_embed"), target.get("pos_embed")
-    if pe is not None and tpe is not None and pe.shape[1] != tpe.shape[1] and pe.shape[2] == tpe.shape[2]:
+    if (
+        pe is not None
+        and tpe is not None
+        and pe.shape[1] != tpe.shape[1]
+        and pe.shape[2] == tpe.shape[2]
+    ):
         prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-        sd["pos_embed"] = resample_abs_pos_embed(pe, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+        sd["pos_embed"] = resample_abs_pos_embed(
+            pe, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix
+        )
     conv, tconv = sd.get("patch_embed.proj.weight"), target.get("patch_embed.proj.weight")
     if conv is not None and tconv is not None and conv.shape[1] != tconv.shape[1]:
         sd["patch_embed.proj.weight"] = adapt_input_conv(tconv.shape[1], conv)
@@ -136,7 +147,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelLoadError(f"model.weights={path}: no such file; give a state dict or checkpoint, or set model.weights=null")
+        raise ModelLoadError(
+            f"model.weights={path}: no such file; give a state dict or checkpoint, or set model.weights=null"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -145,20 +158,29 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         else:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # Lightning checkpoints may pickle configs: the file is the user's own
+            except (
+                Exception
+            ):  # Lightning checkpoints may pickle configs: the file is the user's own
                 obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ModelLoadError(f"model.weights={path}: cannot be read ({type(e).__name__}: {e})") from e
+        raise ModelLoadError(
+            f"model.weights={path}: cannot be read ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(obj, dict):
-        raise ModelLoadError(f"model.weights={path}: expected a state dict, got {type(obj).__name__}")
+        raise ModelLoadError(
+            f"model.weights={path}: expected a state dict, got {type(obj).__name__}"
+        )
 
     sd = _normalize_keys(obj)
     _adapt_shapes(sd, model)
     target = model.state_dict()
-    mismatched = [k for k, v in sd.items() if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    mismatched = [
+        k for k, v in sd.items() if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
     if mismatched:
         warnings.warn(
-            f"model.weights={path}: shape differs, keeping fresh init for {mismatched}", stacklevel=2
+            f"model.weights={path}: shape differs, keeping fresh init for {mismatched}",
+            stacklevel=2,
         )
     for k in mismatched:
         sd.pop(k)
