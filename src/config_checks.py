@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-
-class ConfigError(ValueError):
-    pass
+from src.errors import ConfigError
 
 
 def _require(ok: bool, message: str) -> None:

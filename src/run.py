@@ -7,6 +7,7 @@ python -m src.run -m alg=fedavg,fedlora seed=0,1,2
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.config_checks import validate_config
+from src.errors import user_error
 from src.federated.checkpoint import LastRoundCheckpoint
 from src.federated.data import Federation
 from src.federated.orchestrator import FederatedModule
@@ -148,14 +150,22 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except Exception as error:
-        if not multirun:
+        bad_input = user_error(error)
+        if multirun:
+            # In a sweep one failing job must not stop the others: record it and move on.
+            if bad_input is None:
+                log.exception("job failed: %s", error)
+            else:
+                log.error("job failed: %s", bad_input)
+            reason = repr(bad_input or error)
+            write_summary(
+                Path(cfg.paths.output_dir) / "summary.json", status="failed", error=reason
+            )
+            return None
+        if bad_input is None:
             raise
-        # In a sweep one failing job must not stop the others: record it and move on.
-        log.exception("job failed: %s", error)
-        write_summary(
-            Path(cfg.paths.output_dir) / "summary.json", status="failed", error=repr(error)
-        )
-        return None
+        log.error("%s", bad_input)  # bad input: one clear line, no traceback
+        sys.exit(2)
     return summary["final"].get("val/global_acc")  # what a Hydra sweeper would optimise
 
 

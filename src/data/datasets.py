@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from src.errors import ConfigError
+
 
 @dataclass
 class ImageSplit:
@@ -60,9 +62,9 @@ def load_digits(image_size: int = 16, test_fraction: float = 0.2, seed: int = 0)
     from sklearn.model_selection import train_test_split
 
     if int(image_size) < 1:
-        raise ValueError(f"data.image_size must be >= 1, got {image_size}")
+        raise ConfigError(f"data.image_size must be >= 1, got {image_size}")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise ConfigError(f"data.loader.test_fraction must be in (0, 1), got {test_fraction}")
     bunch = sk_load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) * (255.0 / 16.0)
     if int(image_size) != x.shape[-1]:

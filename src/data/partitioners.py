@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from src.errors import ConfigError
+
 
 @dataclass
 class ClientSplit:
@@ -39,7 +41,7 @@ class Partitioner:
         self, name: str, test_fraction: float = 0.2, min_partition_size: int = 2, **kw
     ) -> None:
         if kw:  # a misspelt config key should fail loudly, not be ignored
-            raise ValueError(f"unknown partitioner option(s) {sorted(kw)} for partitioner={name}")
+            raise ConfigError(f"unknown partitioner option(s) {sorted(kw)} for partitioner={name}")
         self.name = name
         self.test_fraction = float(test_fraction)
         self.min_partition_size = int(min_partition_size)
@@ -51,27 +53,27 @@ class Partitioner:
         raise NotImplementedError
 
     def validate(self, n: int, num_clients) -> None:
-        """Raise ValueError with one line naming the bad key; called before any work."""
+        """Raise ConfigError with one line naming the bad key; called before any work."""
         if (
             isinstance(num_clients, bool)
             or not isinstance(num_clients, numbers.Integral)
             or num_clients < 1
         ):
-            raise ValueError(f"fl.num_clients must be an integer >= 1, got {num_clients!r}")
+            raise ConfigError(f"fl.num_clients must be an integer >= 1, got {num_clients!r}")
         if num_clients > n:
-            raise ValueError(
+            raise ConfigError(
                 f"fl.num_clients={num_clients} exceeds the {n} training samples; use fewer clients"
             )
         if not 0.0 <= self.test_fraction < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"partitioner.test_fraction must be in [0, 1), got {self.test_fraction}"
             )
         if self.min_partition_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"partitioner.min_partition_size must be >= 1, got {self.min_partition_size}"
             )
         if num_clients * self.min_partition_size > n:
-            raise ValueError(
+            raise ConfigError(
                 f"fl.num_clients={num_clients} x partitioner.min_partition_size="
                 f"{self.min_partition_size} exceeds the {n} training samples; "
                 "use fewer clients or a smaller min_partition_size"
@@ -84,7 +86,7 @@ class Partitioner:
         parts = self.assign(labels, int(num_clients), rng)
         sizes = [len(p) for p in parts]
         if min(sizes) < self.min_partition_size:  # guard for subclasses; dirichlet never gets here
-            raise ValueError(
+            raise ConfigError(
                 f"partitioner={self.name} gave a client {min(sizes)} samples < "
                 f"partitioner.min_partition_size={self.min_partition_size}; use fewer fl.num_clients"
             )
@@ -136,9 +138,9 @@ class DirichletPartitioner(Partitioner):
         self.alpha = float(alpha)
         self.max_attempts = int(max_attempts)
         if not self.alpha > 0:  # also rejects nan
-            raise ValueError(f"partitioner.alpha must be > 0, got {alpha}")
+            raise ConfigError(f"partitioner.alpha must be > 0, got {alpha}")
         if self.max_attempts < 1:
-            raise ValueError(f"partitioner.max_attempts must be >= 1, got {max_attempts}")
+            raise ConfigError(f"partitioner.max_attempts must be >= 1, got {max_attempts}")
 
     def assign(self, labels, num_clients, rng):
         by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
@@ -156,7 +158,7 @@ class DirichletPartitioner(Partitioner):
                     for idx, cut in zip(by_class, cuts, strict=True)
                 ]
                 return [np.concatenate([c[k] for c in chunks]) for k in range(num_clients)]
-        raise ValueError(
+        raise ConfigError(
             f"partitioner=dirichlet could not give all {num_clients} clients >= "
             f"partitioner.min_partition_size={self.min_partition_size} samples in "
             f"{self.max_attempts} draws (smallest got {smallest}); use a larger partitioner.alpha "
@@ -183,7 +185,7 @@ class ShardPartitioner(Partitioner):
         super().__init__(name, test_fraction, min_partition_size, **kw)
         self.classes_per_client = int(classes_per_client)
         if self.classes_per_client < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"partitioner.classes_per_client must be >= 1, got {classes_per_client}"
             )
 
@@ -191,7 +193,7 @@ class ShardPartitioner(Partitioner):
         num_shards = num_clients * self.classes_per_client
         classes, counts = np.unique(labels, return_counts=True)
         if not len(classes) <= num_shards <= len(labels):
-            raise ValueError(
+            raise ConfigError(
                 f"partitioner=shards needs {len(classes)} <= fl.num_clients x "
                 f"partitioner.classes_per_client (= {num_shards}) <= {len(labels)} samples, so that "
                 "every class gets a shard and no shard is empty"
@@ -221,7 +223,7 @@ def _client_indices(client) -> np.ndarray:
 def _histograms(labels, clients, num_classes: int) -> np.ndarray:
     labels = _as_labels(labels)
     if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}"
         )
     return np.stack(

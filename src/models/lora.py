@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from src.errors import ConfigError
+
 # layer types peft's LoRA can wrap (what a target module must be)
 _LORA_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
 
@@ -45,20 +47,20 @@ def add_lora(
     ``base_model.model.`` prefix), which is what the orchestrator copies tensors in and out of.
     """
     if int(r) != r or r <= 0:
-        raise ValueError(f"alg.lora.r must be a positive integer, got {r}")
+        raise ConfigError(f"alg.lora.r must be a positive integer, got {r}")
     if alpha <= 0:
-        raise ValueError(f"alg.lora.alpha must be > 0, got {alpha}")
+        raise ConfigError(f"alg.lora.alpha must be > 0, got {alpha}")
     if not 0 <= dropout < 1:
-        raise ValueError(f"alg.lora.dropout must be in [0, 1), got {dropout}")
+        raise ConfigError(f"alg.lora.dropout must be in [0, 1), got {dropout}")
     if isinstance(target_modules, str) or not target_modules:
-        raise ValueError(
+        raise ConfigError(
             f"alg.lora.target_modules must be a non-empty list, got {target_modules!r}"
         )
     layers = [n for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)]
     for t in target_modules:
         if not any(_matches(n, t) for n in layers):
             linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(
+            raise ConfigError(
                 f"alg.lora.target_modules: '{t}' matches no Linear/Conv2d/Embedding module; "
                 f"available e.g. {linear[:6]}"
             )
@@ -66,7 +68,9 @@ def add_lora(
     for p in trainable:
         if not any(_under(n, p) for n in param_names):
             top = [n for n, _ in model.named_children()]
-            raise ValueError(f"alg.trainable: '{p}' matches no parameter; top-level modules: {top}")
+            raise ConfigError(
+                f"alg.trainable: '{p}' matches no parameter; top-level modules: {top}"
+            )
 
     config = LoraConfig(
         r=int(r),

@@ -17,6 +17,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 
+from src.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _FIX = "set model.pretrained=false (train from scratch) or model.weights=PATH (a local file)"
@@ -54,7 +56,7 @@ def build_vit(
             raise ModelLoadError(f"model.pretrained=true needs a timm model.arch; {_FIX}")
         patch = vit_kwargs.get("patch_size", 16)
         if img_size % patch:
-            raise ValueError(
+            raise ConfigError(
                 f"data.image_size={img_size} is not a multiple of model.patch_size={patch}"
             )
         model = VisionTransformer(**size, **vit_kwargs)

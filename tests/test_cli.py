@@ -1,0 +1,70 @@
+"""The command line: sweeps run every job in its own folder, one failing job does not stop the
+others, and bad input stops a run with one clear line before any training."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "src.run", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _multirun(tmp_path, *overrides: str) -> list:
+    quick = ["experiment=quickstart", "logger=none", "fl.rounds=1"]
+    done = _run(
+        "-m", *quick, "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}", *overrides
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return sorted(p for p in tmp_path.iterdir() if p.is_dir())
+
+
+def test_two_job_multirun_makes_two_complete_job_folders(tmp_path):
+    jobs = _multirun(tmp_path, "alg=fedavg,fedlora")
+    assert len(jobs) == 2
+    for job, alg in zip(jobs, ["fedavg", "fedlora"], strict=True):
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["config"]["alg"]["name"] == alg
+        assert (job / "metrics.csv").is_file()
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert (job / ".hydra" / "config.yaml").is_file()
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    jobs = _multirun(tmp_path, "fl.clients_per_round=99,2")
+    statuses = [json.loads((job / "summary.json").read_text())["status"] for job in jobs]
+    assert statuses == ["failed", "completed"]
+    failed = json.loads((jobs[0] / "summary.json").read_text())
+    assert "fl.clients_per_round" in failed["error"]
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["partitioner.alpha=0"], "partitioner.alpha"),
+        (["fl.num_clients=5000"], "fl.num_clients"),
+        (["alg=fedlora", "alg.lora.target_modules=[nope]"], "alg.lora.target_modules"),
+        (["data=mnist", "data.loader.download=false"], "MNIST"),
+    ],
+)
+def test_bad_input_stops_with_one_clear_line(overrides, key, tmp_path):
+    done = _run(
+        "experiment=quickstart",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+        f"paths.data_dir={tmp_path}",
+        *overrides,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and key in errors[0], output[-2000:]
+    assert not (tmp_path / "metrics.csv").exists()  # stopped before any training
