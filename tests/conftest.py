@@ -54,7 +54,7 @@ class RecordingMean(MeanAggregator):
         self.uploads: list[dict[str, torch.Tensor]] = []
         self.weights: list[float] = []
 
-    def _add(self, upload, weight):
+    def _add(self, upload, weight, client_id):
         self.uploads.append({name: t.detach().clone() for name, t in upload.items()})
         self.weights.append(weight)
-        super()._add(upload, weight)
+        super()._add(upload, weight, client_id)

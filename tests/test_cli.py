@@ -68,3 +68,29 @@ def test_bad_input_stops_with_one_clear_line(overrides, key, tmp_path):
     errors = [line for line in output.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and key in errors[0], output[-2000:]
     assert not (tmp_path / "metrics.csv").exists()  # stopped before any training
+
+
+def test_rank_study_prints_its_four_parts():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "src.rank_study",
+            "d=10",
+            "k=10",
+            "client_ranks=[20,25,30]",
+            "global_rank=100",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    for part in ("(a) stacking", "(b) truncated SVD", "(c) dilution", "(d) truncation waste"):
+        assert part in out
+    assert "global stacked rank 75" in out
+    assert "capped" in out
+    assert "zeropad 50% of c" in out and "rank_aware keeps 100%" in out
+    assert "90 of 100 dimensions stay zero" in out

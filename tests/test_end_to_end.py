@@ -29,6 +29,7 @@ CONTRACT_COLUMNS = {
 }
 
 THRESHOLDS = {"fedavg": 0.6, "fedlora": 0.35}
+HETERO_THRESHOLD = 0.3  # heterogeneous ranks [2, 4, 8]: three times chance
 
 # Five iid clients, all sampled every round: the smallest setting in which both algorithms learn.
 FAST = [
@@ -63,3 +64,13 @@ def test_learns_on_digits_and_writes_the_contract_outputs(alg, make_digits_confi
     acc = summary["final"]["val/global_acc"]
     assert acc >= THRESHOLDS[alg], f"{alg} reached only {acc:.3f}"
     assert summary["final"]["val/personal_acc"] >= THRESHOLDS[alg]
+
+
+@pytest.mark.parametrize("aggregator", ["stack", "svd", "zeropad"])
+def test_heterogeneous_ranks_learn_with_each_aggregator(aggregator, make_digits_config):
+    cfg = make_digits_config(
+        "alg=fedlora", "alg.client_ranks=[2,4,8]", f"aggregator={aggregator}", *FAST
+    )
+    summary = train(cfg)
+    acc = summary["final"]["val/global_acc"]
+    assert acc >= HETERO_THRESHOLD, f"{aggregator} reached only {acc:.3f}"

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from src.aggregators import ZeroPadAggregator
 from src.run import build_module
 from tests.conftest import RecordingMean
 
@@ -59,3 +60,35 @@ def test_up_bytes_equal_the_size_of_the_uploaded_tensors(one_round):
     )
     assert expected == lora_and_head * module.clients_per_round
     assert rows[-1]["comm/down_bytes"] == expected  # the broadcast is the same tensors
+
+
+class RecordingZeroPad(ZeroPadAggregator):
+    """zeropad, remembering each client's upload and the full resident LoRA factors it trained."""
+
+    def _add(self, upload, weight, client_id):
+        full = {n: p.detach().clone() for n, p in self.model.named_parameters() if "lora_" in n}
+        self.seen.append((client_id, {n: t.clone() for n, t in upload.items()}, full))
+        super()._add(upload, weight, client_id)
+
+
+def test_a_rank_rk_client_trains_and_uploads_exactly_rank_rk(make_digits_config, tmp_path):
+    cfg = make_digits_config(
+        "alg=fedlora", "alg.client_ranks=[2,4,8]", "aggregator=zeropad", "fl.rounds=1"
+    )
+    module = build_module(cfg, tmp_path)
+    module.aggregator = RecordingZeroPad(name="zeropad")
+    module.aggregator.model, module.aggregator.seen = module.model, []
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer.fit(module)
+
+    alg = module.algorithm
+    assert {alg.client_rank(cid) for cid, _, _ in module.aggregator.seen} == {2, 4, 8}
+    for client_id, upload, full in module.aggregator.seen:
+        r = alg.client_rank(client_id)
+        for pair in alg.pairs:
+            assert upload[pair.a].shape == (r, full[pair.a].shape[1])
+            assert upload[pair.b].shape == (full[pair.b].shape[0], r)
+            assert not full[pair.a][r:].any() and not full[pair.b][:, r:].any()  # held at zero
+            update = alg.scale(r) * full[pair.b].double() @ full[pair.a].double()
+            assert torch.linalg.matrix_rank(update).item() <= r
+            assert upload[pair.b].abs().sum() > 0  # it did train

@@ -1,4 +1,15 @@
-from src.aggregators.base import Aggregator
-from src.aggregators.mean import MeanAggregator
+from src.aggregators.base import Aggregator, nbytes
+from src.aggregators.lora_product import StackAggregator, SvdAggregator
+from src.aggregators.mean import MeanAggregator, RankAwareMeanAggregator, ZeroPadAggregator
+from src.aggregators.server_opt import ServerOptimizer
 
-__all__ = ["Aggregator", "MeanAggregator"]
+__all__ = [
+    "Aggregator",
+    "MeanAggregator",
+    "RankAwareMeanAggregator",
+    "ServerOptimizer",
+    "StackAggregator",
+    "SvdAggregator",
+    "ZeroPadAggregator",
+    "nbytes",
+]

@@ -1,56 +1,97 @@
-"""The server half of a round: combine the clients' uploads into the next global state.
+"""The server half of a round: hold the global state, send it, combine the uploads, step.
 
-An aggregator sees the uploads one at a time (`add`), so a mean needs memory for one running sum,
-not for every upload; robust aggregators that need all uploads at once keep them themselves.
+An aggregator is a small object with one job (like a Flower strategy). It keeps the server's
+tensors (`state`), decides what each client receives (`broadcast`), sees the uploads one at a time
+(`add`, so a mean needs one running sum, not every upload) and turns them into the next state
+(`finish`: the aggregate, then the server optimiser step).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import nn
+
+from src.aggregators.server_opt import ServerOptimizer
 
 TensorDict = dict[str, torch.Tensor]
 
 
+def nbytes(tensors: TensorDict) -> int:
+    """Bytes on the wire for a dict of tensors (numel x element size)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class Aggregator:
-    """Base class: `begin` a round, `add` each client's upload, `finish` to get the new state.
-
-    `finish` applies the server step  theta <- theta + server_lr * (aggregate - theta);
-    server_lr = 1 returns the aggregate itself.
-    """
-
-    def __init__(self, name: str, server_lr: float = 1.0):
-        if server_lr <= 0:
-            raise ValueError(f"aggregator.server_lr must be > 0, got {server_lr}")
+    def __init__(
+        self,
+        name: str,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        server_opt: str = "sgd",
+        server_betas: tuple[float, float] = (0.9, 0.99),
+        server_eps: float = 1e-3,
+    ):
         self.name = name
-        self.server_lr = server_lr
+        self.server = ServerOptimizer(
+            server_lr, server_momentum, server_opt, server_betas, server_eps
+        )
+        self.state: TensorDict | None = None
         self.num_added = 0
 
-    def begin(self, global_state: TensorDict) -> None:
-        self.num_added = 0
-        self._begin(global_state)
+    # ------------------------------------------------------------------ set-up and sending
+    def setup(self, model: nn.Module, algorithm) -> None:
+        """Build the initial server state from the freshly prepared model."""
+        self.algorithm = algorithm
+        params = dict(model.named_parameters())
+        self.state = {name: params[name].detach().clone() for name in algorithm.shared_names(model)}
 
-    def add(self, upload: TensorDict, weight: float) -> None:
-        self.num_added += 1
-        self._add(upload, weight)
-
-    def finish(self, global_state: TensorDict) -> TensorDict:
-        """The new global state; the old one if no client contributed this round."""
-        if self.num_added == 0:
-            return global_state
-        aggregate = self._result()
-        if self.server_lr == 1.0:
-            return aggregate
+    def broadcast(self, client_id: int) -> TensorDict:
+        """What client `client_id` receives at the start of a round (each tensor as sent)."""
         return {
-            name: old + self.server_lr * (aggregate[name] - old)
-            for name, old in global_state.items()
+            name: self.algorithm.client_view(name, t, client_id) for name, t in self.state.items()
         }
 
-    # subclasses implement these three
-    def _begin(self, global_state: TensorDict) -> None:
+    def download_bytes(self, client_id: int, payload: TensorDict) -> int:
+        """Bytes actually sent to the client (by default: the payload)."""
+        return nbytes(payload)
+
+    @contextmanager
+    def global_model(self, model: nn.Module) -> Iterator[None]:
+        """Load the global model into the resident model (for evaluation)."""
+        self.algorithm.download(model, self.state, None)
+        yield
+
+    # ------------------------------------------------------------------ aggregation
+    def begin(self) -> None:
+        self.num_added = 0
+        self._begin()
+
+    def add(self, upload: TensorDict, weight: float, client_id: int) -> None:
+        self.num_added += 1
+        self._add(upload, weight, client_id)
+
+    def finish(self) -> None:
+        """Aggregate and take the server step; a round without uploads leaves the state as it was."""
+        if self.num_added:
+            self.server.step(self.state, self._result())
+
+    def _begin(self) -> None:
         raise NotImplementedError
 
-    def _add(self, upload: TensorDict, weight: float) -> None:
+    def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
         raise NotImplementedError
 
     def _result(self) -> TensorDict:
+        """The aggregate, with the same names and shapes as `state`."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {"state": self.state, "server": self.server.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state["state"]
+        self.server.load_state_dict(state["server"])

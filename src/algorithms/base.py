@@ -1,8 +1,9 @@
-"""Algorithms: what is trained, what is shared, and how a client trains.
+"""Algorithms: what is trained, what crosses the network, and how a client trains.
 
-An algorithm is a small object with a client half (`prepare_model`, `local_update`) and a
-description of what crosses the network (`shared_names`); the orchestrator does the plumbing
-(copying tensors in place, sampling, seeding) and the aggregator the server half.
+An algorithm is a small object with the client half of federated learning: it prepares the model
+(`prepare_model`), loads what the server sends into the one resident model (`download`), trains
+(`local_update`) and says what the client sends back (`upload`). The orchestrator does the
+plumbing (sampling, seeding, the loop) and the aggregator the server half.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+TensorDict = dict[str, torch.Tensor]
 
 
 class Algorithm:
@@ -29,6 +31,22 @@ class Algorithm:
     def shared_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters the server broadcasts and the clients upload."""
         return [name for name, p in model.named_parameters() if p.requires_grad]
+
+    def client_view(self, name: str, tensor: torch.Tensor, client_id: int | None) -> torch.Tensor:
+        """The part of a shared tensor that client `client_id` holds (all of it, by default)."""
+        return tensor
+
+    @torch.no_grad()
+    def download(self, model: nn.Module, payload: TensorDict, client_id: int | None) -> None:
+        """Copy what the server sent into the resident model, in place (`None`: the global model)."""
+        params = dict(model.named_parameters())
+        for name, tensor in payload.items():
+            params[name].copy_(tensor)
+
+    def upload(self, model: nn.Module, client_id: int) -> TensorDict:
+        """What the client sends back: views of its shared parameters (read before the next client)."""
+        params = dict(model.named_parameters())
+        return {name: params[name].detach() for name in self.shared_names(model)}
 
     def local_update(
         self,

@@ -19,7 +19,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from src.aggregators import Aggregator
+from src.aggregators import Aggregator, nbytes
 from src.algorithms import Algorithm
 from src.federated.data import Federation
 from src.federated.sampling import client_generator, client_seed, sample_clients
@@ -28,11 +28,6 @@ from src.outputs import RoundRecorder
 log = logging.getLogger(__name__)
 
 TensorDict = dict[str, torch.Tensor]
-
-
-def nbytes(tensors: TensorDict) -> int:
-    """Bytes on the wire for a dict of tensors (as sent: numel x element size)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class FederatedModule(pl.LightningModule):
@@ -67,11 +62,10 @@ class FederatedModule(pl.LightningModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.recorder = recorder or RoundRecorder(None)
-        self.shared_names = algorithm.shared_names(model)
         self.total_bytes = 0
-        self.per_client_acc: list[
-            float
-        ] = []  # of the last evaluation; NaN for a client without test data
+        self._restored_aggregator: dict | None = None
+        # per client, of the last evaluation (NaN for a client without local test data)
+        self.per_client_acc: list[float] = []
         self._round_metrics: dict[str, float] = {}
 
     # ----------------------------------------------------------------- Lightning plumbing
@@ -92,25 +86,30 @@ class FederatedModule(pl.LightningModule):
         """Rounds completed before the current one (0-based index of the running round)."""
         return self.current_epoch
 
-    def shared_parameters(self) -> dict[str, nn.Parameter]:
-        params = dict(self.model.named_parameters())
-        return {name: params[name] for name in self.shared_names}
+    def on_fit_start(self) -> None:
+        self._ensure_setup()
+
+    def _ensure_setup(self) -> None:
+        """Data on the device and the server state built from the model (once)."""
+        self.federation.to(self.device)
+        if self.aggregator.state is None:
+            self.aggregator.setup(self.model, self.algorithm)
+            if self._restored_aggregator is not None:
+                self.aggregator.load_state_dict(self._restored_aggregator)
 
     # ----------------------------------------------------------------- one round
     def training_step(self, batch, batch_idx):
         started = time.perf_counter()
-        self.federation.to(self.device)
         round_idx = self.round
         sampled = sample_clients(
             self.federation.num_clients, self.clients_per_round, self.seed, round_idx
         )
-        shared = self.shared_parameters()
-        global_state = {name: p.detach().clone() for name, p in shared.items()}
-        self.aggregator.begin(global_state)
-
-        loss_sum, seen, dropped, up_bytes = 0.0, 0, 0, 0
+        self.aggregator.begin()
+        loss_sum, seen, dropped, up_bytes, down_bytes = 0.0, 0, 0, 0, 0
         for client_id in sampled:
-            upload, client_loss, client_seen = self._run_client(client_id, round_idx, global_state)
+            payload = self.aggregator.broadcast(client_id)
+            down_bytes += self.aggregator.download_bytes(client_id, payload)
+            upload, client_loss, client_seen = self._run_client(client_id, round_idx, payload)
             up_bytes += nbytes(upload)  # sent, even if the server then rejects it
             if not torch.stack([torch.isfinite(t).all() for t in upload.values()]).all():
                 log.warning(
@@ -120,16 +119,12 @@ class FederatedModule(pl.LightningModule):
                 )
                 dropped += 1
                 continue
-            self.aggregator.add(upload, weight=float(len(self.federation.clients[client_id].train)))
+            weight = float(len(self.federation.clients[client_id].train))
+            self.aggregator.add(upload, weight, client_id)
             loss_sum += client_loss
             seen += client_seen
+        self.aggregator.finish()
 
-        new_state = self.aggregator.finish(global_state)
-        with torch.no_grad():
-            for name, p in shared.items():
-                p.copy_(new_state[name])
-
-        down_bytes = nbytes(global_state) * len(sampled)
         self.total_bytes += up_bytes + down_bytes
         self._round_metrics = {
             "train/loss": loss_sum / max(seen, 1),
@@ -144,13 +139,16 @@ class FederatedModule(pl.LightningModule):
         if not self._is_eval_round():
             self._emit(evaluated=False)
 
-    def _run_client(self, client_id: int, round_idx: int, global_state: TensorDict):
-        """Broadcast into the resident model, train locally, return (upload, loss sum, samples)."""
-        shared = self.shared_parameters()
-        with torch.no_grad():
-            for name, p in shared.items():
-                p.copy_(global_state[name])
+    def _run_client(self, client_id: int, round_idx: int, payload: TensorDict):
+        """Load the broadcast into the resident model, train locally; returns (upload, loss sum, samples).
+
+        The upload holds views of the resident model: the aggregator reads (or copies) them
+        before the next client overwrites the model.
+        """
+        # Seeded first: everything random on the client (a fresh LoRA init, batch order, dropout)
+        # depends only on (seed, round, client), not on which clients ran before.
         generator = client_generator(client_seed(self.seed, round_idx, client_id), self.device)
+        self.algorithm.download(self.model, payload, client_id)
         train_index = self.federation.clients[client_id].train
         batches = (
             batch
@@ -161,9 +159,7 @@ class FederatedModule(pl.LightningModule):
         loss_sum, seen = self.algorithm.local_update(
             self.model, optimizer, batches, self.manual_backward
         )
-        # The aggregator reads the upload before the next client overwrites the resident model.
-        upload = {name: p.detach() for name, p in shared.items()}
-        return upload, loss_sum, seen
+        return self.algorithm.upload(self.model, client_id), loss_sum, seen
 
     # ----------------------------------------------------------------- evaluation
     def _fitting(self) -> bool:
@@ -178,8 +174,9 @@ class FederatedModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         if not self._is_eval_round():
             return
-        self.federation.to(self.device)
-        metrics = self.evaluate()
+        self._ensure_setup()  # also for trainer.validate() on a fresh module
+        with self.aggregator.global_model(self.model):
+            metrics = self.evaluate()
         for key in ("val/global_acc", "val/personal_acc"):
             self.log(key, metrics[key], prog_bar=True, logger=False)
         if self._fitting():
@@ -242,11 +239,12 @@ class FederatedModule(pl.LightningModule):
         checkpoint["fedsweep"] = {
             "rounds_done": self.round + 1,
             "total_bytes": self.total_bytes,
-            "shared_names": self.shared_names,
+            "aggregator": self.aggregator.state_dict(),
             "history": self.recorder.rows,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("fedsweep", {})
         self.total_bytes = state.get("total_bytes", 0)
+        self._restored_aggregator = state.get("aggregator")  # applied once the server is set up
         self.recorder.rows = list(state.get("history", []))

@@ -1,0 +1,280 @@
+"""Heterogeneous-rank LoRA aggregation (DESIGN §6): exact identities on random float64 factors."""
+
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from src.aggregators import MeanAggregator, StackAggregator, SvdAggregator, ZeroPadAggregator
+from src.aggregators.lora_math import stack_factors, svd_factors, weighted_delta
+from src.algorithms import FedLoRA
+from src.errors import ConfigError
+
+RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
+D_IN, D_OUT, ALPHA = 96, 80, 16.0
+
+
+def _factors(ranks, seed=0, d_in=D_IN, d_out=D_OUT):
+    gen = torch.Generator().manual_seed(seed)
+    As = [torch.randn(r, d_in, generator=gen, dtype=torch.float64) for r in ranks]
+    Bs = [torch.randn(d_out, r, generator=gen, dtype=torch.float64) for r in ranks]
+    weights = torch.rand(len(ranks), generator=gen, dtype=torch.float64).add(0.1).tolist()
+    return As, Bs, weights
+
+
+def _explicit_delta(As, Bs, weights, ranks):
+    total = sum(weights)
+    return sum(
+        (w / total) * (ALPHA / r) * B @ A for A, B, w, r in zip(As, Bs, weights, ranks, strict=True)
+    )
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D_IN, D_OUT)
+        self.head = nn.Linear(D_OUT, 3)
+
+    def forward(self, x):
+        return self.head(self.proj(x))
+
+
+def _federated(ranks, aggregator, seed=0):
+    """A float64 TinyNet with LoRA on `proj`, ranks cycled over clients, aggregator set up."""
+    torch.manual_seed(seed)
+    alg = FedLoRA(
+        "fedlora",
+        {"r": max(ranks), "alpha": ALPHA, "target_modules": ["proj"]},
+        ["head"],
+        list(ranks),
+    )
+    model = alg.prepare_model(TinyNet().double())
+    aggregator.setup(model, alg)
+    return model, alg
+
+
+def _uploads(alg, ranks, seed=0):
+    As, Bs, weights = _factors(ranks, seed)
+    pair = alg.pairs[0]
+    gen = torch.Generator().manual_seed(seed + 1)
+    uploads = [
+        {
+            pair.a: A,
+            pair.b: B,
+            "head.weight": torch.randn(3, D_OUT, generator=gen, dtype=torch.float64),
+            "head.bias": torch.randn(3, generator=gen, dtype=torch.float64),
+        }
+        for A, B in zip(As, Bs, strict=True)
+    ]
+    return uploads, weights, As, Bs
+
+
+def _round(aggregator, uploads, weights, client_ids):
+    aggregator.begin()
+    for upload, w, cid in zip(uploads, weights, client_ids, strict=True):
+        aggregator.add(upload, w, cid)
+    aggregator.finish()
+
+
+# ---------------------------------------------------------------------------- stack (FLoRA)
+
+
+def test_stacked_product_equals_the_weighted_sum_of_client_products():
+    As, Bs, weights = _factors(RANKS)
+    scales = [ALPHA / r for r in RANKS]
+    A_s, B_s = stack_factors(As, Bs, weights, scales)
+    assert A_s.shape == (sum(RANKS), D_IN) and B_s.shape == (D_OUT, sum(RANKS))
+    expected = _explicit_delta(As, Bs, weights, RANKS)
+    assert (B_s @ A_s - expected).abs().max() < 1e-10
+
+
+def test_stacking_does_not_depend_on_client_order():
+    As, Bs, weights = _factors(RANKS)
+    order = list(range(len(RANKS)))
+    random.Random(0).shuffle(order)
+    scales = [ALPHA / r for r in RANKS]
+    first = weighted_delta(As, Bs, weights, scales)
+    second = weighted_delta(
+        [As[i] for i in order],
+        [Bs[i] for i in order],
+        [weights[i] for i in order],
+        [scales[i] for i in order],
+    )
+    assert (first - second).abs().max() < 1e-10
+
+
+def test_one_client_reduces_to_an_ordinary_lora_merge():
+    As, Bs, _ = _factors([8])
+    delta = weighted_delta(As, Bs, [5.0], [ALPHA / 8])
+    torch.testing.assert_close(delta, (ALPHA / 8) * Bs[0] @ As[0], rtol=0, atol=1e-12)
+
+
+def test_stack_merges_into_the_base_and_the_forward_is_base_plus_weighted_updates():
+    stack = StackAggregator("stack")
+    model, alg = _federated(RANKS, stack)
+    pair = alg.pairs[0]
+    params = dict(model.named_parameters())
+    W0 = params[pair.base].detach().clone()
+    uploads, weights, As, Bs = _uploads(alg, RANKS)
+    _round(stack, uploads, weights, range(len(RANKS)))
+
+    delta = _explicit_delta(As, Bs, weights, RANKS)
+    assert (params[pair.base] - (W0 + delta)).abs().max() < 1e-10
+    x = torch.randn(7, D_IN, dtype=torch.float64)
+    with stack.global_model(model):  # LoRA re-initialised: B = 0, so the layer is the merged base
+        out = model.proj(x)
+    bias = params["proj.base_layer.bias"]
+    assert (out - (x @ W0.T + bias + x @ delta.T)).abs().max() < 1e-10
+    # the broadcast costs sum_k r_k (d_in + d_out) numbers per layer + the head
+    payload = stack.broadcast(0)
+    head = sum(t.numel() for name, t in payload.items() if name.startswith("head"))
+    assert stack.download_bytes(0, payload) == 8 * (sum(RANKS) * (D_IN + D_OUT) + head)
+
+
+def test_stack_with_partial_participation_stacks_only_the_sampled_clients():
+    stack = StackAggregator("stack")
+    model, alg = _federated(RANKS, stack)
+    pair = alg.pairs[0]
+    W0 = dict(model.named_parameters())[pair.base].detach().clone()
+    uploads, weights, As, Bs = _uploads(alg, RANKS)
+    sampled = [1, 4, 7]
+    _round(stack, [uploads[i] for i in sampled], [weights[i] for i in sampled], sampled)
+    delta = _explicit_delta(
+        [As[i] for i in sampled],
+        [Bs[i] for i in sampled],
+        [weights[i] for i in sampled],
+        [RANKS[i] for i in sampled],
+    )
+    assert (stack.state[pair.base] - (W0 + delta)).abs().max() < 1e-10
+    assert stack.stacked[pair.layer][0].shape[0] == sum(RANKS[i] for i in sampled)
+
+
+# ---------------------------------------------------------------------------- mean (FedIT)
+
+
+def test_fedit_gap_identity():
+    ranks = [8] * 5
+    As, Bs, weights = _factors(ranks)
+    mean = MeanAggregator("mean")
+    mean.state = {"A": torch.zeros_like(As[0]), "B": torch.zeros_like(Bs[0])}
+    _round(mean, [{"A": A, "B": B} for A, B in zip(As, Bs, strict=True)], weights, range(5))
+    A_bar, B_bar = mean.state["A"], mean.state["B"]
+    p = [w / sum(weights) for w in weights]
+    lhs = sum(pk * B @ A for pk, A, B in zip(p, As, Bs, strict=True)) - B_bar @ A_bar
+    rhs = sum(pk * (B - B_bar) @ (A - A_bar) for pk, A, B in zip(p, As, Bs, strict=True))
+    assert (lhs - rhs).abs().max() < 1e-10
+    assert lhs.abs().max() > 1e-3  # the gap is real in general
+
+    same_A = [As[0]] * 5  # all A_k equal: averaging is exact
+    _round(mean, [{"A": A, "B": B} for A, B in zip(same_A, Bs, strict=True)], weights, range(5))
+    gap = (
+        sum(pk * B @ A for pk, A, B in zip(p, same_A, Bs, strict=True))
+        - mean.state["B"] @ mean.state["A"]
+    )
+    assert gap.abs().max() < 1e-10
+
+
+def test_mean_refuses_heterogeneous_ranks():
+    with pytest.raises(ConfigError, match="client_ranks"):
+        _federated([2, 4], MeanAggregator("mean"))
+
+
+# ---------------------------------------------------------------------------- svd (FlexLoRA)
+
+
+def test_svd_is_exact_when_the_rank_covers_the_update():
+    As, Bs, weights = _factors([3, 5])
+    delta = _explicit_delta(As, Bs, weights, [3, 5])  # rank <= 8
+    A, B = svd_factors(delta, rank=8, scale=ALPHA / 8)
+    assert ((ALPHA / 8) * B @ A - delta).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16, 40])
+def test_svd_error_is_the_discarded_singular_values(rank):
+    As, Bs, weights = _factors(RANKS)
+    delta = _explicit_delta(As, Bs, weights, RANKS)
+    sigma = torch.linalg.svdvals(delta)
+    A, B = svd_factors(delta, rank=rank, scale=ALPHA / rank)
+    error = torch.linalg.matrix_norm((ALPHA / rank) * B @ A - delta)
+    assert math.isclose(error.item(), sigma[rank:].square().sum().sqrt().item(), rel_tol=1e-9)
+
+
+def test_svd_aggregator_sends_each_client_its_rank_of_the_global_update():
+    ranks = [2, 4, 8]
+    svd = SvdAggregator("svd")
+    model, alg = _federated(ranks, svd)
+    pair = alg.pairs[0]
+    assert pair.a not in svd.broadcast(0)  # dW = 0 at first: clients start from a fresh LoRA init
+    uploads, weights, As, Bs = _uploads(alg, ranks)
+    _round(svd, uploads, weights, range(3))
+    delta = _explicit_delta(As, Bs, weights, ranks)
+    sigma = torch.linalg.svdvals(delta)
+    for cid, r in enumerate(ranks):
+        payload = svd.broadcast(cid)
+        assert payload[pair.a].shape == (r, D_IN) and payload[pair.b].shape == (D_OUT, r)
+        approx = (ALPHA / r) * payload[pair.b] @ payload[pair.a]
+        error = torch.linalg.matrix_norm(approx - delta).item()
+        assert math.isclose(error, sigma[r:].square().sum().sqrt().item(), rel_tol=1e-9)
+        head = sum(t.numel() for n, t in payload.items() if n.startswith("head"))
+        assert svd.download_bytes(cid, payload) == 8 * (r * (D_IN + D_OUT) + head)
+    x = torch.randn(5, D_IN, dtype=torch.float64)
+    W0 = dict(model.named_parameters())[pair.base].detach().clone()
+    with svd.global_model(model):  # the global model is base + dW, exactly
+        out = model.proj(x)
+    assert (out - (x @ (W0 + delta).T + model.proj.base_layer.bias)).abs().max() < 1e-10
+    assert torch.equal(model.proj.base_layer.weight, W0)  # restored afterwards
+
+
+# ---------------------------------------------------------------------------- zeropad (HetLoRA)
+
+
+def test_zeropad_with_equal_ranks_and_weights_is_the_mean():
+    ranks = [8] * 4
+    results = []
+    for agg in (ZeroPadAggregator("zeropad"), MeanAggregator("mean")):
+        model, alg = _federated(ranks, agg)
+        uploads, _, _, _ = _uploads(alg, ranks)
+        _round(agg, uploads, [1.0] * 4, range(4))
+        results.append(agg.state)
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=1e-14)
+
+
+def test_zeropad_pads_averages_and_truncates_per_client():
+    ranks = [2, 4, 8]
+    zeropad = ZeroPadAggregator("zeropad")
+    model, alg = _federated(ranks, zeropad)
+    pair = alg.pairs[0]
+    uploads, weights, As, _ = _uploads(alg, ranks)
+    _round(zeropad, uploads, weights, range(3))
+    p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    A = zeropad.state[pair.a]
+    torch.testing.assert_close(A[6:], p[2] * As[2][6:])  # owned by one client: diluted by the zeros
+    torch.testing.assert_close(A[:2], sum(p[k] * As[k][:2] for k in range(3)))
+    assert zeropad.broadcast(0)[pair.a].shape == (2, D_IN)
+    assert zeropad.broadcast(2)[pair.b].shape == (D_OUT, 8)
+
+
+# ---------------------------------------------------------------------------- clients of rank r_k
+
+
+def test_client_download_sets_rank_and_scale_alpha_over_rk():
+    zeropad = ZeroPadAggregator("zeropad")
+    model, alg = _federated([2, 4, 8], zeropad)
+    pair = alg.pairs[0]
+    gen = torch.Generator().manual_seed(3)
+    payload = {
+        pair.a: torch.randn(8, D_IN, generator=gen, dtype=torch.float64),
+        pair.b: torch.randn(D_OUT, 8, generator=gen, dtype=torch.float64),
+    }
+    x = torch.randn(4, D_IN, dtype=torch.float64)
+    for cid, r in enumerate([2, 4, 8]):
+        alg.download(model, {n: alg.client_view(n, t, cid) for n, t in payload.items()}, cid)
+        assert model.proj.scaling["default"] == ALPHA / r
+        A_k, B_k = payload[pair.a][:r], payload[pair.b][:, :r]
+        expected = model.proj.base_layer(x) + (ALPHA / r) * x @ A_k.T @ B_k.T
+        assert (model.proj(x) - expected).abs().max() < 1e-12
+        upload = alg.upload(model, cid)
+        assert upload[pair.a].shape == (r, D_IN) and upload[pair.b].shape == (D_OUT, r)
