@@ -29,7 +29,9 @@ CONTRACT_COLUMNS = {
 }
 
 THRESHOLDS = {"fedavg": 0.6, "fedlora": 0.35}
-HETERO_THRESHOLD = 0.3  # heterogeneous ranks [2, 4, 8]: three times chance
+# Heterogeneous ranks [2, 4, 8] on the random frozen backbone: 2.5 times chance. Measured at seed 0
+# with these settings: stack 0.50, svd 0.44, zeropad 0.38 (zeropad dilutes the high-rank rows).
+HETERO_THRESHOLD = 0.25
 
 # Five iid clients, all sampled every round: the smallest setting in which both algorithms learn.
 FAST = [
