@@ -2,10 +2,11 @@
 
 Thresholds: digits has 10 balanced classes, so chance is 0.10 and a model that tells apart only
 k classes scores at most about k/10. fedavg (the whole small ViT trained from scratch) must reach
-0.60, i.e. it separates most classes; fedlora trains only LoRA + head on a *random* frozen
-backbone, which learns much more slowly, so it must reach 0.35: more than three times chance and
-more than any three-class predictor. Both leave a margin under what these settings reach at seed 0
-(fedavg ~0.9, fedlora ~0.5 after 12 rounds, about 20 s each on 2 CPU cores).
+0.60, i.e. it separates most classes; fedlora and ffa-lora train only LoRA (ffa-lora: only B) +
+head on a *random* frozen backbone, which learns much more slowly, so they must reach 0.35: more
+than three times chance and more than any three-class predictor. All leave a margin under what
+these settings reach at seed 0 (fedavg ~0.9, fedlora 0.53, ffa-lora 0.56 after 12 rounds, about
+20 s each on 2 CPU cores).
 """
 
 import csv
@@ -28,7 +29,7 @@ CONTRACT_COLUMNS = {
     "time/round_s",
 }
 
-THRESHOLDS = {"fedavg": 0.6, "fedlora": 0.35}
+THRESHOLDS = {"fedavg": 0.6, "fedlora": 0.35, "ffa-lora": 0.35}
 # Heterogeneous ranks [2, 4, 8] on the random frozen backbone: 2.5 times chance. Measured at seed 0
 # with these settings: stack 0.50, svd 0.44, zeropad 0.38 (zeropad dilutes the high-rank rows).
 HETERO_THRESHOLD = 0.25
@@ -44,7 +45,7 @@ FAST = [
 ]
 
 
-@pytest.mark.parametrize("alg", ["fedavg", "fedlora"])
+@pytest.mark.parametrize("alg", ["fedavg", "fedlora", "ffa-lora"])
 def test_learns_on_digits_and_writes_the_contract_outputs(alg, make_digits_config, tmp_path):
     cfg = make_digits_config(f"alg={alg}", *FAST)
     summary = train(cfg)

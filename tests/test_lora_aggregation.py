@@ -7,9 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from src.aggregators import MeanAggregator, StackAggregator, SvdAggregator, ZeroPadAggregator
+from src.aggregators import (
+    ExactAggregator,
+    MeanAggregator,
+    StackAggregator,
+    SvdAggregator,
+    ZeroPadAggregator,
+)
 from src.aggregators.lora_math import stack_factors, svd_factors, weighted_delta
-from src.algorithms import FedLoRA
+from src.algorithms import FedLoRA, FFALoRA
 from src.errors import ConfigError
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
@@ -278,3 +284,44 @@ def test_client_download_sets_rank_and_scale_alpha_over_rk():
         assert (model.proj(x) - expected).abs().max() < 1e-12
         upload = alg.upload(model, cid)
         assert upload[pair.a].shape == (r, D_IN) and upload[pair.b].shape == (D_OUT, r)
+
+
+# ---------------------------------------------------------------------------- exact (FedEx-LoRA), ffa-lora
+
+
+def test_exact_folds_the_residual_so_the_global_model_is_the_exact_average():
+    ranks = [8] * 4
+    exact = ExactAggregator("exact")
+    model, alg = _federated(ranks, exact)
+    pair = alg.pairs[0]
+    W0 = dict(model.named_parameters())[pair.base].detach().clone()
+    uploads, weights, As, Bs = _uploads(alg, ranks)
+    _round(exact, uploads, weights, range(4))
+    W = dict(model.named_parameters())[pair.base]
+    s = ALPHA / 8
+    merged = W + s * exact.state[pair.b] @ exact.state[pair.a]
+    assert (merged - (W0 + _explicit_delta(As, Bs, weights, ranks))).abs().max() < 1e-10
+    payload = exact.broadcast(0)
+    residual = D_OUT * D_IN * 8
+    assert (
+        exact.download_bytes(0, payload) == sum(t.numel() * 8 for t in payload.values()) + residual
+    )
+
+
+def test_ffa_lora_freezes_a_and_shares_only_b_and_the_head():
+    torch.manual_seed(0)
+    alg = FFALoRA("ffa-lora", {"r": 4, "alpha": ALPHA, "target_modules": ["proj"]}, ["head"])
+    model = alg.prepare_model(TinyNet().double())
+    pair = alg.pairs[0]
+    A0 = dict(model.named_parameters())[pair.a].detach().clone()
+    assert set(alg.shared_names(model)) == {pair.b, "head.weight", "head.bias"}
+    mean = MeanAggregator("mean")
+    mean.setup(model, alg)
+    uploads, weights, _, Bs = _uploads(alg, [4, 4])
+    _round(mean, [{k: v for k, v in u.items() if k != pair.a} for u in uploads], weights, range(2))
+    alg.download(model, mean.broadcast(0), 0)
+    assert torch.equal(dict(model.named_parameters())[pair.a], A0)  # A never changes
+    with pytest.raises(ConfigError, match="equal ranks"):
+        FFALoRA(
+            "ffa-lora", {"r": 4, "alpha": ALPHA, "target_modules": ["proj"]}, ["head"], [2, 4]
+        ).prepare_model(TinyNet())

@@ -1,10 +1,11 @@
 from src.aggregators.base import Aggregator, nbytes
-from src.aggregators.lora_product import StackAggregator, SvdAggregator
+from src.aggregators.lora_product import ExactAggregator, StackAggregator, SvdAggregator
 from src.aggregators.mean import MeanAggregator, RankAwareMeanAggregator, ZeroPadAggregator
 from src.aggregators.server_opt import ServerOptimizer
 
 __all__ = [
     "Aggregator",
+    "ExactAggregator",
     "MeanAggregator",
     "RankAwareMeanAggregator",
     "ServerOptimizer",

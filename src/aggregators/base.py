@@ -76,7 +76,12 @@ class Aggregator:
     def finish(self) -> None:
         """Aggregate and take the server step; a round without uploads leaves the state as it was."""
         if self.num_added:
-            self.server.step(self.state, self._result())
+            aggregate = self._result()
+            self.server.step(self.state, aggregate)
+            self._after_step(aggregate)
+
+    def _after_step(self, aggregate: TensorDict) -> None:
+        """Hook for what follows the server step (e.g. folding a residual into the base weights)."""
 
     def _begin(self) -> None:
         raise NotImplementedError

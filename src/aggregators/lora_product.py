@@ -23,6 +23,7 @@ from torch import nn
 
 from src.aggregators.base import Aggregator, TensorDict, nbytes
 from src.aggregators.lora_math import factors_from_svd, stack_factors
+from src.aggregators.mean import MeanAggregator
 from src.errors import ConfigError
 
 
@@ -138,9 +139,8 @@ class StackAggregator(Aggregator):
             result[key] = self.state[key] + delta if self.mode == "merge" else delta
         return result
 
-    def finish(self) -> None:
-        super().finish()
-        if self.mode == "merge" and self.num_added:
+    def _after_step(self, aggregate: TensorDict) -> None:
+        if self.mode == "merge":
             # every client merges the broadcast product into its base weights; in simulation they
             # share one resident model, so it is merged once, here
             params = dict(self.model.named_parameters())
@@ -152,3 +152,46 @@ class StackAggregator(Aggregator):
 class SvdAggregator(StackAggregator):
     def __init__(self, name: str, **server):
         super().__init__(name, broadcast="svd", **server)
+
+
+class ExactAggregator(MeanAggregator):
+    """FedEx-LoRA (Singhal et al., 2025): A and B are averaged as in FedIT, and the residual
+    R = sum_k p_k s B_k A_k - s B_bar A_bar is folded into the frozen base weights, so that
+    W + R + s B_bar A_bar is exactly the average of the client models. Equal ranks only.
+    Clients receive A_bar, B_bar, the head and R (d_out x d_in per layer: dense, so costly).
+    With a server optimiser the residual of the plain average is folded."""
+
+    def setup(self, model: nn.Module, algorithm) -> None:
+        if not getattr(algorithm, "pairs", None):
+            raise ConfigError(
+                f"aggregator={self.name} combines LoRA factors; use it with alg=fedlora"
+            )
+        super().setup(model, algorithm)  # refuses heterogeneous ranks
+        self.model = model
+        self.residuals: dict[str, torch.Tensor] = {}  # last round's, as sent
+
+    def download_bytes(self, client_id: int, payload: TensorDict) -> int:
+        return nbytes(payload) + nbytes(self.residuals)
+
+    def _begin(self) -> None:
+        super()._begin()
+        self._products = {
+            pair.layer: torch.zeros_like(dict(self.model.named_parameters())[pair.base])
+            for pair in self.algorithm.pairs
+        }
+
+    def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
+        super()._add(upload, weight, client_id)
+        scale = self.algorithm.scale(self.algorithm.client_rank(client_id))
+        for pair in self.algorithm.pairs:
+            self._products[pair.layer].add_(scale * upload[pair.b] @ upload[pair.a], alpha=weight)
+
+    def _after_step(self, aggregate: TensorDict) -> None:
+        scale = self.algorithm.scale(self.algorithm.r_max)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for pair in self.algorithm.pairs:
+                exact = self._products[pair.layer] / self._total_weight
+                residual = exact - scale * aggregate[pair.b] @ aggregate[pair.a]
+                params[pair.base].add_(residual)
+                self.residuals[pair.layer] = residual

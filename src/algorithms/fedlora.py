@@ -107,23 +107,24 @@ class FedLoRA(Algorithm):
     def download(self, model: nn.Module, payload: TensorDict, client_id: int | None) -> None:
         """Load r_k-sized factors (zero beyond r_k) and set s_k = alpha / r_k on every layer.
 
-        A layer whose factors are not in the payload is re-initialised locally (peft's init:
-        kaiming A, zero B), as FLoRA does after merging the aggregate into the base weights.
+        A layer that receives neither factor starts from a fresh local init (kaiming A, zero B),
+        as FLoRA does after merging the aggregate into the base weights; a frozen A (FFA-LoRA)
+        is never re-initialised. A B that is not received starts at zero.
         """
         rank = self.client_rank(client_id)
         params = dict(model.named_parameters())
         for pair in self.pairs:
-            layer = self._layers[pair.layer]
-            layer.scaling["default"] = self.scale(rank)
+            self._layers[pair.layer].scaling["default"] = self.scale(rank)
             A, B = params[pair.a], params[pair.b]
             if pair.a in payload:
                 A.zero_()
                 A[:rank].copy_(payload[pair.a][:rank])
-                B.zero_()
-                B[:, :rank].copy_(payload[pair.b][:, :rank])
-            else:  # FLoRA after a merge: a fresh local init (kaiming A, zero B)
-                layer.reset_lora_parameters("default", init_lora_weights=True)
+            elif A.requires_grad and pair.b not in payload:
+                torch.nn.init.kaiming_uniform_(A, a=5**0.5)  # peft's LoRA init
                 A[rank:].zero_()
+            B.zero_()
+            if pair.b in payload:
+                B[:, :rank].copy_(payload[pair.b][:, :rank])
         for name, tensor in payload.items():
             if name not in self._a_names and name not in self._b_names:
                 params[name].copy_(tensor)
@@ -134,3 +135,18 @@ class FedLoRA(Algorithm):
             name: self.client_view(name, t, client_id)
             for name, t in super().upload(model, client_id).items()
         }
+
+
+class FFALoRA(FedLoRA):
+    """FFA-LoRA (Sun et al., 2024): every A is frozen at its initialisation, which is identical on
+    all clients (it comes from the shared model seed); only B and the head are trained and shared.
+    Then dW = s (sum_k p_k B_k) A, so averaging B is exact. Equal ranks only."""
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        if self.heterogeneous:
+            raise ConfigError(f"alg=ffa-lora needs equal ranks, got alg.client_ranks={self.ranks}")
+        model = super().prepare_model(model)
+        params = dict(model.named_parameters())
+        for pair in self.pairs:
+            params[pair.a].requires_grad_(False)
+        return model
