@@ -82,9 +82,13 @@ def _write_cifar(root, per_batch=4):
     return batches
 
 
-def test_cifar10_reads_cifar_format_pickles(tmp_path):
+def test_cifar10_reads_cifar_format_pickles(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    # downloads allowed, but the files are there: any attempt to fetch fails the test (no network)
+    monkeypatch.setattr(CIFAR10, "download", lambda self: pytest.fail("tried to download"))
     batches = _write_cifar(str(tmp_path))
-    ds = load_cifar10(str(tmp_path), download=True)  # files exist, so nothing is downloaded
+    ds = load_cifar10(str(tmp_path), download=True)
     assert ds.num_classes == 10 and len(ds.mean) == len(ds.std) == 3
     _check_split(ds.train, 20, (3, 32, 32))
     _check_split(ds.test, 4, (3, 32, 32))
