@@ -51,6 +51,9 @@ def hydra_names(cfg: DictConfig) -> tuple[str, str, bool]:
 
 
 def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
+    """Data, partition, model, algorithm and aggregator from the config; seeded, so the same
+    config builds the same federation and the same initial model."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info("loading data=%s", cfg.data.name)
     dataset = instantiate(cfg.data.loader)
     partitioner = instantiate(cfg.partitioner)
@@ -88,7 +91,6 @@ def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_name, group, _ = hydra_names(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.perf_counter()
 
     module = build_module(cfg, output_dir)

@@ -53,8 +53,10 @@ class RecordingMean(MeanAggregator):
         super().__init__(name, **kw)
         self.uploads: list[dict[str, torch.Tensor]] = []
         self.weights: list[float] = []
+        self.client_ids: list[int] = []
 
     def _add(self, upload, weight, client_id):
         self.uploads.append({name: t.detach().clone() for name, t in upload.items()})
         self.weights.append(weight)
+        self.client_ids.append(client_id)
         super()._add(upload, weight, client_id)
