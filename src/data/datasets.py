@@ -123,7 +123,7 @@ def _load_torchvision(
                 return ImageDataset(name, train, test, 10, mean, std)
         raise DatasetNotFoundError(
             f"{name} not found in {where} ({reason}); put the files there in torchvision layout, "
-            f"set paths.data_dir=<folder containing {folder}/>, or run once online with download=true"
+            f"set paths.data_dir=<folder containing {folder}/>, or run once online with data.loader.download=true"
         ) from missing
     return ImageDataset(name, train, test, 10, mean, std)
 
