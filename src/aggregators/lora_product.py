@@ -27,6 +27,11 @@ from src.aggregators.mean import MeanAggregator
 from src.errors import ConfigError
 
 
+def require_lora(aggregator: str, algorithm) -> None:
+    if not getattr(algorithm, "pairs", None):
+        raise ConfigError(f"aggregator={aggregator} combines LoRA factors; use it with alg=fedlora")
+
+
 class StackAggregator(Aggregator):
     def __init__(self, name: str, broadcast: str = "merge", **server):
         super().__init__(name, **server)
@@ -36,10 +41,7 @@ class StackAggregator(Aggregator):
 
     # ------------------------------------------------------------------ state
     def setup(self, model: nn.Module, algorithm) -> None:
-        if not getattr(algorithm, "pairs", None):
-            raise ConfigError(
-                f"aggregator={self.name} combines LoRA factors; use it with alg=fedlora"
-            )
+        require_lora(self.name, algorithm)
         self.algorithm = algorithm
         self.model = model
         params = dict(model.named_parameters())
@@ -86,17 +88,15 @@ class StackAggregator(Aggregator):
 
     @contextmanager
     def global_model(self, model: nn.Module) -> Iterator[None]:
-        """merge: the base weights hold everything (LoRA at zero); svd: base + dW, merged only
-        while the block runs (the base weights are restored exactly afterwards)."""
+        """merge: the base weights already hold everything (merged in `_after_step`; LoRA at zero);
+        svd: base + dW, merged only while the block runs (the base is restored exactly after)."""
         params = dict(model.named_parameters())
         payload = {name: self.state[name] for name in self.others}
         saved = {}
-        with torch.no_grad():
-            for pair in self.algorithm.pairs:
-                base = params[pair.base]
-                if self.mode == "merge":
-                    base.copy_(self.state[pair.base])
-                else:
+        if self.mode == "svd":
+            with torch.no_grad():
+                for pair in self.algorithm.pairs:
+                    base = params[pair.base]
                     saved[pair.base] = base.detach().clone()
                     base.add_(self.state[self._key(pair)].to(base.dtype))
         self.algorithm.download(model, payload, None)  # no factors in the payload: B = 0
@@ -117,9 +117,8 @@ class StackAggregator(Aggregator):
         scale = self.algorithm.scale(self.algorithm.client_rank(client_id))
         for pair in self.algorithm.pairs:
             As, Bs, scales = self._factors[pair.layer]
-            As.append(
-                upload[pair.a].detach().clone()
-            )  # the resident model moves on to the next client
+            # copies: the resident model moves on to the next client
+            As.append(upload[pair.a].detach().clone())
             Bs.append(upload[pair.b].detach().clone())
             scales.append(scale)
         for name, acc in self._sums.items():
@@ -162,10 +161,7 @@ class ExactAggregator(MeanAggregator):
     With a server optimiser the residual of the plain average is folded."""
 
     def setup(self, model: nn.Module, algorithm) -> None:
-        if not getattr(algorithm, "pairs", None):
-            raise ConfigError(
-                f"aggregator={self.name} combines LoRA factors; use it with alg=fedlora"
-            )
+        require_lora(self.name, algorithm)
         super().setup(model, algorithm)  # refuses heterogeneous ranks
         self.model = model
         self.residuals: dict[str, torch.Tensor] = {}  # last round's, as sent
@@ -175,9 +171,9 @@ class ExactAggregator(MeanAggregator):
 
     def _begin(self) -> None:
         super()._begin()
+        params = dict(self.model.named_parameters())
         self._products = {
-            pair.layer: torch.zeros_like(dict(self.model.named_parameters())[pair.base])
-            for pair in self.algorithm.pairs
+            pair.layer: torch.zeros_like(params[pair.base]) for pair in self.algorithm.pairs
         }
 
     def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
