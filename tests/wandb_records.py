@@ -3,19 +3,29 @@
 The file is W&B's LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB blocks
 of chunks, each `crc32 (4) | length (2) | type (1) | data`, where a record is one FULL chunk or a
 FIRST, MIDDLE..., LAST sequence. Each record is a protobuf `wandb.proto.wandb_internal_pb2.Record`.
+
+W&B's writer runs in a separate process, so the file can still be growing right after
+`wandb.finish()` returns; `read_run` re-reads until the run's exit record is there and every chunk's
+checksum holds, and fails with the reason when that does not happen in time.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
+import zlib
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 
 _BLOCK = 32 * 1024
 _HEADER = 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+_ZERO, _FULL, _FIRST, _MIDDLE, _LAST = 0, 1, 2, 3, 4
+
+
+class TornFile(Exception):
+    """The file ends in (or contains) a chunk that is not completely written."""
 
 
 def _payloads(raw: bytes):
@@ -25,8 +35,13 @@ def _payloads(raw: bytes):
         if left_in_block < _HEADER:  # block trailer padding
             pos += left_in_block
             continue
-        _, length, kind = struct.unpack("<IHB", raw[pos : pos + _HEADER])
+        crc, length, kind = struct.unpack("<IHB", raw[pos : pos + _HEADER])
+        if kind == _ZERO:  # zero padding up to the end of the block
+            pos += left_in_block
+            continue
         data = raw[pos + _HEADER : pos + _HEADER + length]
+        if len(data) < length or zlib.crc32(bytes([kind]) + data) != crc:
+            raise TornFile(f"chunk at byte {pos} of {len(raw)} is incomplete or fails its checksum")
         pos += _HEADER + length
         if kind == _FULL:
             yield data
@@ -36,14 +51,11 @@ def _payloads(raw: bytes):
             pending += data
         elif kind == _LAST:
             yield pending + data
-        else:  # zero padding at the end of a block
-            pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
 
 
-def read_run(path: str | Path) -> dict:
-    """{"history": [{key: value}...], "summary": {key: value}, "config": {...}} of one run file."""
-    history, summary, config = [], {}, {}
-    for payload in _payloads(Path(path).read_bytes()):
+def _parse(raw: bytes) -> tuple[dict, bool]:
+    history, summary, config, exited = [], {}, {}, False
+    for payload in _payloads(raw):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
@@ -55,7 +67,25 @@ def read_run(path: str | Path) -> dict:
             config.update({_key(i): json.loads(i.value_json) for i in record.config.update})
         elif kind == "run":
             config.update({_key(i): json.loads(i.value_json) for i in record.run.config.update})
-    return {"history": history, "summary": summary, "config": config}
+        elif kind == "exit":
+            exited = True
+    return {"history": history, "summary": summary, "config": config}, exited
+
+
+def read_run(path: str | Path, timeout_s: float = 60.0) -> dict:
+    """{"history": [{key: value}...], "summary": {key: value}, "config": {...}} of one run file."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            run, exited = _parse(Path(path).read_bytes())
+            problem = None if exited else "the run's exit record is not written"
+        except TornFile as torn:
+            problem = str(torn)
+        if problem is None:
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} is not a complete W&B run after {timeout_s} s: {problem}")
+        time.sleep(0.5)
 
 
 def _key(item) -> str:
