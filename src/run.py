@@ -14,10 +14,12 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from src.config_checks import validate_config
 from src.errors import user_error
@@ -50,6 +52,14 @@ def hydra_names(cfg: DictConfig) -> tuple[str, str, bool]:
     return run_name, group, multirun
 
 
+def build_base_model(cfg: DictConfig) -> nn.Module:
+    """The model before the algorithm touches it (no LoRA), initialised from `seed` alone, so it
+    can be rebuilt later, e.g. as the base for exported adapters."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return instantiate(cfg.model)
+
+
 def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     """Data, partition, model, algorithm and aggregator from the config; seeded, so the same
     config builds the same federation and the same initial model."""
@@ -67,11 +77,14 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         min(federation.summary["train_samples"]),
     )
     algorithm = instantiate(cfg.alg, _convert_="all")
-    model = algorithm.prepare_model(instantiate(cfg.model))
+    model = algorithm.prepare_model(build_base_model(cfg))
+    aggregator = algorithm.wrap_aggregator(
+        instantiate(cfg.aggregator), federation, output_dir, cfg.seed
+    )
     return FederatedModule(
         model=model,
         algorithm=algorithm,
-        aggregator=instantiate(cfg.aggregator),
+        aggregator=aggregator,
         federation=federation,
         optimizer=instantiate(cfg.optim),
         rounds=cfg.fl.rounds,

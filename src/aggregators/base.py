@@ -65,8 +65,10 @@ class Aggregator:
         yield
 
     # ------------------------------------------------------------------ aggregation
-    def begin(self) -> None:
+    def begin(self, round_idx: int = 0) -> None:
+        """A new round (0-based `round_idx`) starts; uploads follow through `add`."""
         self.num_added = 0
+        self.round_idx = round_idx
         self._begin()
 
     def add(self, upload: TensorDict, weight: float, client_id: int) -> None:
@@ -79,6 +81,10 @@ class Aggregator:
             aggregate = self._result()
             self.server.step(self.state, aggregate)
             self._after_step(aggregate)
+
+    def round_metrics(self) -> dict[str, float]:
+        """Extra per-round metrics for the loggers (e.g. the number of clusters)."""
+        return {}
 
     def _after_step(self, aggregate: TensorDict) -> None:
         """Hook for what follows the server step (e.g. folding a residual into the base weights)."""

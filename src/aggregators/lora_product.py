@@ -30,6 +30,12 @@ from src.errors import ConfigError
 def require_lora(aggregator: str, algorithm) -> None:
     if not getattr(algorithm, "pairs", None):
         raise ConfigError(f"aggregator={aggregator} combines LoRA factors; use it with alg=fedlora")
+    if not algorithm.shares_products:
+        raise ConfigError(
+            f"aggregator={aggregator} needs both LoRA factors, but alg={algorithm.name} keeps "
+            f"{algorithm.private or 'lora_A frozen'} on the clients; use aggregator=mean, "
+            "rank_aware or zeropad"
+        )
 
 
 class StackAggregator(Aggregator):

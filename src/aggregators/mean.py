@@ -1,14 +1,22 @@
-"""Weighted means: FedAvg / FedIT (`mean`) and HetLoRA's zero-padding (`zeropad`).
+"""Weighted means: FedAvg / FedIT (`mean`), `rank_aware` and HetLoRA's zero-padding (`zeropad`).
 
-mean:    theta = sum_k p_k x_k with p_k = n_k / sum n; for LoRA, A and B are averaged separately
-         (FedIT; inexact: sum p_k B_k A_k - B_bar A_bar = sum p_k (B_k - B_bar)(A_k - A_bar)).
-zeropad: every upload is padded with zeros to the server's r_max shape before the mean, and each
-         client receives the first r_k rows/columns back. Rows only some clients own are diluted.
-rank_aware: as zeropad, but index j is averaged over the clients that sent index j only (weights
-         renormalised among them), and an index nobody sent keeps the server's value: no dilution.
+Uploads may be smaller than the server's tensors (a rank-r_k client sends the first r_k rows of A
+and the first r_k columns of B); such an upload fills the leading block of the server's shape.
+
+mean:       theta = sum_k p_k x_k with p_k = n_k / sum n, where each entry is averaged over the
+            clients that sent it (owner-weighted) and an entry nobody sent keeps the server's value.
+            With equal shapes this is the plain weighted mean. For LoRA, A and B are averaged
+            separately (FedIT; inexact: sum p_k B_k A_k - B_bar A_bar =
+            sum p_k (B_k - B_bar)(A_k - A_bar)), so mixed ranks are refused when the server sees
+            both factors; when it sees A only (fedsa-flora) this is the rank-aware mean.
+rank_aware: the same owner-weighted mean, allowed for any algorithm and any mix of ranks.
+zeropad:    every upload is padded with zeros to the server's shape before the mean (HetLoRA):
+            rows only some clients own are diluted by the others' zeros.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 
@@ -16,9 +24,16 @@ from src.aggregators.base import Aggregator, TensorDict
 from src.errors import ConfigError
 
 
+def leading_block(shape: torch.Size) -> tuple[slice, ...]:
+    """Index of the leading block of a tensor that a (smaller) upload of `shape` fills."""
+    return tuple(slice(0, n) for n in shape)
+
+
 class MeanAggregator(Aggregator):
     def setup(self, model, algorithm) -> None:
-        if getattr(algorithm, "heterogeneous", False):
+        if getattr(algorithm, "heterogeneous", False) and getattr(
+            algorithm, "shares_products", False
+        ):
             raise ConfigError(
                 f"aggregator=mean averages A and B separately and needs equal ranks, got "
                 f"alg.client_ranks={algorithm.ranks}; use aggregator=stack, svd or zeropad"
@@ -28,37 +43,53 @@ class MeanAggregator(Aggregator):
     def _begin(self) -> None:
         self._sums = {name: torch.zeros_like(t) for name, t in self.state.items()}
         self._total_weight = 0.0
+        # per tensor: summed weight of the uploads of each shape (a handful of distinct ranks)
+        self._weight_by_shape: dict[str, dict[torch.Size, float]] = {
+            name: defaultdict(float) for name in self.state
+        }
 
     def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
         for name, acc in self._sums.items():
             tensor = upload[name]
-            # zero padding: a smaller (rank-r_k) tensor fills the leading block of the sum
-            acc[tuple(slice(0, n) for n in tensor.shape)].add_(tensor.to(acc.dtype), alpha=weight)
+            acc[leading_block(tensor.shape)].add_(tensor.to(acc.dtype), alpha=weight)
+            self._weight_by_shape[name][tensor.shape] += weight
         self._total_weight += weight
 
     def _result(self) -> TensorDict:
-        return {name: acc / self._total_weight for name, acc in self._sums.items()}
+        return {name: self._owner_mean(name) for name in self._sums}
+
+    def _owner_mean(self, name: str) -> torch.Tensor:
+        acc, current = self._sums[name], self.state[name]
+        by_shape = self._weight_by_shape[name]
+        if set(by_shape) == {acc.shape}:  # everyone sent the whole tensor
+            return acc / self._total_weight
+        owned = torch.zeros_like(acc)
+        for shape, weight in by_shape.items():
+            owned[leading_block(shape)] += weight
+        return torch.where(owned > 0, acc / owned.clamp_min(1e-300), current)
+
+
+class RankAwareMeanAggregator(MeanAggregator):
+    def setup(self, model, algorithm) -> None:
+        Aggregator.setup(self, model, algorithm)  # any mix of ranks
 
 
 class ZeroPadAggregator(MeanAggregator):
     def setup(self, model, algorithm) -> None:
         Aggregator.setup(self, model, algorithm)  # any mix of ranks
 
-
-class RankAwareMeanAggregator(ZeroPadAggregator):
-    def _begin(self) -> None:
-        super()._begin()
-        self._owner_weight = {name: torch.zeros_like(t) for name, t in self.state.items()}
-
-    def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
-        super()._add(upload, weight, client_id)
-        for name, owned in self._owner_weight.items():
-            owned[tuple(slice(0, n) for n in upload[name].shape)] += weight
-
     def _result(self) -> TensorDict:
-        result = {}
-        for name, acc in self._sums.items():
-            owned = self._owner_weight[name]
-            safe = torch.where(owned > 0, owned, torch.ones_like(owned))
-            result[name] = torch.where(owned > 0, acc / safe, self.state[name])
-        return result
+        return {name: acc / self._total_weight for name, acc in self._sums.items()}
+
+
+def owner_weighted_mean(
+    uploads: list[TensorDict], weights: list[float], fallback: TensorDict
+) -> TensorDict:
+    """The rank-aware mean of a list of uploads, as full-size tensors: each entry is averaged over
+    the uploads that hold it; an entry none holds is taken from `fallback`."""
+    mean = RankAwareMeanAggregator("rank_aware")
+    mean.state = fallback
+    mean.begin()
+    for upload, weight in zip(uploads, weights, strict=True):
+        mean.add(upload, weight, -1)
+    return mean._result()

@@ -1,5 +1,6 @@
 from src.algorithms.base import Algorithm
 from src.algorithms.fedavg import FedAvg
 from src.algorithms.fedlora import FedLoRA, FFALoRA
+from src.algorithms.fedsa_flora import FedSAFLoRA
 
-__all__ = ["Algorithm", "FFALoRA", "FedAvg", "FedLoRA"]
+__all__ = ["Algorithm", "FFALoRA", "FedAvg", "FedLoRA", "FedSAFLoRA"]

@@ -8,29 +8,72 @@ plumbing (sampling, seeding, the loop) and the aggregator the server half.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from src.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TensorDict = dict[str, torch.Tensor]
 
 
 class Algorithm:
-    personalized = False  # True: each client deploys its own model (evaluated per client)
+    """`private`: name patterns (substrings) of trained tensors that never leave the client; they
+    persist per client across rounds (the client state store) and make the algorithm personalised:
+    each client deploys (shared tensors from the server, its own private tensors)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, private: Sequence[str] = ()):
         self.name = name
+        if isinstance(private, str):
+            raise ConfigError(f"alg.private must be a list of name patterns, got {private!r}")
+        self.private = list(private)
+
+    @property
+    def personalized(self) -> bool:
+        """True: each client deploys its own model, so evaluation runs client by client."""
+        return bool(self.private)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Freeze / wrap the freshly built model; returns the model the federation trains."""
+        self.check_private(model)
         return model
+
+    def check_private(self, model: nn.Module) -> None:
+        """Every `alg.private` pattern names some trained tensor, and something is left to share."""
+        trained = self.trained_names(model)
+        for pattern in self.private:
+            if not any(pattern in name for name in trained):
+                raise ConfigError(
+                    f"alg.private: '{pattern}' matches no trained parameter; trained are e.g. "
+                    f"{trained[:4]}"
+                )
+        if not self.shared_names(model):
+            raise ConfigError(f"alg.private={self.private} leaves nothing to share with the server")
+
+    def trained_names(self, model: nn.Module) -> list[str]:
+        return [name for name, p in model.named_parameters() if p.requires_grad]
+
+    def is_private(self, name: str) -> bool:
+        return any(pattern in name for pattern in self.private)
 
     def shared_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters the server broadcasts and the clients upload."""
-        return [name for name, p in model.named_parameters() if p.requires_grad]
+        return [name for name in self.trained_names(model) if not self.is_private(name)]
+
+    def private_names(self, model: nn.Module) -> list[str]:
+        """Names of the trained parameters each client keeps to itself."""
+        return [name for name in self.trained_names(model) if self.is_private(name)]
+
+    def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
+        """Views of the client's private tensors (its r_k-sized part), for the client state store."""
+        params = dict(model.named_parameters())
+        return {
+            name: self.client_view(name, params[name].detach(), client_id)
+            for name in self.private_names(model)
+        }
 
     def client_view(self, name: str, tensor: torch.Tensor, client_id: int | None) -> torch.Tensor:
         """The part of a shared tensor that client `client_id` holds (all of it, by default)."""
@@ -42,6 +85,11 @@ class Algorithm:
         params = dict(model.named_parameters())
         for name, tensor in payload.items():
             params[name].copy_(tensor)
+
+    def wrap_aggregator(self, aggregator, federation, output_dir, seed: int):
+        """The server the orchestrator talks to; an algorithm may put its own server logic
+        (grouping, clustering) around the configured aggregator."""
+        return aggregator
 
     def upload(self, model: nn.Module, client_id: int) -> TensorDict:
         """What the client sends back: views of its shared parameters (read before the next client)."""

@@ -11,4 +11,4 @@ class FedAvg(Algorithm):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
-        return model
+        return super().prepare_model(model)

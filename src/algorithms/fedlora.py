@@ -39,8 +39,9 @@ class FedLoRA(Algorithm):
         lora: dict,
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
+        private: Sequence[str] = (),
     ):
-        super().__init__(name)
+        super().__init__(name, private)
         self.lora = dict(lora)
         self.trainable = list(trainable)
         ranks = self.lora["r"] if client_ranks is None else client_ranks
@@ -101,6 +102,10 @@ class FedLoRA(Algorithm):
         ]
         self._a_names = {p.a for p in self.pairs}
         self._b_names = {p.b for p in self.pairs}
+        self.check_private(model)
+        shared = set(self.shared_names(model))
+        # the server sees whole products B A (mean must then refuse mixed ranks; stack/svd work)
+        self.shares_products = all(p.a in shared and p.b in shared for p in self.pairs)
         return model
 
     @torch.no_grad()
@@ -149,4 +154,5 @@ class FFALoRA(FedLoRA):
         params = dict(model.named_parameters())
         for pair in self.pairs:
             params[pair.a].requires_grad_(False)
+        self.shares_products = False  # A never moves: the server sees B only
         return model

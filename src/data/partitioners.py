@@ -20,6 +20,7 @@ from src.errors import ConfigError
 class ClientSplit:
     train: torch.Tensor  # int64 indices into dataset.train
     test: torch.Tensor  # int64 indices into dataset.train (the client's local test split)
+    group: int | None = None  # the client's group with partitioner.groups=G
 
     def __len__(self) -> int:
         return len(self.train) + len(self.test)
@@ -38,11 +39,17 @@ class Partitioner:
     """Base class: subclasses implement :meth:`assign`; ``__call__`` validates and splits."""
 
     def __init__(
-        self, name: str, test_fraction: float = 0.2, min_partition_size: int = 2, **kw
+        self,
+        name: str,
+        test_fraction: float = 0.2,
+        min_partition_size: int = 2,
+        groups: int | None = None,
+        **kw,
     ) -> None:
         if kw:  # a misspelt config key should fail loudly, not be ignored
             raise ConfigError(f"unknown partitioner option(s) {sorted(kw)} for partitioner={name}")
         self.name = name
+        self.groups = groups
         self.test_fraction = float(test_fraction)
         self.min_partition_size = int(min_partition_size)
 
@@ -72,6 +79,11 @@ class Partitioner:
             raise ConfigError(
                 f"partitioner.min_partition_size must be >= 1, got {self.min_partition_size}"
             )
+        if self.groups is not None and not 1 <= self.groups <= num_clients:
+            raise ConfigError(
+                f"partitioner.groups must be null or in [1, fl.num_clients={num_clients}], "
+                f"got {self.groups}"
+            )
         if num_clients * self.min_partition_size > n:
             raise ConfigError(
                 f"fl.num_clients={num_clients} x partitioner.min_partition_size="
@@ -83,16 +95,36 @@ class Partitioner:
         labels = _as_labels(labels)
         self.validate(len(labels), num_clients)
         rng = np.random.default_rng(seed)
-        parts = self.assign(labels, int(num_clients), rng)
+        if self.groups is None:
+            parts, groups = self.assign(labels, int(num_clients), rng), [None] * num_clients
+        else:
+            parts, groups = self._assign_grouped(labels, int(num_clients), rng)
         sizes = [len(p) for p in parts]
         if min(sizes) < self.min_partition_size:  # guard for subclasses; dirichlet never gets here
             raise ConfigError(
                 f"partitioner={self.name} gave a client {min(sizes)} samples < "
                 f"partitioner.min_partition_size={self.min_partition_size}; use fewer fl.num_clients"
             )
-        return [self._local_split(np.asarray(p, dtype=np.int64), rng) for p in parts]
+        return [
+            self._local_split(np.asarray(p, dtype=np.int64), group, rng)
+            for p, group in zip(parts, groups, strict=True)
+        ]
 
-    def _local_split(self, idx: np.ndarray, rng: np.random.Generator) -> ClientSplit:
+    def _assign_grouped(self, labels, num_clients: int, rng) -> tuple[list, list[int]]:
+        """G groups: the partitioner's rule splits the data over the groups (e.g. label skew per
+        group), then each group's data is split at random, near-equally, over its clients; so the
+        clients of a group share a data distribution (like a company's departments)."""
+        members = np.array_split(np.arange(num_clients), self.groups)
+        parts, groups = [None] * num_clients, [0] * num_clients
+        for group, (data, clients) in enumerate(
+            zip(self.assign(labels, self.groups, rng), members, strict=True)
+        ):
+            shares = np.array_split(rng.permutation(data), len(clients))
+            for client, part in zip(clients, shares, strict=True):
+                parts[client], groups[client] = part, group
+        return parts, groups
+
+    def _local_split(self, idx: np.ndarray, group, rng: np.random.Generator) -> ClientSplit:
         n = len(idx)
         n_test = int(self.test_fraction * n + 0.5)  # round half up
         if self.test_fraction > 0:
@@ -102,6 +134,7 @@ class Partitioner:
         return ClientSplit(
             train=torch.from_numpy(np.sort(idx[n_test:])),
             test=torch.from_numpy(np.sort(idx[:n_test])),
+            group=group,
         )
 
 
@@ -257,4 +290,9 @@ def partition_summary(labels, clients: list[ClientSplit], num_classes: int) -> d
         "samples_per_client": [int(s) for s in hist.sum(axis=1)],
         "label_histogram": hist.tolist(),
         "mean_label_entropy": float(_entropy(hist).mean()),
+        **(
+            {"groups": [c.group for c in clients]}
+            if clients and clients[0].group is not None
+            else {}
+        ),
     }

@@ -77,11 +77,18 @@ class Federation:
     def num_clients(self) -> int:
         return len(self.clients)
 
+    @property
+    def groups(self) -> list[int] | None:
+        """Each client's group (partitioner.groups=G or a dataset's own grouping), else None."""
+        if self.clients[0].group is None:
+            return None
+        return [c.group for c in self.clients]
+
     def to(self, device: torch.device) -> Federation:
         if self.train.device != device:
             self.train.to(device)
             self.test.to(device)
             self.clients = [
-                ClientSplit(c.train.to(device), c.test.to(device)) for c in self.clients
+                ClientSplit(c.train.to(device), c.test.to(device), c.group) for c in self.clients
             ]
         return self

@@ -1,8 +1,9 @@
 """The federated LightningModule: one Lightning epoch is one federated round.
 
-A round: sample clients -> for each, copy the global shared tensors into the one resident model
-in place -> local training with a fresh client optimizer -> hand the upload to the aggregator ->
-server step -> log. Clients never get a Trainer or a copy of the model.
+A round: sample clients -> for each, copy the global shared tensors and the client's private
+state (from the client state store) into the one resident model in place -> local training with a
+fresh client optimizer -> hand the upload to the aggregator, keep the private state -> server step
+-> log. Clients never get a Trainer or a copy of the model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from src.aggregators import Aggregator, nbytes
 from src.algorithms import Algorithm
+from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
 from src.federated.sampling import client_generator, client_seed, sample_clients
 from src.outputs import RoundRecorder
@@ -63,7 +65,8 @@ class FederatedModule(pl.LightningModule):
         self.seed = seed
         self.recorder = recorder or RoundRecorder(None)
         self.total_bytes = 0
-        self._restored_aggregator: dict | None = None
+        self.store = ClientStateStore()  # private tensors per client (personalised algorithms)
+        self._restored: dict = {}  # server and client state from a checkpoint, applied at set-up
         # per client, of the last evaluation (NaN for a client without local test data)
         self.per_client_acc: list[float] = []
         self._round_metrics: dict[str, float] = {}
@@ -90,12 +93,16 @@ class FederatedModule(pl.LightningModule):
         self._ensure_setup()
 
     def _ensure_setup(self) -> None:
-        """Data on the device and the server state built from the model (once)."""
+        """Data on the device, the server state and the clients' initial state (once)."""
         self.federation.to(self.device)
         if self.aggregator.state is None:
             self.aggregator.setup(self.model, self.algorithm)
-            if self._restored_aggregator is not None:
-                self.aggregator.load_state_dict(self._restored_aggregator)
+            self.store.pin_memory = self.device.type == "cuda"
+            self.store.set_initial(self.algorithm.private_state(self.model, None))
+            if "aggregator" in self._restored:
+                self.aggregator.load_state_dict(self._restored["aggregator"])
+            if "clients" in self._restored:
+                self.store.load_state_dict(self._restored["clients"])
 
     # ----------------------------------------------------------------- one round
     def training_step(self, batch, batch_idx):
@@ -104,7 +111,7 @@ class FederatedModule(pl.LightningModule):
         sampled = sample_clients(
             self.federation.num_clients, self.clients_per_round, self.seed, round_idx
         )
-        self.aggregator.begin()
+        self.aggregator.begin(round_idx)
         loss_sum, seen, dropped, up_bytes, down_bytes = 0.0, 0, 0, 0, 0
         for client_id in sampled:
             payload = self.aggregator.broadcast(client_id)
@@ -121,6 +128,8 @@ class FederatedModule(pl.LightningModule):
                 continue
             weight = float(len(self.federation.clients[client_id].train))
             self.aggregator.add(upload, weight, client_id)
+            if self.algorithm.personalized:  # a dropped client keeps its previous state
+                self.store.save(client_id, self.algorithm.private_state(self.model, client_id))
             loss_sum += client_loss
             seen += client_seen
         self.aggregator.finish()
@@ -133,6 +142,7 @@ class FederatedModule(pl.LightningModule):
             "comm/total_bytes": self.total_bytes,
             "clients/sampled": len(sampled),
             "clients/dropped": dropped,
+            **self.aggregator.round_metrics(),
             "time/round_s": time.perf_counter() - started,
         }
         self.log("train/loss", self._round_metrics["train/loss"], prog_bar=True, logger=False)
@@ -148,7 +158,7 @@ class FederatedModule(pl.LightningModule):
         # Seeded first: everything random on the client (a fresh LoRA init, batch order, dropout)
         # depends only on (seed, round, client), not on which clients ran before.
         generator = client_generator(client_seed(self.seed, round_idx, client_id), self.device)
-        self.algorithm.download(self.model, payload, client_id)
+        self.algorithm.download(self.model, payload | self.store.load(client_id), client_id)
         train_index = self.federation.clients[client_id].train
         batches = (
             batch
@@ -175,8 +185,7 @@ class FederatedModule(pl.LightningModule):
         if not self._is_eval_round():
             return
         self._ensure_setup()  # also for trainer.validate() on a fresh module
-        with self.aggregator.global_model(self.model):
-            metrics = self.evaluate()
+        metrics = self.evaluate()
         for key in ("val/global_acc", "val/personal_acc"):
             self.log(key, metrics[key], prog_bar=True, logger=False)
         if self._fitting():
@@ -209,30 +218,73 @@ class FederatedModule(pl.LightningModule):
             return empty, empty.bool()
         return torch.cat(losses), torch.cat(correct)
 
+    def deployed_state(self, client_id: int) -> TensorDict:
+        """What client `client_id` deploys: the server's tensors for it and its private state."""
+        return self.aggregator.broadcast(client_id) | self.store.load(client_id)
+
     def evaluate(self) -> dict[str, float]:
-        """Global model on the global test set; each client's deployed model on its local test split."""
+        """val/global_acc and val/loss on the global test set; val/personal_acc (sample-weighted
+        over all clients, with its std and unweighted mean) of each client's deployed model on its
+        own local test split."""
+        if self.algorithm.personalized:
+            metrics, hits, counts = self._evaluate_personal_models()
+        else:
+            with self.aggregator.global_model(self.model):
+                metrics, hits, counts = self._evaluate_global_model()
+        has_test = counts > 0
+        per_client = hits[has_test] / counts[has_test]
+        metrics["val/personal_acc"] = (hits.sum() / counts.sum()).item()
+        metrics["val/personal_acc_std"] = per_client.std(unbiased=False).item()
+        metrics["val/personal_acc_unweighted"] = per_client.mean().item()
+        self.per_client_acc = [
+            (hits[i] / counts[i]).item() if has_test[i] else math.nan for i in range(len(counts))
+        ]
+        return metrics
+
+    def _evaluate_global_model(self):
+        """Every client deploys the global model, so one pass over all local test splits."""
         test = self.federation.test
         losses, correct = self._predict(test, torch.arange(len(test), device=self.device))
         metrics = {
             "val/global_acc": correct.float().mean().item(),
             "val/loss": losses.mean().item(),
         }
-
-        # Non-personalised: every client deploys the global model, so one pass covers them all.
         clients = self.federation.clients
         index = torch.cat([c.test for c in clients])
         owner = torch.cat([torch.full_like(c.test, i) for i, c in enumerate(clients)])
         _, correct = self._predict(self.federation.train, index)
         counts = torch.bincount(owner, minlength=len(clients)).double()
         hits = torch.bincount(owner, weights=correct.double(), minlength=len(clients))
-        has_test = counts > 0
-        per_client = hits[has_test] / counts[has_test]
-        metrics["val/personal_acc"] = (hits.sum() / counts.sum()).item()  # sample-weighted
-        metrics["val/personal_acc_std"] = per_client.std(unbiased=False).item()
-        self.per_client_acc = [
-            (hits[i] / counts[i]).item() if has_test[i] else math.nan for i in range(len(clients))
-        ]
-        return metrics
+        return metrics, hits, counts
+
+    def _evaluate_personal_models(self):
+        """Client by client: load its deployed model, score its local test split and its share of
+        the global test set. The global test set is cut into one fixed random share per client, so
+        val/global_acc (how well the personal models do on the whole distribution, averaged over
+        clients) costs one pass over the test set, not one per client."""
+        test, clients = self.federation.test, self.federation.clients
+        shares = self._global_test_shares()
+        hits = torch.zeros(len(clients), dtype=torch.float64)
+        counts = torch.zeros(len(clients), dtype=torch.float64)
+        global_losses, global_correct = [], []
+        for client_id, client in enumerate(clients):
+            self.algorithm.download(self.model, self.deployed_state(client_id), client_id)
+            _, correct = self._predict(self.federation.train, client.test)
+            hits[client_id], counts[client_id] = correct.sum().item(), len(correct)
+            losses, correct = self._predict(test, shares[client_id])
+            global_losses.append(losses)
+            global_correct.append(correct)
+        metrics = {
+            "val/global_acc": torch.cat(global_correct).float().mean().item(),
+            "val/loss": torch.cat(global_losses).mean().item(),
+        }
+        return metrics, hits, counts
+
+    def _global_test_shares(self) -> list[torch.Tensor]:
+        order = torch.randperm(
+            len(self.federation.test), generator=torch.Generator().manual_seed(self.seed)
+        )
+        return [share.to(self.device) for share in order.tensor_split(self.federation.num_clients)]
 
     # ----------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -240,11 +292,13 @@ class FederatedModule(pl.LightningModule):
             "rounds_done": self.round + 1,
             "total_bytes": self.total_bytes,
             "aggregator": self.aggregator.state_dict(),
+            "clients": self.store.state_dict(),
             "history": self.recorder.rows,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("fedsweep", {})
         self.total_bytes = state.get("total_bytes", 0)
-        self._restored_aggregator = state.get("aggregator")  # applied once the server is set up
+        # applied once the server is set up (see _ensure_setup)
+        self._restored = {key: state[key] for key in ("aggregator", "clients") if key in state}
         self.recorder.rows = list(state.get("history", []))
