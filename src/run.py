@@ -27,6 +27,7 @@ from src.federated.checkpoint import LastRoundCheckpoint
 from src.federated.data import Federation
 from src.federated.orchestrator import FederatedModule
 from src.loggers import build_loggers, finish_wandb
+from src.models.export import export_adapters
 from src.outputs import RoundRecorder, summarize, write_summary
 
 log = logging.getLogger("fedsweep")
@@ -122,6 +123,9 @@ def train(cfg: DictConfig) -> dict:
         )
         trainer.fit(module)
 
+        if getattr(module.algorithm, "export_adapters", False):
+            export_adapters(module, output_dir / "adapters")
+            log.info("adapters (peft format) written to %s", output_dir / "adapters")
         fed = module.federation
         per_client = [
             {

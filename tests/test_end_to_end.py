@@ -77,3 +77,27 @@ def test_heterogeneous_ranks_learn_with_each_aggregator(aggregator, make_digits_
     summary = train(cfg)
     acc = summary["final"]["val/global_acc"]
     assert acc >= HETERO_THRESHOLD, f"{aggregator} reached only {acc:.3f}"
+
+
+# Strong label skew (Dirichlet alpha=0.1: most clients hold one to three classes). A client's own
+# B and head can fit its few classes; one shared model has to serve every client. Measured at seed
+# 0 with these settings: fedsa-flora personal_acc 0.71, fedlora 0.25 (16 s each on 2 CPU cores).
+SKEWED = [
+    "partitioner.alpha=0.1",
+    "fl.num_clients=10",
+    "fl.clients_per_round=10",
+    "fl.local_epochs=2",
+    "fl.rounds=8",
+    "fl.eval_every=4",
+]
+PERSONALISATION_MARGIN = 0.2
+
+
+def test_fedsa_flora_beats_fedlora_on_personal_accuracy_under_label_skew(make_digits_config):
+    personal = {}
+    for alg in ("fedlora", "fedsa-flora"):
+        summary = train(make_digits_config(f"alg={alg}", *SKEWED))
+        assert summary["status"] == "completed"
+        personal[alg] = summary["final"]["val/personal_acc"]
+    assert personal["fedsa-flora"] >= 0.5, personal  # it learns: five times chance
+    assert personal["fedsa-flora"] >= personal["fedlora"] + PERSONALISATION_MARGIN, personal

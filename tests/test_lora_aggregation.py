@@ -10,6 +10,7 @@ from torch import nn
 from src.aggregators import (
     ExactAggregator,
     MeanAggregator,
+    RankAwareMeanAggregator,
     StackAggregator,
     SvdAggregator,
     ZeroPadAggregator,
@@ -325,3 +326,46 @@ def test_ffa_lora_freezes_a_and_shares_only_b_and_the_head():
         FFALoRA(
             "ffa-lora", {"r": 4, "alpha": ALPHA, "target_modules": ["proj"]}, ["head"], [2, 4]
         ).prepare_model(TinyNet())
+
+
+# ---------------------------------------------------------------------------- rank-aware mean
+
+
+def test_rank_aware_mean_averages_each_row_over_its_owners_only():
+    """Ranks [2, 4], known values: rows 0-1 are owned by both clients, rows 2-3 by client 1 only;
+    a row nobody owns keeps the server's value. zeropad dilutes rows 2-3 by client 0's zeros."""
+    pair_ranks = [2, 4]
+    results = {}
+    for agg in (RankAwareMeanAggregator("rank_aware"), ZeroPadAggregator("zeropad")):
+        _, alg = _federated([2, 4, 6], agg)  # r_max = 6: rows 4-5 are owned by nobody below
+        pair = alg.pairs[0]
+        before = agg.state[pair.a].clone()
+        uploads = [
+            {pair.a: torch.full((r, D_IN), float(value), dtype=torch.float64)}
+            for r, value in zip(pair_ranks, (1.0, 4.0), strict=True)
+        ]
+        agg.state = {pair.a: agg.state[pair.a]}  # an A-only federation (as fedsa-flora uploads)
+        _round(agg, uploads, [1.0, 2.0], [0, 1])
+        results[agg.name] = (agg.state[pair.a], before)
+    rank_aware, before = results["rank_aware"]
+    assert torch.all(rank_aware[:2] == (1 * 1.0 + 2 * 4.0) / 3)  # weighted mean of both owners
+    assert torch.all(rank_aware[2:4] == 4.0)  # only client 1 owns them: its own value
+    assert torch.equal(rank_aware[4:], before[4:])  # nobody owned them: unchanged
+    zeropad, _ = results["zeropad"]
+    assert torch.all(zeropad[2:4] == 2 * 4.0 / 3)  # diluted by client 0's zero padding
+    assert torch.all(zeropad[4:] == 0)
+
+
+def test_mean_is_rank_aware_when_only_a_is_shared():
+    """fedsa-flora keeps B private, so aggregator=mean accepts mixed ranks (and is rank-aware)."""
+    from src.algorithms import FedSAFLoRA
+
+    alg = FedSAFLoRA(
+        "fedsa-flora", {"r": 4, "alpha": ALPHA, "target_modules": ["proj"]}, ["head"], [2, 4]
+    )
+    model = alg.prepare_model(TinyNet().double())
+    mean = MeanAggregator("mean")
+    mean.setup(model, alg)  # no ConfigError
+    assert set(mean.state) == {alg.pairs[0].a}
+    with pytest.raises(ConfigError, match="needs both LoRA factors"):
+        StackAggregator("stack").setup(model, alg)

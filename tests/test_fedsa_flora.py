@@ -1,0 +1,280 @@
+"""fedsa-flora (DESIGN §5): A is shared and aggregated; B and the head stay with each client."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from src.aggregators import MeanAggregator
+from src.aggregators.clustered import ClusteredAggregator
+from src.aggregators.clustering import cluster_rows, elbow
+from src.algorithms import Algorithm, FedSAFLoRA
+from src.errors import ConfigError, user_error
+from src.run import build_base_model, build_module, train
+from tests.conftest import RecordingMean
+
+
+class RecordingFedSA(FedSAFLoRA):
+    """fedsa-flora, keeping a copy of each client's private tensors right after its training."""
+
+    def upload(self, model, client_id):
+        self.trained_private[client_id] = {
+            n: t.clone() for n, t in self.private_state(model, client_id).items()
+        }
+        return super().upload(model, client_id)
+
+
+def _fit(cfg, module):
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer.fit(module)
+    return module
+
+
+@pytest.fixture
+def one_round(make_digits_config, tmp_path):
+    cfg = make_digits_config("alg=fedsa-flora", "fl.rounds=1", "alg.client_ranks=[4,8]")
+    module = build_module(cfg, tmp_path)
+    module.algorithm.__class__ = RecordingFedSA
+    module.algorithm.trained_private = {}
+    module.aggregator = RecordingMean()
+    return _fit(cfg, module)
+
+
+def test_upload_holds_only_lora_a(one_round):
+    uploads = one_round.aggregator.uploads
+    assert len(uploads) == one_round.clients_per_round
+    for upload in uploads:
+        assert upload and all(".lora_A." in name for name in upload), sorted(upload)
+
+
+def test_sampled_clients_deploy_the_aggregate_a_and_their_own_trained_b(one_round):
+    module = one_round
+    agg, alg = module.aggregator, module.algorithm
+    # the aggregate: row j of A is the weighted mean over the clients that own row j
+    expected = {}
+    for name in agg.state:
+        total = torch.zeros_like(agg.state[name], dtype=torch.float64)
+        owned = torch.zeros_like(total)
+        for upload, w in zip(agg.uploads, agg.weights, strict=True):
+            rows = upload[name].shape[0]
+            total[:rows] += w * upload[name].double()
+            owned[:rows] += w
+        expected[name] = total / owned
+    for name, value in expected.items():
+        torch.testing.assert_close(agg.state[name].double(), value, rtol=1e-6, atol=1e-7)
+
+    sampled = agg.client_ids
+    for cid in sampled:
+        deployed = module.deployed_state(cid)
+        rank = alg.client_rank(cid)
+        for name in agg.state:  # shared A: the aggregate, at the client's rank
+            assert torch.equal(deployed[name], agg.state[name][:rank])
+        trained = alg.trained_private[cid]
+        assert set(trained) == set(alg.private_names(module.model))
+        assert any("head" in n for n in trained) and any("lora_B" in n for n in trained)
+        for name, tensor in trained.items():  # private: exactly what the client trained
+            assert torch.equal(deployed[name].to(tensor.device), tensor), name
+    # B differs between clients (not one B shared by all)
+    b_name = next(n for n in alg.private_names(module.model) if "lora_B" in n)
+    first, second = (module.store.load(c)[b_name] for c in sampled[:2])
+    cols = min(first.shape[1], second.shape[1])
+    assert not torch.allclose(first[:, :cols], second[:, :cols])
+
+
+def test_unsampled_clients_keep_the_initial_private_state(one_round):
+    module = one_round
+    unsampled = set(range(module.federation.num_clients)) - set(module.aggregator.client_ids)
+    assert unsampled and set(module.store.saved) == set(module.aggregator.client_ids)
+    for cid in unsampled:
+        assert module.store.load(cid) is module.store.initial
+    assert all(
+        torch.count_nonzero(t) == 0 for n, t in module.store.initial.items() if "lora_B" in n
+    )
+
+
+def test_up_bytes_are_the_a_matrices_only(make_digits_config, tmp_path):
+    """Equal ranks: fedsa-flora sends half of fedlora's LoRA bytes, and no head."""
+    sent = {}
+    for alg in ("fedlora", "fedsa-flora"):
+        cfg = make_digits_config(f"alg={alg}", "fl.rounds=1")
+        module = _fit(cfg, build_module(cfg, tmp_path / alg))
+        sent[alg] = module.recorder.rows[-1]["comm/up_bytes"]
+        params = dict(module.model.named_parameters())
+    a_bytes = sum(p.numel() * 4 for n, p in params.items() if "lora_A" in n)
+    b_bytes = sum(p.numel() * 4 for n, p in params.items() if "lora_B" in n)
+    head_bytes = sum(p.numel() * 4 for n, p in params.items() if n.startswith("head."))
+    clients = cfg.fl.clients_per_round
+    assert sent["fedsa-flora"] == clients * a_bytes
+    assert sent["fedlora"] == clients * (a_bytes + b_bytes + head_bytes)
+
+
+def test_alg_server_lr_sets_the_aggregator_server_step(make_digits_config):
+    cfg = make_digits_config("alg=fedsa-flora", "alg.server_lr=0.1")
+    assert cfg.aggregator.server_lr == 0.1
+    assert make_digits_config("alg=fedlora").aggregator.server_lr == 1.0
+
+
+def test_personal_accuracy_covers_every_client(make_digits_config, tmp_path):
+    cfg = make_digits_config("alg=fedsa-flora", "fl.rounds=1")
+    module = _fit(cfg, build_module(cfg, tmp_path))
+    accs = module.per_client_acc
+    assert len(accs) == module.federation.num_clients > cfg.fl.clients_per_round
+    assert not any(np.isnan(accs))
+    row = module.recorder.rows[-1]
+    assert row["val/personal_acc_unweighted"] == pytest.approx(np.mean(accs))
+    tests = [len(c.test) for c in module.federation.clients]
+    assert row["val/personal_acc"] == pytest.approx(np.average(accs, weights=tests))
+
+
+# ---------------------------------------------------------------------------- clustering
+
+
+def _three_centres(n_per=6, dim=40, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, dim)) * 5
+    truth = np.repeat(np.arange(3), n_per)
+    return centres[truth] + rng.normal(scale=0.1, size=(len(truth), dim)), truth
+
+
+def _same_partition(labels, truth) -> bool:
+    pairs = {(int(a), int(b)) for a, b in zip(labels, truth, strict=True)}
+    return len(pairs) == len(set(truth)) == len(set(labels))
+
+
+def test_elbow_picks_three_well_separated_groups_and_recovers_them():
+    rows, truth = _three_centres()
+    found = cluster_rows(rows, k=None, min_k=2, max_k=5, seed=0)
+    assert found.k == 3
+    assert _same_partition(found.labels, truth)
+    assert sorted(found.inertia) == [2, 3, 4, 5]
+    assert np.allclose(np.diag(found.similarity), 1.0)
+
+
+def test_elbow_of_a_curve_without_a_bend_is_the_smallest_k():
+    assert elbow({2: 1.0, 3: 1.0, 4: 1.0}) == 2
+    assert elbow({2: 10.0, 3: 1.0, 4: 0.9, 5: 0.8}) == 3
+
+
+def test_clustered_server_writes_decisions_and_mixes_cluster_and_global(tmp_path):
+    rows, truth = _three_centres(n_per=4, dim=12)
+    model = nn.Linear(3, 4, bias=False).double()
+    alg = Algorithm("plain")
+    server = ClusteredAggregator(
+        MeanAggregator("mean"),
+        cluster={"k": None, "min_k": 2, "max_k": 5, "mix": 0.3},
+        output_dir=tmp_path,
+        seed=0,
+    )
+    server.setup(model, alg)
+    server.begin(0)
+    for cid, row in enumerate(rows):
+        server.add({"weight": torch.from_numpy(row).reshape(4, 3)}, 1.0, cid)
+    server.finish()
+    record = json.loads((tmp_path / "clusters" / "round_0001.json").read_text())
+    assert record["k"] == 3 and server.round_metrics() == {"clusters/k": 3}
+    labels = [record["assignment"][str(cid)] for cid in range(len(rows))]
+    assert _same_partition(labels, truth)
+    assert len(record["similarity"]) == len(rows)
+    # client 0 receives 0.7 * (its cluster's mean) + 0.3 * (the global mean)
+    glob = torch.from_numpy(rows.mean(0)).reshape(4, 3)
+    mine = torch.from_numpy(rows[truth == truth[0]].mean(0)).reshape(4, 3)
+    torch.testing.assert_close(server.broadcast(0)["weight"], 0.7 * mine + 0.3 * glob)
+    torch.testing.assert_close(server.state["weight"], glob)
+    # a client that was not clustered receives the global state
+    torch.testing.assert_close(server.broadcast(99)["weight"], glob)
+
+
+def test_clustering_run_writes_a_json_per_round(make_digits_config, tmp_path):
+    cfg = make_digits_config("alg=fedsa-flora", "alg.cluster.enabled=true", "fl.rounds=2")
+    summary = train(cfg)
+    files = sorted((tmp_path / "run" / "clusters").glob("round_*.json"))
+    assert [f.name for f in files] == ["round_0001.json", "round_0002.json"]
+    for f in files:
+        record = json.loads(f.read_text())
+        assert 2 <= record["k"] <= 5 and len(record["units"]) == cfg.fl.clients_per_round
+    assert 2 <= summary["final"]["clusters/k"] <= 5
+
+
+def test_natural_groups_aggregate_within_each_group_first(make_digits_config, tmp_path):
+    cfg = make_digits_config(
+        "alg=fedsa-flora",
+        "alg.groups=natural",
+        "alg.cluster.enabled=true",
+        "partitioner.groups=3",
+        "fl.clients_per_round=10",
+        "fl.rounds=1",
+    )
+    train(cfg)
+    record = json.loads((tmp_path / "run" / "clusters" / "round_0001.json").read_text())
+    assert record["unit"] == "group" and record["units"] == [0, 1, 2]
+    assert sorted(c for members in record["members"].values() for c in members) == list(range(10))
+
+
+def test_natural_groups_need_a_grouping(make_digits_config, tmp_path):
+    cfg = make_digits_config("alg=fedsa-flora", "alg.groups=natural")
+    with pytest.raises(ConfigError, match="partitioner.groups"):
+        build_module(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("alg.cluster.mix=1.5", "alg.cluster.mix"),
+        ("alg.groups=departments", "alg.groups"),
+        ("alg.private=[lora_A]", "alg.private"),
+        ("alg.private=[nothing]", "alg.private"),
+    ],
+)
+def test_bad_fedsa_options_name_the_key(make_digits_config, tmp_path, override, key):
+    cfg = make_digits_config("alg=fedsa-flora", override)
+    with pytest.raises(Exception) as raised:  # Hydra wraps errors raised while instantiating
+        build_module(cfg, tmp_path)
+    error = user_error(raised.value)
+    assert isinstance(error, ConfigError) and key in str(error), raised.value
+
+
+# ---------------------------------------------------------------------------- export, checkpoint
+
+
+def test_exported_adapter_loads_with_peft_and_predicts_the_same(make_digits_config, tmp_path):
+    from peft import PeftModel
+
+    cfg = make_digits_config(
+        "alg=fedsa-flora", "alg.export_adapters=true", "alg.client_ranks=[4,8]", "fl.rounds=1"
+    )
+    module = _fit(cfg, build_module(cfg, tmp_path))
+    from src.models.export import export_adapters
+
+    export_adapters(module, tmp_path / "adapters")
+    # a client that trained, of the smaller rank (its adapter is r=4 of the resident r_max=8)
+    client = next(c for c in sorted(module.store.saved) if module.algorithm.client_rank(c) == 4)
+    images, _ = module.federation.train.batch(module.federation.clients[client].test)
+    module.algorithm.download(module.model, module.deployed_state(client), client)
+    module.model.eval()
+    with torch.no_grad():
+        ours = module.model(images)
+        loaded = PeftModel.from_pretrained(
+            build_base_model(cfg), str(tmp_path / "adapters" / f"client_{client:04d}")
+        ).eval()
+        theirs = loaded(images)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "adapters" / "global" / "adapter_model.safetensors").exists()
+
+
+def test_checkpoint_restores_every_clients_private_state(make_digits_config, tmp_path):
+    cfg = make_digits_config("alg=fedsa-flora", "fl.rounds=2", "alg.cluster.enabled=true")
+    train(cfg)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    first = build_module(cfg, tmp_path / "a")
+    first.on_load_checkpoint(checkpoint)
+    first._ensure_setup()
+    saved = checkpoint["fedsweep"]["clients"]["saved"]
+    assert set(first.store.saved) == set(saved) and len(saved) > 0
+    for cid, tensors in saved.items():
+        for name, tensor in tensors.items():
+            assert torch.equal(first.store.load(cid)[name], tensor)
+    # and the clusters: every clustered client deploys the same A as before the restart
+    assert first.aggregator.client_cluster == checkpoint["fedsweep"]["aggregator"]["client_cluster"]
