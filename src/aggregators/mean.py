@@ -66,7 +66,7 @@ class MeanAggregator(Aggregator):
         owned = torch.zeros_like(acc)
         for shape, weight in by_shape.items():
             owned[leading_block(shape)] += weight
-        return torch.where(owned > 0, acc / owned.clamp_min(1e-300), current)
+        return torch.where(owned > 0, acc / torch.where(owned > 0, owned, 1.0), current)
 
 
 class RankAwareMeanAggregator(MeanAggregator):

@@ -28,7 +28,9 @@ def write_adapter(folder: Path, algorithm: FedLoRA, tensors: TensorDict, rank: i
     """One adapter of rank `rank`: the LoRA factors and any other module in `tensors` (e.g. the
     head, saved as a peft `modules_to_save` module)."""
     folder.mkdir(parents=True, exist_ok=True)
-    modules = sorted({p for p in algorithm.trainable if any(n.startswith(p + ".") for n in tensors)})
+    modules = sorted(
+        {p for p in algorithm.trainable if any(n.startswith(p + ".") for n in tensors)}
+    )
     LoraConfig(
         r=rank,
         lora_alpha=algorithm.alpha,
