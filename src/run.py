@@ -79,6 +79,10 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     )
     algorithm = instantiate(cfg.alg, _convert_="all")
     model = algorithm.prepare_model(build_base_model(cfg))
+    attack = instantiate(cfg.attack)
+    attack.choose(federation.num_clients, cfg.seed)
+    if attack.malicious:
+        log.info("attack=%s: malicious clients %s", attack.name, sorted(attack.malicious))
     aggregator = algorithm.wrap_aggregator(
         instantiate(cfg.aggregator), federation, output_dir, cfg.seed
     )
@@ -96,6 +100,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         eval_batch_size=cfg.fl.eval_batch_size,
         seed=cfg.seed,
         recorder=RoundRecorder(output_dir / "metrics.csv"),
+        attack=attack,
     )
 
 
@@ -133,6 +138,7 @@ def train(cfg: DictConfig) -> dict:
                 "train_samples": fed.summary["train_samples"][i],
                 "test_samples": fed.summary["test_samples"][i],
                 "personal_acc": acc,
+                "malicious": i in module.attack.malicious,
             }
             for i, acc in enumerate(module.per_client_acc)
         ]
@@ -147,6 +153,7 @@ def train(cfg: DictConfig) -> dict:
             **summarize(module.recorder.rows),
             per_client=per_client,
             partition=fed.summary,
+            malicious_clients=sorted(module.attack.malicious),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
     finally:

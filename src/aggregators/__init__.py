@@ -1,16 +1,20 @@
 from src.aggregators.base import Aggregator, nbytes
 from src.aggregators.lora_product import ExactAggregator, StackAggregator, SvdAggregator
 from src.aggregators.mean import MeanAggregator, RankAwareMeanAggregator, ZeroPadAggregator
+from src.aggregators.robust import KrumAggregator, MedianAggregator, TrimmedMeanAggregator
 from src.aggregators.server_opt import ServerOptimizer
 
 __all__ = [
     "Aggregator",
     "ExactAggregator",
+    "KrumAggregator",
     "MeanAggregator",
+    "MedianAggregator",
     "RankAwareMeanAggregator",
     "ServerOptimizer",
     "StackAggregator",
     "SvdAggregator",
+    "TrimmedMeanAggregator",
     "ZeroPadAggregator",
     "nbytes",
 ]

@@ -45,8 +45,7 @@ class Aggregator:
     def setup(self, model: nn.Module, algorithm) -> None:
         """Build the initial server state from the freshly prepared model."""
         self.algorithm = algorithm
-        params = dict(model.named_parameters())
-        self.state = {name: params[name].detach().clone() for name in algorithm.shared_names(model)}
+        self.state = algorithm.server_state(model)
 
     def broadcast(self, client_id: int) -> TensorDict:
         """What client `client_id` receives at the start of a round (each tensor as sent)."""

@@ -25,6 +25,10 @@ class Algorithm:
     persist per client across rounds (the client state store) and make the algorithm personalised:
     each client deploys (shared tensors from the server, its own private tensors)."""
 
+    local_steps: int | None = (
+        None  # a fixed number of local batches per round (else fl.local_epochs)
+    )
+
     def __init__(self, name: str, private: Sequence[str] = ()):
         self.name = name
         if isinstance(private, str):
@@ -67,6 +71,11 @@ class Algorithm:
         """Names of the trained parameters each client keeps to itself."""
         return [name for name in self.trained_names(model) if self.is_private(name)]
 
+    def server_state(self, model: nn.Module) -> TensorDict:
+        """The server's tensors at the start: copies of the shared parameters."""
+        params = dict(model.named_parameters())
+        return {name: params[name].detach().clone() for name in self.shared_names(model)}
+
     def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
         """Views of the client's private tensors (its r_k-sized part), for the client state store."""
         params = dict(model.named_parameters())
@@ -106,11 +115,19 @@ class Algorithm:
         """Train on the client's batches; returns (sum of per-sample losses, samples seen)."""
         model.train()
         loss_sum, seen = 0.0, 0
-        for images, labels in batches:
+        for step, (images, labels) in enumerate(batches, start=1):
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             backward(loss)
+            self.adjust_gradients(model)
             optimizer.step()
+            self.after_step(model, step)
             loss_sum += loss.item() * len(labels)
             seen += len(labels)
         return loss_sum, seen
+
+    def adjust_gradients(self, model: nn.Module) -> None:
+        """Hook between backward and the optimizer step (e.g. a regulariser's gradient)."""
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Hook after optimizer step number `step` (1-based) of the client's round."""

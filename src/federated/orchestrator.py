@@ -8,6 +8,7 @@ fresh client optimizer -> hand the upload to the aggregator, keep the private st
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from src.aggregators import Aggregator, nbytes
 from src.algorithms import Algorithm
+from src.federated.attacks import Attack
 from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
 from src.federated.sampling import client_generator, client_seed, sample_clients
@@ -48,6 +50,7 @@ class FederatedModule(pl.LightningModule):
         eval_batch_size: int = 512,
         seed: int = 0,
         recorder: RoundRecorder | None = None,
+        attack: Attack | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -64,6 +67,7 @@ class FederatedModule(pl.LightningModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.recorder = recorder or RoundRecorder(None)
+        self.attack = attack or Attack()
         self.total_bytes = 0
         self.store = ClientStateStore()  # private tensors per client (personalised algorithms)
         self._restored: dict = {}  # server and client state from a checkpoint, applied at set-up
@@ -160,16 +164,25 @@ class FederatedModule(pl.LightningModule):
         generator = client_generator(client_seed(self.seed, round_idx, client_id), self.device)
         self.algorithm.download(self.model, payload | self.store.load(client_id), client_id)
         train_index = self.federation.clients[client_id].train
-        batches = (
-            batch
-            for _ in range(self.local_epochs)
-            for batch in self.federation.train.batches(train_index, self.batch_size, generator)
+        steps = self.algorithm.local_steps  # None: fl.local_epochs passes over the data
+        batches = itertools.islice(
+            (
+                batch
+                for _ in (range(self.local_epochs) if steps is None else itertools.count())
+                for batch in self.federation.train.batches(train_index, self.batch_size, generator)
+            ),
+            steps,
         )
+        label_map = self.attack.label_map(client_id, self.federation.num_classes)
+        if label_map is not None:  # a label-flipping client
+            label_map = label_map.to(self.device)
+            batches = ((images, label_map[labels]) for images, labels in batches)
         optimizer = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
         loss_sum, seen = self.algorithm.local_update(
             self.model, optimizer, batches, self.manual_backward
         )
-        return self.algorithm.upload(self.model, client_id), loss_sum, seen
+        upload = self.algorithm.upload(self.model, client_id)
+        return self.attack.corrupt(client_id, upload, payload, generator), loss_sum, seen
 
     # ----------------------------------------------------------------- evaluation
     def _fitting(self) -> bool:
@@ -224,18 +237,21 @@ class FederatedModule(pl.LightningModule):
 
     def evaluate(self) -> dict[str, float]:
         """val/global_acc and val/loss on the global test set; val/personal_acc (sample-weighted
-        over all clients, with its std and unweighted mean) of each client's deployed model on its
-        own local test split."""
+        over all clients, with its std, unweighted mean and 10th percentile) of each client's
+        deployed model on its own local test split."""
         if self.algorithm.personalized:
             metrics, hits, counts = self._evaluate_personal_models()
         else:
             with self.aggregator.global_model(self.model):
                 metrics, hits, counts = self._evaluate_global_model()
+        for client_id in self.attack.malicious:  # only honest clients are evaluated
+            hits[client_id] = counts[client_id] = 0
         has_test = counts > 0
         per_client = hits[has_test] / counts[has_test]
         metrics["val/personal_acc"] = (hits.sum() / counts.sum()).item()
         metrics["val/personal_acc_std"] = per_client.std(unbiased=False).item()
         metrics["val/personal_acc_unweighted"] = per_client.mean().item()
+        metrics["val/personal_acc_p10"] = torch.quantile(per_client, 0.1).item()  # the worst-off
         self.per_client_acc = [
             (hits[i] / counts[i]).item() if has_test[i] else math.nan for i in range(len(counts))
         ]

@@ -1,0 +1,103 @@
+"""Byzantine-robust aggregators for any tensors (DESIGN §6), as Flower's FedMedian, FedTrimmedAvg
+and Krum: they see all of a round's uploads at once, so these buffer them.
+
+median:       coordinate-wise median of the uploads (the mean of the two middle values for an
+              even count); sample counts are ignored, as in the textbook rule.
+trimmed_mean: coordinate-wise, drop the floor(trim * K) smallest and largest values, average the rest.
+krum:         Blanchard et al. (2017): each upload's score is the sum of squared distances to its
+              K - f - 2 nearest other uploads (f = num_byzantine; at least 1); the m uploads with
+              the lowest scores are averaged with their sample weights (m = 1: Krum, m > 1: multi-Krum).
+Then the server step, as for every aggregator. Uploads must have the server's shapes (equal ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from src.aggregators.base import Aggregator, TensorDict
+from src.errors import ConfigError
+
+
+class BufferedAggregator(Aggregator):
+    """Keeps a copy of every upload of the round (they are views of the resident model)."""
+
+    def setup(self, model, algorithm) -> None:
+        if getattr(algorithm, "heterogeneous", False):
+            raise ConfigError(
+                f"aggregator={self.name} needs uploads of equal shapes, got "
+                f"alg.client_ranks={algorithm.ranks}; use equal ranks"
+            )
+        super().setup(model, algorithm)
+
+    def _begin(self) -> None:
+        self._uploads: list[TensorDict] = []
+        self._weights: list[float] = []
+
+    def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
+        self._uploads.append({name: upload[name].detach().clone() for name in self.state})
+        self._weights.append(weight)
+
+    def _stacked(self, name: str) -> torch.Tensor:
+        """[K, *shape]: this round's uploads of one tensor."""
+        return torch.stack([upload[name] for upload in self._uploads])
+
+
+class MedianAggregator(BufferedAggregator):
+    def _result(self) -> TensorDict:
+        out = {}
+        for name in self.state:
+            ordered = self._stacked(name).sort(dim=0).values
+            k = len(ordered)
+            out[name] = (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
+        return out
+
+
+class TrimmedMeanAggregator(BufferedAggregator):
+    def __init__(self, name: str, trim: float = 0.1, **server):
+        super().__init__(name, **server)
+        if not 0.0 <= trim < 0.5:
+            raise ConfigError(f"aggregator.trim must be in [0, 0.5), got {trim}")
+        self.trim = float(trim)
+
+    def _result(self) -> TensorDict:
+        out = {}
+        for name in self.state:
+            ordered = self._stacked(name).sort(dim=0).values
+            cut = int(self.trim * len(ordered))
+            out[name] = ordered[cut : len(ordered) - cut].mean(dim=0)
+        return out
+
+
+class KrumAggregator(BufferedAggregator):
+    def __init__(self, name: str, num_byzantine: int = 1, m: int = 1, **server):
+        super().__init__(name, **server)
+        if num_byzantine < 0:
+            raise ConfigError(f"aggregator.num_byzantine must be >= 0, got {num_byzantine}")
+        if m < 1:
+            raise ConfigError(f"aggregator.m must be >= 1, got {m}")
+        self.num_byzantine, self.m = int(num_byzantine), int(m)
+        self.selected: list[int] = []  # positions (in arrival order) chosen in the last round
+
+    def scores(self) -> torch.Tensor:
+        flat = torch.stack(
+            [torch.cat([u[n].flatten().double() for n in self.state]) for u in self._uploads]
+        )
+        distances = torch.cdist(flat, flat).square()
+        k = len(flat)
+        neighbours = max(1, k - self.num_byzantine - 2)
+        neighbours = min(neighbours, k - 1) if k > 1 else 0
+        # the smallest distances to others: skip the zero distance to itself (first after sorting)
+        return distances.sort(dim=1).values[:, 1 : 1 + neighbours].sum(dim=1)
+
+    def _result(self) -> TensorDict:
+        order = self.scores().argsort()
+        self.selected = order[: min(self.m, len(order))].tolist()
+        weights = torch.tensor([self._weights[i] for i in self.selected], dtype=torch.float64)
+        weights = weights / weights.sum()
+        return {
+            name: sum(
+                w.item() * self._uploads[i][name]
+                for w, i in zip(weights, self.selected, strict=True)
+            )
+            for name in self.state
+        }

@@ -1,0 +1,65 @@
+"""Simulated attacks, to test robust aggregators (DESIGN §7).
+
+A fraction `attack.fraction` of the clients, chosen once per run from the seed, are malicious:
+  sign_flip:  sends  received + c (upload - received)  with one c = -|N(0, 10^2)| per upload:
+              its update, reversed and rescaled;
+  gaussian:   sends N(0, 100^2) noise in place of every tensor;
+  same_value: sets every coordinate to one N(0, 100^2) number;
+  label_flip: trains on its data with labels mapped by a random permutation of the classes.
+All noise comes from the client's generator (seeded by seed, round, client): reproducible.
+Honest clients alone are evaluated for val/personal_acc; summary.json lists the malicious ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from src.errors import ConfigError
+
+TensorDict = dict[str, torch.Tensor]
+_STREAM = 0xA77AC  # keeps these draws apart from the other seeded streams
+KINDS = ("none", "sign_flip", "gaussian", "same_value", "label_flip")
+
+
+class Attack:
+    def __init__(self, name: str = "none", fraction: float = 0.0):
+        if name not in KINDS:
+            raise ConfigError(f"attack must be one of {', '.join(KINDS)}; got {name!r}")
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"attack.fraction must be in [0, 1], got {fraction}")
+        self.name, self.fraction = name, float(fraction)
+        self.malicious: set[int] = set()
+
+    def choose(self, num_clients: int, seed: int) -> None:
+        """Pick the malicious clients once for the run: round(fraction * num_clients) of them."""
+        count = 0 if self.name == "none" else int(round(self.fraction * num_clients))
+        self.seed = seed
+        rng = np.random.default_rng([seed, _STREAM])
+        self.malicious = {int(c) for c in rng.choice(num_clients, size=count, replace=False)}
+
+    def label_map(self, client_id: int, num_classes: int) -> torch.Tensor | None:
+        """label_flip: the client's fixed permutation of the classes (None: labels as they are)."""
+        if self.name != "label_flip" or client_id not in self.malicious:
+            return None
+        rng = np.random.default_rng([self.seed, client_id, _STREAM])
+        return torch.from_numpy(rng.permutation(num_classes))
+
+    def corrupt(
+        self, client_id: int, upload: TensorDict, received: TensorDict, gen: torch.Generator
+    ) -> TensorDict:
+        """What a malicious client sends instead of `upload` (new tensors; the model is untouched)."""
+        if client_id not in self.malicious or self.name in ("none", "label_flip"):
+            return upload
+
+        def normal(shape, like):
+            noise = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+            return noise.to(device=like.device, dtype=like.dtype)
+
+        if self.name == "sign_flip":
+            factor = -normal((), next(iter(upload.values()))).abs() * 10
+            return {n: received[n] + factor * (t - received[n]) for n, t in upload.items()}
+        if self.name == "gaussian":
+            return {n: normal(t.shape, t) * 100 for n, t in upload.items()}
+        value = normal((), next(iter(upload.values()))) * 100  # same_value
+        return {n: torch.full_like(t, value.item()) for n, t in upload.items()}

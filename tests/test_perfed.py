@@ -1,0 +1,125 @@
+"""perfed (lp-proj): the projection P, one local step by hand, and the personal models learning."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from src.algorithms import PerFed
+from src.algorithms.projection import RandomProjection
+from src.run import train
+
+
+def test_same_seed_gives_a_bit_identical_projection():
+    first = RandomProjection(5, 1000, seed=3, block_elems=700)
+    second = RandomProjection(5, 1000, seed=3, block_elems=700)
+    assert torch.equal(first.dense(), second.dense())
+    assert not torch.equal(first.dense(), RandomProjection(5, 1000, seed=4).dense())
+
+
+def test_rows_have_unit_norm():
+    P = RandomProjection(8, 3000, seed=0).dense()
+    torch.testing.assert_close(P.norm(dim=1), torch.ones(8, dtype=torch.float64), rtol=0, atol=1e-6)
+    off_diagonal = (P @ P.T - torch.eye(8, dtype=torch.float64)).abs().max()
+    assert off_diagonal < 0.1  # Gaussian rows in high dimension: nearly orthogonal
+
+
+def test_orthogonalize_gives_orthonormal_rows():
+    P = RandomProjection(8, 3000, seed=0, orthogonalize=True, block_elems=1000).dense()
+    torch.testing.assert_close(P @ P.T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("orthogonalize", [False, True])
+def test_block_generation_equals_the_materialised_projection(orthogonalize):
+    d, D = 6, 1001
+    streamed = RandomProjection(d, D, 7, orthogonalize, block_elems=60, cache_elems=0)
+    cached = RandomProjection(d, D, 7, orthogonalize, block_elems=60)
+    assert streamed.num_blocks > 10 and streamed._cache is None and cached._cache is not None
+    P = streamed.dense()
+    w, v = torch.randn(D), torch.randn(d)
+    for projection in (streamed, cached):
+        torch.testing.assert_close(
+            projection.matvec(w).double(), P @ w.double(), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            projection.rmatvec(v).double(), P.T @ v.double(), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_large_projection_memory_is_bounded_by_the_block_not_d_times_D():
+    """D = 5e6, d = 100: P would take 2 GB; generating it block by block must not."""
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from src.algorithms.projection import RandomProjection
+        torch.set_num_threads(2)
+        w = torch.randn(5_000_000)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        P = RandomProjection(100, 5_000_000, seed=0)
+        v = P.matvec(w)
+        back = P.rmatvec(v)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((peak - before) * 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    extra = int(out.stdout.strip().splitlines()[-1])
+    full = 100 * 5_000_000 * 4
+    assert extra < full / 10, (
+        f"extra peak memory {extra / 2**20:.0f} MiB vs P {full / 2**20:.0f} MiB"
+    )
+
+
+def _tiny(coupling, d=2):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    alg = PerFed(
+        "perfed",
+        d=d,
+        lam=2.0,
+        coupling=coupling,
+        person_lr=0.1,
+        local_lr=0.05,
+        local_rounds=1,
+        steps=1,
+        projection_seed=5,
+    )
+    model = alg.prepare_model(model)
+    return model, alg
+
+
+@pytest.mark.parametrize("coupling", ["l2", "l1"])
+def test_one_local_step_and_the_x_step_match_the_formulas(coupling):
+    model, alg = _tiny(coupling)
+    params = [p for p in model.parameters()]
+    w0 = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    images = torch.randn(4, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 0])
+    alg.download(model, {"x": x}, 0)
+    alg.x_k = alg.x_k.double()
+
+    # by hand: grad f(w0), then w1 = w0 - lr (grad f + lam P^T grad R(P w0 - x))
+    loss = nn.functional.cross_entropy(model(images), labels)
+    grad_f = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    P = RandomProjection(2, w0.numel(), 5).dense()
+    grad_R = (lambda z: z) if coupling == "l2" else torch.sign
+    w1 = w0 - 0.1 * (grad_f + 2.0 * P.T @ grad_R(P @ w0 - x))
+    x1 = x - 0.05 * 2.0 * grad_R(x - P @ w1)
+
+    alg.local_update(model, None, [(images, labels)], lambda loss: loss.backward())
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in params]), w1)
+    torch.testing.assert_close(alg.upload(model, 0)["x"], x1)
+
+
+def test_perfed_sends_d_floats_each_way(make_digits_config):
+    cfg = make_digits_config(
+        "alg=perfed", "alg.d=16", "alg.steps=2", "alg.local_rounds=1", "fl.rounds=1"
+    )
+    summary = train(cfg)
+    clients = cfg.fl.clients_per_round
+    assert summary["final"]["comm/up_bytes"] == clients * 4 * 16
+    assert summary["final"]["comm/down_bytes"] == clients * 4 * 16
