@@ -123,3 +123,22 @@ def test_perfed_sends_d_floats_each_way(make_digits_config):
     clients = cfg.fl.clients_per_round
     assert summary["final"]["comm/up_bytes"] == clients * 4 * 16
     assert summary["final"]["comm/down_bytes"] == clients * 4 * 16
+
+
+def test_perfed_personal_models_learn_on_digits(make_digits_config):
+    """d=100, strong label skew (alpha=0.1), all ten clients each round, R=2 x tau=10 steps.
+    Measured at seed 0: val/personal_acc 0.44 after 6 rounds (about 45 s on 2 CPU cores);
+    chance is 0.10, so 0.30 is three times chance."""
+    cfg = make_digits_config(
+        "alg=perfed",
+        "alg.d=100",
+        "alg.steps=10",
+        "alg.local_rounds=2",
+        "partitioner.alpha=0.1",
+        "fl.rounds=6",
+        "fl.clients_per_round=10",
+        "fl.eval_every=3",
+    )
+    summary = train(cfg)
+    assert summary["final"]["val/personal_acc"] >= 0.3, summary["final"]
+    assert summary["final"]["comm/up_bytes"] == 10 * 4 * 100
