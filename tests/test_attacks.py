@@ -22,9 +22,11 @@ def _upload_and_received():
 
 
 def test_malicious_clients_are_a_fixed_fraction_chosen_from_the_seed():
-    first, again, other = _attack("sign_flip"), _attack("sign_flip"), _attack("sign_flip", seed=1)
-    assert len(first.malicious) == 2 and first.malicious == again.malicious
-    assert first.malicious != other.malicious or len(first.malicious) == 0
+    first, again = _attack("sign_flip", num_clients=100), _attack("sign_flip", num_clients=100)
+    other = _attack("sign_flip", num_clients=100, seed=1)
+    assert len(first.malicious) == 20 and first.malicious == again.malicious
+    assert first.malicious != other.malicious  # 20 of 100: a coincidence is out of the question
+    assert len(_attack("sign_flip").malicious) == 2
     assert _attack("none", fraction=0.5).malicious == set()
 
 
