@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.aggregators.base import Aggregator, TensorDict, nbytes
+from src.aggregators.base import Aggregator, TensorDict
 from src.aggregators.clustering import cluster_rows
 from src.aggregators.mean import leading_block, owner_weighted_mean
 
@@ -78,9 +78,6 @@ class ClusteredAggregator(Aggregator):
             name: self.algorithm.client_view(name, (1 - mix) * mean[name] + mix * glob, client_id)
             for name, glob in self.inner.state.items()
         }
-
-    def download_bytes(self, client_id: int, payload: TensorDict) -> int:
-        return nbytes(payload)
 
     @contextmanager
     def global_model(self, model: nn.Module) -> Iterator[None]:

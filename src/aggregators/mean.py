@@ -30,9 +30,13 @@ def leading_block(shape: torch.Size) -> tuple[slice, ...]:
 
 
 class MeanAggregator(Aggregator):
+    any_ranks = False  # True: accept mixed ranks even when the server sees both LoRA factors
+
     def setup(self, model, algorithm) -> None:
-        if getattr(algorithm, "heterogeneous", False) and getattr(
-            algorithm, "shares_products", False
+        if (
+            not self.any_ranks
+            and getattr(algorithm, "heterogeneous", False)
+            and getattr(algorithm, "shares_products", False)
         ):
             raise ConfigError(
                 f"aggregator=mean averages A and B separately and needs equal ranks, got "
@@ -70,13 +74,11 @@ class MeanAggregator(Aggregator):
 
 
 class RankAwareMeanAggregator(MeanAggregator):
-    def setup(self, model, algorithm) -> None:
-        Aggregator.setup(self, model, algorithm)  # any mix of ranks
+    any_ranks = True
 
 
 class ZeroPadAggregator(MeanAggregator):
-    def setup(self, model, algorithm) -> None:
-        Aggregator.setup(self, model, algorithm)  # any mix of ranks
+    any_ranks = True
 
     def _result(self) -> TensorDict:
         return {name: acc / self._total_weight for name, acc in self._sums.items()}

@@ -99,21 +99,18 @@ class PerFed(Algorithm):
         device = next(model.parameters()).device
         return {"x": torch.zeros(self.d, device=device)}
 
-    def _projection_for(self, params: list[torch.Tensor]) -> RandomProjection:
+    def _ensure_projection(self, params: list[torch.Tensor]) -> None:
+        """Build P once, on the device of the parameters (again only if that device changes)."""
         size, device = sum(p.numel() for p in params), params[0].device
         if self.projection is None or self.projection.device != device:
             self.projection = RandomProjection(
                 self.d, size, self.projection_seed, self.orthogonalize, device
             )
-        return self.projection
 
     # ------------------------------------------------------------------ client
-    @torch.no_grad()
     def download(self, model: nn.Module, payload: TensorDict, client_id: int | None) -> None:
-        params = dict(model.named_parameters())
-        for name, tensor in payload.items():
-            if name != "x":
-                params[name].copy_(tensor)
+        """The personal model into the resident model; the server's x into x_k."""
+        super().download(model, {n: t for n, t in payload.items() if n != "x"}, client_id)
         self.x_k = payload["x"].detach().float().clone()
 
     def coupling_grad(self, z: torch.Tensor) -> torch.Tensor:
@@ -130,7 +127,7 @@ class PerFed(Algorithm):
         """R rounds of tau personal SGD steps, each followed by a step on x_k. Plain SGD with
         `person_lr` (the configured client `optimizer` is not used: the rule fixes it)."""
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self._projection = self._projection_for(self._params)
+        self._ensure_projection(self._params)
         self.x_k = self.x_k.to(self._params[0].device)
         sgd = torch.optim.SGD(self._params, lr=self.person_lr)
         return super().local_update(model, sgd, batches, backward)
@@ -141,8 +138,8 @@ class PerFed(Algorithm):
     @torch.no_grad()
     def adjust_gradients(self, model: nn.Module) -> None:
         """grad += lam * P^T grad R(P w - x_k)."""
-        residual = self._projection.matvec(self._flat_w()) - self.x_k
-        pull = self._projection.rmatvec(self.coupling_grad(residual))
+        residual = self.projection.matvec(self._flat_w()) - self.x_k
+        pull = self.projection.rmatvec(self.coupling_grad(residual))
         for p, g in zip(self._params, pull.split([p.numel() for p in self._params]), strict=True):
             p.grad.add_(g.view_as(p), alpha=self.lam)
 
@@ -150,7 +147,7 @@ class PerFed(Algorithm):
     def after_step(self, model: nn.Module, step: int) -> None:
         """Every tau steps: x_k <- x_k - local_lr * lam * grad R(x_k - P w)."""
         if step % self.steps == 0:
-            residual = self.x_k - self._projection.matvec(self._flat_w())
+            residual = self.x_k - self.projection.matvec(self._flat_w())
             self.x_k -= self.local_lr * self.lam * self.coupling_grad(residual)
 
     def upload(self, model: nn.Module, client_id: int) -> TensorDict:
