@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from src.config_checks import validate_config
-from src.errors import user_error
+from src.errors import ConfigError, user_error
 from src.federated.checkpoint import LastRoundCheckpoint
 from src.federated.data import Federation
 from src.federated.orchestrator import FederatedModule
@@ -56,9 +56,11 @@ def hydra_names(cfg: DictConfig) -> tuple[str, str, bool]:
 def build_base_model(cfg: DictConfig) -> nn.Module:
     """The model before the algorithm touches it (no LoRA), initialised from `seed` alone, so it
     can be rebuilt later, e.g. as the base for exported adapters."""
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    spec.pop("lora", None)  # the model's LoRA defaults, read by the LoRA algorithms' configs
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return instantiate(cfg.model)
+        return instantiate(spec)
 
 
 def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
@@ -80,6 +82,8 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     algorithm = instantiate(cfg.alg, _convert_="all")
     model = algorithm.prepare_model(build_base_model(cfg))
     attack = instantiate(cfg.attack)
+    if attack.name == "label_flip" and federation.is_text:
+        raise ConfigError("attack=label_flip permutes class labels; text data has none")
     attack.choose(federation.num_clients, cfg.seed)
     if attack.malicious:
         log.info("attack=%s: malicious clients %s", attack.name, sorted(attack.malicious))

@@ -122,7 +122,7 @@ def test_with_lora_the_personal_model_is_the_adapters_and_head_only():
         img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2
     )
     lora = {"r": 2, "alpha": 4, "target_modules": ["attn.proj", "mlp.fc2"]}
-    alg = PerFed("perfed", d=4, lora=lora, steps=2, local_rounds=1)
+    alg = PerFed("perfed", d=4, lora=lora, use_lora=True, steps=2, local_rounds=1)
     model = alg.prepare_model(vit)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or n.startswith("head.") for n in trained)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from src.errors import ConfigError
+from src.federated.objective import mean_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TensorDict = dict[str, torch.Tensor]
@@ -112,18 +112,19 @@ class Algorithm:
         batches: Iterable[Batch],
         backward: Callable[[torch.Tensor], None],
     ) -> tuple[float, int]:
-        """Train on the client's batches; returns (sum of per-sample losses, samples seen)."""
+        """Train on the client's batches; returns (sum of per-target losses, targets seen): samples
+        for images, response tokens for text."""
         model.train()
         loss_sum, seen = 0.0, 0
-        for step, (images, labels) in enumerate(batches, start=1):
-            loss = F.cross_entropy(model(images), labels)
+        for step, (inputs, targets) in enumerate(batches, start=1):
+            loss, count = mean_loss(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             backward(loss)
             self.adjust_gradients(model)
             optimizer.step()
             self.after_step(model, step)
-            loss_sum += loss.item() * len(labels)
-            seen += len(labels)
+            loss_sum += loss.item() * count
+            seen += count
         return loss_sum, seen
 
     def adjust_gradients(self, model: nn.Module) -> None:

@@ -25,12 +25,14 @@ class FedSAFLoRA(FedLoRA):
         lora: dict,
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
-        private: Sequence[str] = ("lora_B", "head"),
+        private: Sequence[str] | None = None,
         server_lr: float = 1.0,
         groups: str = "none",
         cluster: dict | None = None,
         export_adapters: bool = False,
     ):
+        if private is None:  # B and every other trained tensor (the ViT's head) stay personal
+            private = ["lora_B", *trainable]
         super().__init__(name, lora, trainable, client_ranks, private)
         if not self.private:
             raise ConfigError("alg.private must keep something on the clients (e.g. [lora_B])")

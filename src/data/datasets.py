@@ -27,6 +27,11 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def partition_labels(self) -> torch.Tensor:
+        """What partitioners split by: the class labels."""
+        return self.labels
+
 
 @dataclass
 class ImageDataset:

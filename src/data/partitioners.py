@@ -150,6 +150,27 @@ class IidPartitioner(Partitioner):
         return np.array_split(rng.permutation(len(labels)), num_clients)
 
 
+class NaturalPartitioner(Partitioner):
+    """The dataset's own grouping (text category, department): one group of clients per
+    category, each group's data spread at random over its clients. With fewer clients than
+    categories, client i gets categories i, i + N, i + 2N, ... (sorted)."""
+
+    def __init__(
+        self, name: str = "natural", test_fraction: float = 0.2, min_partition_size: int = 2
+    ):
+        super().__init__(name, test_fraction, min_partition_size)
+
+    def __call__(self, labels, num_clients: int, seed: int) -> list[ClientSplit]:
+        self.groups = min(len(np.unique(_as_labels(labels))), int(num_clients))
+        return super().__call__(labels, num_clients, seed)
+
+    def assign(self, labels, num_clients, rng):
+        categories = np.unique(labels)
+        return [
+            np.flatnonzero(np.isin(labels, categories[i::num_clients])) for i in range(num_clients)
+        ]
+
+
 class DirichletPartitioner(Partitioner):
     """Label skew: each class is spread over the clients by its own Dir(alpha) draw.
 

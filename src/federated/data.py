@@ -1,7 +1,10 @@
-"""The federation's data: one image tensor for all clients, each client an index tensor.
+"""The federation's data: one tensor for all clients, each client an index tensor.
 
 Images stay uint8 and live on the training device; a batch is a gather by index followed by
-normalisation on the device, so no DataLoader or per-client copy is involved.
+normalisation on the device. Text is tokenised once into padded int64 tensors on the device; a
+batch is a gather cut to its longest sequence. No DataLoader or per-client copy is involved.
+A batch is (inputs, targets): class labels [B] for images, next-token targets [B, L] for text
+(-100 where there is no loss).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from src.data import ClientSplit, ImageDataset, ImageSplit
+from src.data.text import IGNORE_INDEX, TextDataset, TokenSplit
 
 
 class DeviceImages:
@@ -43,35 +47,98 @@ class DeviceImages:
         self, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches over `index`, shuffled with `generator` when one is given."""
-        if generator is not None:
-            order = torch.randperm(len(index), generator=generator, device=generator.device)
-            index = index[order.to(index.device)]
-        for chunk in index.split(batch_size):
-            yield self.batch(chunk)
+        return _batches(self, index, batch_size, generator)
+
+    def eval_batch_size(self, requested: int) -> int:
+        return requested
+
+
+class DeviceTokens:
+    """A `TokenSplit` held on one device, served as (input_ids, next-token targets) batches cut
+    to the longest sequence in the batch. `served_tokens` counts the real tokens handed out."""
+
+    def __init__(self, split: TokenSplit, eval_tokens: int = 16384):
+        self.input_ids = split.input_ids
+        # targets[t] = labels[t + 1]: the logits at position t predict token t + 1
+        self.targets = torch.full_like(split.labels, IGNORE_INDEX)
+        self.targets[:, :-1] = split.labels[:, 1:]
+        self.lengths = split.lengths
+        self.eval_tokens = eval_tokens
+        self.served_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    def to(self, device: torch.device) -> DeviceTokens:
+        for key in ("input_ids", "targets", "lengths"):
+            setattr(self, key, getattr(self, key).to(device, non_blocking=True))
+        return self
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = self.lengths[index]
+        self.served_tokens += int(lengths.sum())
+        width = int(lengths.max())
+        return self.input_ids[index, :width], self.targets[index, :width]
+
+    def batches(
+        self, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return _batches(self, index, batch_size, generator)
+
+    def eval_batch_size(self, requested: int) -> int:
+        """At most `eval_tokens` padded tokens per evaluation batch (the logits are B x L x V)."""
+        return max(1, min(requested, self.eval_tokens // self.input_ids.shape[1]))
+
+
+def _batches(data, index: torch.Tensor, batch_size: int, generator: torch.Generator | None):
+    """`data.batch` over `index` in chunks, shuffled with `generator` when one is given."""
+    if generator is not None:
+        order = torch.randperm(len(index), generator=generator, device=generator.device)
+        index = index[order.to(index.device)]
+    for chunk in index.split(batch_size):
+        yield data.batch(chunk)
+
+
+def serve(dataset: ImageDataset | TextDataset, split) -> DeviceImages | DeviceTokens:
+    """The device-side server of one split of `dataset`."""
+    if isinstance(dataset, TextDataset):
+        return DeviceTokens(split)
+    return DeviceImages(split, dataset.mean, dataset.std)
 
 
 @dataclass
 class Federation:
     """Everything the orchestrator needs to know about the data."""
 
-    train: DeviceImages  # the pool the clients' indices point into
-    test: DeviceImages  # the global test set
+    train: DeviceImages | DeviceTokens  # the pool the clients' indices point into
+    test: DeviceImages | DeviceTokens  # the global test set
     clients: list[ClientSplit]  # per client: train and local-test indices into `train`
     num_classes: int
     summary: dict  # the partition summary (goes into summary.json)
 
     @classmethod
-    def build(cls, dataset: ImageDataset, partitioner, num_clients: int, seed: int) -> Federation:
+    def build(
+        cls, dataset: ImageDataset | TextDataset, partitioner, num_clients: int, seed: int
+    ) -> Federation:
         from src.data import partition_summary
 
-        clients = partitioner(dataset.train.labels.numpy(), num_clients, seed)
+        labels = dataset.train.partition_labels.numpy()  # classes, or text categories
+        clients = partitioner(labels, num_clients, seed)
         return cls(
-            train=DeviceImages(dataset.train, dataset.mean, dataset.std),
-            test=DeviceImages(dataset.test, dataset.mean, dataset.std),
+            train=serve(dataset, dataset.train),
+            test=serve(dataset, dataset.test),
             clients=clients,
             num_classes=dataset.num_classes,
-            summary=partition_summary(dataset.train.labels.numpy(), clients, dataset.num_classes),
+            summary=partition_summary(labels, clients, dataset.num_classes),
         )
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.train, DeviceTokens)
 
     @property
     def num_clients(self) -> int:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader
@@ -26,6 +25,7 @@ from src.algorithms import Algorithm
 from src.federated.attacks import Attack
 from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
+from src.federated.objective import score
 from src.federated.sampling import client_generator, client_seed, sample_clients
 from src.outputs import RoundRecorder
 
@@ -116,6 +116,7 @@ class FederatedModule(pl.LightningModule):
             self.federation.num_clients, self.clients_per_round, self.seed, round_idx
         )
         self.aggregator.begin(round_idx)
+        tokens_before = getattr(self.federation.train, "served_tokens", 0)  # text only
         loss_sum, seen, dropped, up_bytes, down_bytes = 0.0, 0, 0, 0, 0
         for client_id in sampled:
             payload = self.aggregator.broadcast(client_id)
@@ -149,6 +150,9 @@ class FederatedModule(pl.LightningModule):
             **self.aggregator.round_metrics(),
             "time/round_s": time.perf_counter() - started,
         }
+        if self.federation.is_text:
+            tokens = self.federation.train.served_tokens - tokens_before
+            self._round_metrics["train/tokens_per_s"] = tokens / self._round_metrics["time/round_s"]
         self.log("train/loss", self._round_metrics["train/loss"], prog_bar=True, logger=False)
         if not self._is_eval_round():
             self._emit(evaluated=False)
@@ -213,37 +217,44 @@ class FederatedModule(pl.LightningModule):
         line = f"round {done}/{self.rounds}  train/loss {metrics['train/loss']:.4f}"
         if evaluated:
             self.recorder.record(done, metrics)
-            line += f"  val/global_acc {metrics['val/global_acc']:.4f}"
-            line += f"  val/personal_acc {metrics['val/personal_acc']:.4f}"
+            shown = (
+                ("val/loss", "val/token_acc") if self.federation.is_text else ("val/global_acc",)
+            )
+            for key in (*shown, "val/personal_acc"):
+                line += f"  {key} {metrics[key]:.4f}"
         log.info("%s  (%.1fs)", line, metrics["time/round_s"])
 
     @torch.no_grad()
-    def _predict(self, data, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample (loss, correct) of the resident model on `data[index]`."""
+    def _predict(self, data, index: torch.Tensor):
+        """Per sample of `data[index]`, for the resident model: (summed loss, correct predictions,
+        counted targets); a sample is one target for images, its response tokens for text."""
         self.model.eval()
-        losses, correct = [], []
-        for images, labels in data.batches(index, self.eval_batch_size):
-            logits = self.model(images)
-            losses.append(F.cross_entropy(logits.float(), labels, reduction="none"))
-            correct.append(logits.argmax(-1) == labels)
-        if not losses:
+        parts = [
+            score(self.model(inputs), targets)
+            for inputs, targets in data.batches(index, data.eval_batch_size(self.eval_batch_size))
+        ]
+        if not parts:
             empty = torch.empty(0, device=self.device)
-            return empty, empty.bool()
-        return torch.cat(losses), torch.cat(correct)
+            return empty, empty.long(), empty.long()
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
     def deployed_state(self, client_id: int) -> TensorDict:
         """What client `client_id` deploys: the server's tensors for it and its private state."""
         return self.aggregator.broadcast(client_id) | self.store.load(client_id)
 
     def evaluate(self) -> dict[str, float]:
-        """val/global_acc and val/loss on the global test set; val/personal_acc (sample-weighted
+        """val/global_acc and val/loss on the global test set; val/personal_acc (target-weighted
         over all clients, with its std, unweighted mean and 10th percentile) of each client's
-        deployed model on its own local test split."""
+        deployed model on its own local test split. Accuracy is per sample for images and per
+        response token for text (which also gets val/ppl and val/token_acc)."""
         if self.algorithm.personalized:
             metrics, hits, counts = self._evaluate_personal_models()
         else:
             with self.aggregator.global_model(self.model):
                 metrics, hits, counts = self._evaluate_global_model()
+        if self.federation.is_text:
+            metrics["val/ppl"] = math.exp(min(metrics["val/loss"], 50.0))
+            metrics["val/token_acc"] = metrics["val/global_acc"]
         for client_id in self.attack.malicious:  # only honest clients are evaluated
             hits[client_id] = counts[client_id] = 0
         has_test = counts > 0
@@ -257,21 +268,27 @@ class FederatedModule(pl.LightningModule):
         ]
         return metrics
 
+    @staticmethod
+    def _global_metrics(losses, correct, counts) -> dict[str, float]:
+        total = counts.sum().clamp(min=1).double()
+        return {
+            "val/global_acc": (correct.sum() / total).item(),
+            "val/loss": (losses.double().sum() / total).item(),
+        }
+
     def _evaluate_global_model(self):
         """Every client deploys the global model, so one pass over all local test splits."""
         test = self.federation.test
-        losses, correct = self._predict(test, torch.arange(len(test), device=self.device))
-        metrics = {
-            "val/global_acc": correct.float().mean().item(),
-            "val/loss": losses.mean().item(),
-        }
+        metrics = self._global_metrics(
+            *self._predict(test, torch.arange(len(test), device=self.device))
+        )
         clients = self.federation.clients
         index = torch.cat([c.test for c in clients])
         owner = torch.cat([torch.full_like(c.test, i) for i, c in enumerate(clients)])
-        _, correct = self._predict(self.federation.train, index)
-        counts = torch.bincount(owner, minlength=len(clients)).double()
+        _, correct, counted = self._predict(self.federation.train, index)
+        counts = torch.bincount(owner, weights=counted.double(), minlength=len(clients))
         hits = torch.bincount(owner, weights=correct.double(), minlength=len(clients))
-        return metrics, hits, counts
+        return metrics, hits.cpu(), counts.cpu()
 
     def _evaluate_personal_models(self):
         """Client by client: load its deployed model, score its local test split and its share of
@@ -282,18 +299,13 @@ class FederatedModule(pl.LightningModule):
         shares = self._global_test_shares()
         hits = torch.zeros(len(clients), dtype=torch.float64)
         counts = torch.zeros(len(clients), dtype=torch.float64)
-        global_losses, global_correct = [], []
+        on_global = []
         for client_id, client in enumerate(clients):
             self.algorithm.download(self.model, self.deployed_state(client_id), client_id)
-            _, correct = self._predict(self.federation.train, client.test)
-            hits[client_id], counts[client_id] = correct.sum().item(), len(correct)
-            losses, correct = self._predict(test, shares[client_id])
-            global_losses.append(losses)
-            global_correct.append(correct)
-        metrics = {
-            "val/global_acc": torch.cat(global_correct).float().mean().item(),
-            "val/loss": torch.cat(global_losses).mean().item(),
-        }
+            _, correct, counted = self._predict(self.federation.train, client.test)
+            hits[client_id], counts[client_id] = correct.sum().item(), counted.sum().item()
+            on_global.append(self._predict(test, shares[client_id]))
+        metrics = self._global_metrics(*(torch.cat(c) for c in zip(*on_global, strict=True)))
         return metrics, hits, counts
 
     def _global_test_shares(self) -> list[torch.Tensor]:

@@ -1,0 +1,37 @@
+"""The training objective and evaluation scores, shared by images and text.
+
+Targets are class labels [B] for images and next-token ids [B, L] for text, with -100 where no
+loss is counted (prompt, padding); logits have one more, last, dimension (classes or vocabulary).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from src.data.text import IGNORE_INDEX
+
+
+def mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mean cross-entropy over the counted targets, how many targets were counted)."""
+    loss = F.cross_entropy(
+        logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
+    count = len(targets) if targets.ndim == 1 else int((targets != IGNORE_INDEX).sum())
+    return loss, count
+
+
+@torch.no_grad()
+def score(logits: torch.Tensor, targets: torch.Tensor):
+    """Per sample: (sum of losses, correct predictions, counted targets), over its tokens for text."""
+    losses = F.cross_entropy(
+        logits.flatten(0, -2).float(),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(targets.shape)
+    counted = targets != IGNORE_INDEX
+    correct = (logits.argmax(-1) == targets) & counted
+    if targets.ndim > 1:  # tokens of one sequence
+        return losses.sum(1), correct.sum(1), counted.sum(1)
+    return losses, correct, counted.long()
