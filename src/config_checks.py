@@ -13,6 +13,13 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
+    text_data, language_model = "tokenizer" in cfg.data.loader, "tokenizer" in cfg.model
+    _require(
+        text_data == language_model,
+        f"data={cfg.data.name} needs "
+        + ("a language model (model=qwen or qwen_tiny)" if text_data else "an image model (vit)")
+        + f", got model={cfg.model.name}",
+    )
     fl = cfg.fl
     _require(fl.rounds >= 1, f"fl.rounds must be >= 1, got {fl.rounds}")
     _require(fl.num_clients >= 1, f"fl.num_clients must be >= 1, got {fl.num_clients}")

@@ -53,6 +53,9 @@ def from_pretrained_or_explain(load, name: str, key: str, **kw):
                 "folder> for randomly initialised weights"
             ) from None
     try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(name, timeout=10)  # one quick probe: no network fails in seconds
         return load(name, **kw)
     except Exception as error:  # noqa: BLE001 - any download failure gets the same one line
         raise ConfigError(
