@@ -14,7 +14,6 @@ from hydra.utils import instantiate
 from src.config_checks import validate_config
 from src.data import NaturalPartitioner
 from src.data.departments import DEPARTMENTS
-from src.errors import ConfigError
 from src.data.text import (
     IGNORE_INDEX,
     encode_example,
@@ -23,6 +22,7 @@ from src.data.text import (
     load_dolly,
     tokenize_rows,
 )
+from src.errors import ConfigError
 from src.federated.data import DeviceTokens
 from src.models.tokenizers import ByteTokenizer
 from src.run import build_module
