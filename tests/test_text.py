@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from hydra.utils import instantiate
+from peft import PeftModel
 
 from src.config_checks import validate_config
 from src.data import NaturalPartitioner
@@ -24,8 +25,9 @@ from src.data.text import (
 )
 from src.errors import ConfigError
 from src.federated.data import DeviceTokens
+from src.models.export import export_adapters
 from src.models.tokenizers import ByteTokenizer
-from src.run import build_module
+from src.run import build_base_model, build_module
 from tests.conftest import ROOT, RecordingMean, compose_config
 
 BYTES = ByteTokenizer()
@@ -197,3 +199,18 @@ def test_text_data_and_image_models_do_not_mix(tmp_path, model, data, needs):
     cfg = compose_config([f"model={model}", f"data={data}"], tmp_path)
     with pytest.raises(ConfigError, match=needs):
         validate_config(cfg)
+
+
+def test_exported_qwen_adapter_loads_onto_the_plain_hugging_face_model(tmp_path):
+    module = _fit_recording(tmp_path, "alg=fedsa-flora", "fl.rounds=1")
+    export_adapters(module, tmp_path / "adapters")
+    cfg = compose_config([*TEXT_RUN, "alg=fedsa-flora"], tmp_path)
+    base = build_base_model(cfg).lm  # the transformers model, no wrapper
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapters" / "client_0001")).eval()
+    module.algorithm.download(module.model, module.deployed_state(1), 1)
+    module.model.eval()
+    tokens = module.federation.test.input_ids[:2, :20]
+    with torch.no_grad():
+        expected = module.model(tokens)
+        got = loaded(input_ids=tokens).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
