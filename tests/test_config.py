@@ -17,7 +17,11 @@ def _options(group: str) -> list[str]:
     "group,option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: str(v)
 )
 def test_every_option_composes(group, option, tmp_path):
-    cfg = compose_config([f"{group}={option}"], tmp_path)
+    # text data and language models come as a pair (validate_config refuses a mix)
+    partner = {"dolly": "model=qwen_tiny", "departments": "model=qwen_tiny"}
+    partner |= {"qwen": "data=departments", "qwen_tiny": "data=departments"}
+    extra = [partner[option]] if option in partner else []
+    cfg = compose_config([f"{group}={option}", *extra], tmp_path)
     container = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert container["fl"]["rounds"] >= 1
     if group not in ("experiment",):
@@ -27,9 +31,9 @@ def test_every_option_composes(group, option, tmp_path):
 def test_groups_required_by_the_design_exist():
     required = {
         "alg": {"fedavg", "fedlora"},
-        "model": {"vit", "vit_small32"},
-        "data": {"cifar10", "mnist", "fashion_mnist", "digits"},
-        "partitioner": {"dirichlet", "iid", "shards"},
+        "model": {"vit", "vit_small32", "qwen", "qwen_tiny"},
+        "data": {"cifar10", "mnist", "fashion_mnist", "digits", "dolly", "departments"},
+        "partitioner": {"dirichlet", "iid", "shards", "natural"},
         "aggregator": {"mean"},
         "trainer": {"default", "cpu", "gpu"},
         "logger": {"wandb", "csv", "none"},

@@ -7,11 +7,11 @@ from pathlib import Path
 import huggingface_hub.constants as hf_constants
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from peft.tuners.lora import LoraLayer
 
 from src.models import ModelLoadError, add_lora, build_vit, lora_parameter_names
+from src.run import build_base_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 SMALL = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -31,9 +31,9 @@ def params(model):
 def test_vit_small32_config_output_shape(size, chans, classes):
     cfg = OmegaConf.merge(
         {"model": OmegaConf.load(CONF / "vit_small32.yaml")},
-        {"data": {"image_size": size, "channels": chans, "num_classes": classes}},
+        {"data": {"image_size": size, "channels": chans, "num_classes": classes}, "seed": 0},
     )
-    model = instantiate(cfg.model)
+    model = build_base_model(cfg)  # the model config minus its LoRA defaults
     assert model(torch.randn(2, chans, size, size)).shape == (2, classes)
 
 
