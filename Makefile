@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install run test test-all lint clean
+.PHONY: install run test test-all bench lint clean
 
 install: $(STAMP)
 
@@ -23,9 +23,15 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest
 
+# fedsweep vs a bare training loop (round time and ratio), then the client-count scaling table;
+# results in benchmarks/results/ (json + markdown).
+bench: install
+	$(BIN)/python -m benchmarks.bench
+	$(BIN)/python -m benchmarks.scaling
+
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf outputs/runs outputs/multiruns .pytest_cache .ruff_cache wandb

@@ -115,7 +115,7 @@ class Algorithm:
         """Train on the client's batches; returns (sum of per-target losses, targets seen): samples
         for images, response tokens for text."""
         model.train()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen = 0.0, 0  # become device tensors: read once per client, not per step
         for step, (inputs, targets) in enumerate(batches, start=1):
             loss, count = mean_loss(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -123,9 +123,9 @@ class Algorithm:
             self.adjust_gradients(model)
             optimizer.step()
             self.after_step(model, step)
-            loss_sum += loss.item() * count
-            seen += count
-        return loss_sum, seen
+            loss_sum = loss_sum + loss.detach() * count
+            seen = seen + count
+        return float(loss_sum), int(seen)
 
     def adjust_gradients(self, model: nn.Module) -> None:
         """Hook between backward and the optimizer step (e.g. a regulariser's gradient)."""

@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from src.data.text import IGNORE_INDEX
 
 
-def mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(mean cross-entropy over the counted targets, how many targets were counted)."""
+def mean_loss(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """(mean cross-entropy over the counted targets, how many targets were counted). The count
+    of text targets stays a device tensor: reading it would stall the device every step."""
     loss = F.cross_entropy(
         logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX
     )
-    count = len(targets) if targets.ndim == 1 else int((targets != IGNORE_INDEX).sum())
+    count = len(targets) if targets.ndim == 1 else (targets != IGNORE_INDEX).sum()
     return loss, count
 
 
