@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per case (default 5)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default=None)
     parser.add_argument("--cases", nargs="*", default=None, help=f"subset of {list(CASES)}")
+    parser.add_argument(
+        "--train-samples", type=int, default=None, help="image cases: size of the train pool"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for name in names:
         sizes = QUICK if args.quick else FULL
+        if args.train_samples:
+            sizes = [*sizes, f"data.loader.num_train={args.train_samples}"]
         if "departments" in name:  # text: the departments set has its own size keys
             sizes = [s for s in sizes if not s.startswith("data.loader.num_")]
         result = run_case(name, CASES[name] + sizes, rounds, device, args.out / "runs")
