@@ -95,10 +95,11 @@ class Partitioner:
         labels = _as_labels(labels)
         self.validate(len(labels), num_clients)
         rng = np.random.default_rng(seed)
-        if self.groups is None:
+        num_groups = self.num_groups(labels, int(num_clients))
+        if num_groups is None:
             parts, groups = self.assign(labels, int(num_clients), rng), [None] * num_clients
         else:
-            parts, groups = self._assign_grouped(labels, int(num_clients), rng)
+            parts, groups = self._assign_grouped(labels, int(num_clients), num_groups, rng)
         sizes = [len(p) for p in parts]
         if min(sizes) < self.min_partition_size:  # guard for subclasses; dirichlet never gets here
             raise ConfigError(
@@ -110,14 +111,20 @@ class Partitioner:
             for p, group in zip(parts, groups, strict=True)
         ]
 
-    def _assign_grouped(self, labels, num_clients: int, rng) -> tuple[list, list[int]]:
+    def num_groups(self, labels: np.ndarray, num_clients: int) -> int | None:
+        """How many client groups to form (`partitioner.groups`; None: no grouping)."""
+        return self.groups
+
+    def _assign_grouped(
+        self, labels, num_clients: int, num_groups: int, rng
+    ) -> tuple[list, list[int]]:
         """G groups: the partitioner's rule splits the data over the groups (e.g. label skew per
         group), then each group's data is split at random, near-equally, over its clients; so the
         clients of a group share a data distribution (like a company's departments)."""
-        members = np.array_split(np.arange(num_clients), self.groups)
+        members = np.array_split(np.arange(num_clients), num_groups)
         parts, groups = [None] * num_clients, [0] * num_clients
         for group, (data, clients) in enumerate(
-            zip(self.assign(labels, self.groups, rng), members, strict=True)
+            zip(self.assign(labels, num_groups, rng), members, strict=True)
         ):
             shares = np.array_split(rng.permutation(data), len(clients))
             for client, part in zip(clients, shares, strict=True):
@@ -160,9 +167,8 @@ class NaturalPartitioner(Partitioner):
     ):
         super().__init__(name, test_fraction, min_partition_size)
 
-    def __call__(self, labels, num_clients: int, seed: int) -> list[ClientSplit]:
-        self.groups = min(len(np.unique(_as_labels(labels))), int(num_clients))
-        return super().__call__(labels, num_clients, seed)
+    def num_groups(self, labels: np.ndarray, num_clients: int) -> int:
+        return min(len(np.unique(labels)), num_clients)  # one group per category
 
     def assign(self, labels, num_clients, rng):
         categories = np.unique(labels)

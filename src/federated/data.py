@@ -18,8 +18,45 @@ from src.data import ClientSplit, ImageDataset, ImageSplit
 from src.data.text import IGNORE_INDEX, TextDataset, TokenSplit
 
 
-class DeviceImages:
+class DeviceSplit:
+    """One split held on one device: `tensors` names the attributes that move with `to`; the
+    first one is indexed by sample. Subclasses say what `batch(index)` returns."""
+
+    tensors: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(getattr(self, self.tensors[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self.tensors[0]).device
+
+    def to(self, device: torch.device):
+        for key in self.tensors:
+            setattr(self, key, getattr(self, key).to(device, non_blocking=True))
+        return self
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def batches(
+        self, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches over `index`, shuffled with `generator` when one is given."""
+        if generator is not None:
+            order = torch.randperm(len(index), generator=generator, device=generator.device)
+            index = index[order.to(index.device)]
+        for chunk in index.split(batch_size):
+            yield self.batch(chunk)
+
+    def eval_batch_size(self, requested: int) -> int:
+        return requested
+
+
+class DeviceImages(DeviceSplit):
     """An `ImageSplit` held on one device, served as normalised float batches."""
+
+    tensors = ("images", "labels", "mean", "std")
 
     def __init__(self, split: ImageSplit, mean, std):
         self.images = split.images
@@ -27,35 +64,16 @@ class DeviceImages:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def device(self) -> torch.device:
-        return self.images.device
-
-    def to(self, device: torch.device) -> DeviceImages:
-        for key in ("images", "labels", "mean", "std"):
-            setattr(self, key, getattr(self, key).to(device, non_blocking=True))
-        return self
-
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.images[index].float().div_(255.0)
         return (images - self.mean) / self.std, self.labels[index]
 
-    def batches(
-        self, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches over `index`, shuffled with `generator` when one is given."""
-        return _batches(self, index, batch_size, generator)
 
-    def eval_batch_size(self, requested: int) -> int:
-        return requested
-
-
-class DeviceTokens:
+class DeviceTokens(DeviceSplit):
     """A `TokenSplit` held on one device, served as (input_ids, next-token targets) batches cut
     to the longest sequence in the batch. `served_tokens` counts the real tokens handed out."""
+
+    tensors = ("input_ids", "targets", "lengths")
 
     def __init__(self, split: TokenSplit, eval_tokens: int = 16384):
         self.input_ids = split.input_ids
@@ -66,44 +84,18 @@ class DeviceTokens:
         self.eval_tokens = eval_tokens
         self.served_tokens = 0
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def device(self) -> torch.device:
-        return self.input_ids.device
-
-    def to(self, device: torch.device) -> DeviceTokens:
-        for key in ("input_ids", "targets", "lengths"):
-            setattr(self, key, getattr(self, key).to(device, non_blocking=True))
-        return self
-
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = self.lengths[index]
         self.served_tokens += int(lengths.sum())
         width = int(lengths.max())
         return self.input_ids[index, :width], self.targets[index, :width]
 
-    def batches(
-        self, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return _batches(self, index, batch_size, generator)
-
     def eval_batch_size(self, requested: int) -> int:
         """At most `eval_tokens` padded tokens per evaluation batch (the logits are B x L x V)."""
         return max(1, min(requested, self.eval_tokens // self.input_ids.shape[1]))
 
 
-def _batches(data, index: torch.Tensor, batch_size: int, generator: torch.Generator | None):
-    """`data.batch` over `index` in chunks, shuffled with `generator` when one is given."""
-    if generator is not None:
-        order = torch.randperm(len(index), generator=generator, device=generator.device)
-        index = index[order.to(index.device)]
-    for chunk in index.split(batch_size):
-        yield data.batch(chunk)
-
-
-def serve(dataset: ImageDataset | TextDataset, split) -> DeviceImages | DeviceTokens:
+def serve(dataset: ImageDataset | TextDataset, split) -> DeviceSplit:
     """The device-side server of one split of `dataset`."""
     if isinstance(dataset, TextDataset):
         return DeviceTokens(split)
@@ -114,8 +106,8 @@ def serve(dataset: ImageDataset | TextDataset, split) -> DeviceImages | DeviceTo
 class Federation:
     """Everything the orchestrator needs to know about the data."""
 
-    train: DeviceImages | DeviceTokens  # the pool the clients' indices point into
-    test: DeviceImages | DeviceTokens  # the global test set
+    train: DeviceSplit  # the pool the clients' indices point into
+    test: DeviceSplit  # the global test set
     clients: list[ClientSplit]  # per client: train and local-test indices into `train`
     num_classes: int
     summary: dict  # the partition summary (goes into summary.json)
