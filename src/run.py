@@ -25,6 +25,7 @@ from src.config_checks import validate_config
 from src.errors import ConfigError, user_error
 from src.federated.checkpoint import LastRoundCheckpoint
 from src.federated.data import Federation
+from src.federated.distributed import end_process_group
 from src.federated.orchestrator import FederatedModule
 from src.loggers import build_loggers, finish_wandb
 from src.models.export import export_adapters
@@ -38,6 +39,7 @@ for pattern in (
     ".*number of training batches.*",
     ".*configure_optimizers.*returned.*None.*",
     ".*LeafSpec.*is deprecated.*",
+    ".*sync_dist=True.*",  # under DDP every rank logs the same, already combined values
 ):
     warnings.filterwarnings("ignore", message=pattern)
 
@@ -131,6 +133,8 @@ def train(cfg: DictConfig) -> dict:
             trainer.strategy.root_device,
         )
         trainer.fit(module)
+        if not trainer.is_global_zero:  # under DDP, rank 0 writes the outputs
+            return {}
 
         if getattr(module.algorithm, "export_adapters", False):
             export_adapters(module, output_dir / "adapters")
@@ -162,6 +166,7 @@ def train(cfg: DictConfig) -> dict:
         )
     finally:
         finish_wandb(loggers, per_client)
+        end_process_group()  # a sweep's next job starts its own
 
     final = summary["final"]
     log.info(
@@ -179,6 +184,8 @@ def main(cfg: DictConfig) -> float | None:
     _, _, multirun = hydra_names(cfg)
     try:
         summary = train(cfg)
+        if not summary:  # a DDP rank other than 0
+            return None
     except Exception as error:
         bad_input = user_error(error)
         if multirun:

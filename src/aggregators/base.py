@@ -25,6 +25,11 @@ def nbytes(tensors: TensorDict) -> int:
 
 
 class Aggregator:
+    # True: a round's uploads are folded into sums, which DDP ranks combine with `all_reduce`;
+    # otherwise every rank is given every upload (DESIGN §3.6, src/federated/distributed.py)
+    sums_uploads = False
+    output_dir = None  # where an aggregator writes its extras (rank 0's only)
+
     def __init__(
         self,
         name: str,
@@ -80,6 +85,11 @@ class Aggregator:
             aggregate = self._result()
             self.server.step(self.state, aggregate)
             self._after_step(aggregate)
+
+    def all_reduce(self, ranks) -> None:
+        """Under DDP, between the last `add` and `finish`: sum the ranks' partial sums in place
+        (aggregators with `sums_uploads` only)."""
+        raise NotImplementedError
 
     def round_metrics(self) -> dict[str, float]:
         """Extra per-round metrics for the loggers (e.g. the number of clusters)."""

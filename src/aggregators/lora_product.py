@@ -188,6 +188,9 @@ class ExactAggregator(MeanAggregator):
         for pair in self.algorithm.pairs:
             self._products[pair.layer].add_(scale * upload[pair.b] @ upload[pair.a], alpha=weight)
 
+    def _partial_sums(self) -> list[torch.Tensor]:
+        return super()._partial_sums() + list(self._products.values())
+
     def _after_step(self, aggregate: TensorDict) -> None:
         scale = self.algorithm.scale(self.algorithm.r_max)
         params = dict(self.model.named_parameters())

@@ -31,6 +31,7 @@ def leading_block(shape: torch.Size) -> tuple[slice, ...]:
 
 class MeanAggregator(Aggregator):
     any_ranks = False  # True: accept mixed ranks even when the server sees both LoRA factors
+    sums_uploads = True
 
     def setup(self, model, algorithm) -> None:
         if (
@@ -58,6 +59,22 @@ class MeanAggregator(Aggregator):
             acc[leading_block(tensor.shape)].add_(tensor.to(acc.dtype), alpha=weight)
             self._weight_by_shape[name][tensor.shape] += weight
         self._total_weight += weight
+
+    def _partial_sums(self) -> list[torch.Tensor]:
+        return list(self._sums.values())
+
+    def all_reduce(self, ranks) -> None:
+        for tensor in self._partial_sums():
+            ranks.sum_(tensor)
+        by_shape = {name: dict(weights) for name, weights in self._weight_by_shape.items()}
+        counted = ranks.gather([(self.num_added, self._total_weight, by_shape)])
+        self.num_added = sum(added for added, _, _ in counted)
+        self._total_weight = sum(total for _, total, _ in counted)
+        for name, by_shape in self._weight_by_shape.items():
+            by_shape.clear()
+            for _, _, rank_by_shape in counted:
+                for shape, weight in rank_by_shape[name].items():
+                    by_shape[shape] += weight
 
     def _result(self) -> TensorDict:
         return {name: self._owner_mean(name) for name in self._sums}

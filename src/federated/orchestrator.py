@@ -25,6 +25,7 @@ from src.algorithms import Algorithm
 from src.federated.attacks import Attack
 from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
+from src.federated.distributed import Ranks, RoundExchange
 from src.federated.objective import score
 from src.federated.sampling import client_generator, client_seed, sample_clients
 from src.outputs import RoundRecorder
@@ -74,6 +75,7 @@ class FederatedModule(pl.LightningModule):
         # per client, of the last evaluation (NaN for a client without local test data)
         self.per_client_acc: list[float] = []
         self._round_metrics: dict[str, float] = {}
+        self.ranks = Ranks()  # one process until fitting under DDP starts
 
     # ----------------------------------------------------------------- Lightning plumbing
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -94,6 +96,10 @@ class FederatedModule(pl.LightningModule):
         return self.current_epoch
 
     def on_fit_start(self) -> None:
+        self.ranks = Ranks()  # the process group exists now (trainer=ddp)
+        if not self.trainer.is_global_zero:  # only rank 0 writes files
+            self.recorder.path = None
+            self.aggregator.output_dir = None
         self._ensure_setup()
 
     def _ensure_setup(self) -> None:
@@ -115,10 +121,14 @@ class FederatedModule(pl.LightningModule):
         sampled = sample_clients(
             self.federation.num_clients, self.clients_per_round, self.seed, round_idx
         )
+        # under DDP each rank trains its share of the clients (all of them in one process)
+        clients = self.federation.clients
+        mine = self.ranks.shard(sampled, [len(clients[c].train) for c in sampled])
         self.aggregator.begin(round_idx)
+        exchange = RoundExchange(self.aggregator, self.store, self.ranks, self.device)
         tokens_before = getattr(self.federation.train, "served_tokens", 0)  # text only
         loss_sum, seen, dropped, up_bytes, down_bytes = 0.0, 0, 0, 0, 0
-        for client_id in sampled:
+        for client_id in mine:
             payload = self.aggregator.broadcast(client_id)
             down_bytes += self.aggregator.download_bytes(client_id, payload)
             upload, client_loss, client_seen = self._run_client(client_id, round_idx, payload)
@@ -131,13 +141,24 @@ class FederatedModule(pl.LightningModule):
                 )
                 dropped += 1
                 continue
-            weight = float(len(self.federation.clients[client_id].train))
-            self.aggregator.add(upload, weight, client_id)
-            if self.algorithm.personalized:  # a dropped client keeps its previous state
-                self.store.save(client_id, self.algorithm.private_state(self.model, client_id))
+            # a dropped client keeps its previous private state
+            private = (
+                self.algorithm.private_state(self.model, client_id)
+                if self.algorithm.personalized
+                else None
+            )
+            exchange.add(client_id, upload, float(len(clients[client_id].train)), private)
             loss_sum += client_loss
             seen += client_seen
-        self.aggregator.finish()
+        exchange.finish(sampled)
+        served = getattr(self.federation.train, "served_tokens", 0) - tokens_before
+        totals = torch.tensor(  # summed over the ranks (one process: as they are)
+            [loss_sum, seen, dropped, up_bytes, down_bytes, served],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        loss_sum, seen, *counts = self.ranks.sum_(totals).tolist()
+        dropped, up_bytes, down_bytes, served = (int(n) for n in counts)
 
         self.total_bytes += up_bytes + down_bytes
         self._round_metrics = {
@@ -151,8 +172,7 @@ class FederatedModule(pl.LightningModule):
             "time/round_s": time.perf_counter() - started,
         }
         if self.federation.is_text:
-            tokens = self.federation.train.served_tokens - tokens_before
-            self._round_metrics["train/tokens_per_s"] = tokens / self._round_metrics["time/round_s"]
+            self._round_metrics["train/tokens_per_s"] = served / self._round_metrics["time/round_s"]
         self.log("train/loss", self._round_metrics["train/loss"], prog_bar=True, logger=False)
         if not self._is_eval_round():
             self._emit(evaluated=False)
@@ -294,19 +314,27 @@ class FederatedModule(pl.LightningModule):
         """Client by client: load its deployed model, score its local test split and its share of
         the global test set. The global test set is cut into one fixed random share per client, so
         val/global_acc (how well the personal models do on the whole distribution, averaged over
-        clients) costs one pass over the test set, not one per client."""
+        clients) costs one pass over the test set, not one per client. Under DDP each rank scores
+        its share of the clients and the sums are combined."""
         test, clients = self.federation.test, self.federation.clients
         shares = self._global_test_shares()
-        hits = torch.zeros(len(clients), dtype=torch.float64)
-        counts = torch.zeros(len(clients), dtype=torch.float64)
-        on_global = []
-        for client_id, client in enumerate(clients):
+        hits = torch.zeros(len(clients), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(len(clients), dtype=torch.float64, device=self.device)
+        on_global = torch.zeros(
+            3, dtype=torch.float64, device=self.device
+        )  # loss, correct, counted
+        mine = self.ranks.shard(list(range(len(clients))), [len(c.test) for c in clients])
+        for client_id in mine:
             self.algorithm.download(self.model, self.deployed_state(client_id), client_id)
-            _, correct, counted = self._predict(self.federation.train, client.test)
-            hits[client_id], counts[client_id] = correct.sum().item(), counted.sum().item()
-            on_global.append(self._predict(test, shares[client_id]))
-        metrics = self._global_metrics(*(torch.cat(c) for c in zip(*on_global, strict=True)))
-        return metrics, hits, counts
+            _, correct, counted = self._predict(self.federation.train, clients[client_id].test)
+            hits[client_id], counts[client_id] = correct.sum(), counted.sum()
+            on_global += torch.stack(
+                [part.double().sum() for part in self._predict(test, shares[client_id])]
+            )
+        for total in (hits, counts, on_global):
+            self.ranks.sum_(total)
+        metrics = self._global_metrics(*on_global.unsqueeze(1))
+        return metrics, hits.cpu(), counts.cpu()
 
     def _global_test_shares(self) -> list[torch.Tensor]:
         order = torch.randperm(

@@ -1,0 +1,122 @@
+"""DDP client sharding (trainer=ddp): a 2-process CPU run equals the 1-process run.
+
+Clients are seeded by (seed, round, client), so the processes train exactly the clients one
+process would; what may differ is the float summation order where ranks' partial sums meet
+(the all_reduce of the mean's weighted float32 sums, and the evaluation's per-rank totals).
+That moves parameters by ~1e-7 relative after two rounds, so losses must agree to 1e-4 relative
+and an accuracy by at most one sample flipping at a near tie."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from src.run import train
+from tests.conftest import ROOT, digits_config
+
+SMALL = [
+    "fl.rounds=2",
+    "fl.eval_every=1",
+    "fl.local_epochs=1",
+    "fl.num_clients=6",
+    "fl.clients_per_round=4",
+]
+ALGS = ["fedavg", "fedlora", "fedsa-flora"]  # fedsa-flora: private states and personal evaluation
+
+
+def _rows(path: Path) -> list[dict[str, float]]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _assert_same_metrics(ddp: list[dict], single: list[dict], test_samples: int) -> None:
+    assert [r["round"] for r in ddp] == [r["round"] for r in single] == [1.0, 2.0]
+    for got, want in zip(ddp, single, strict=True):
+        assert set(got) == set(want)
+        for key, value in want.items():
+            if key == "time/round_s":
+                continue
+            if "acc" in key:
+                assert got[key] == pytest.approx(value, abs=1.0 / test_samples + 1e-12), key
+            else:
+                assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+
+
+@pytest.fixture(scope="module")
+def ddp_sweep(tmp_path_factory) -> Path:
+    """One Hydra multirun of the three algorithms, each job in 2 gloo processes."""
+    sweep = tmp_path_factory.mktemp("ddp_sweep")
+    command = [
+        sys.executable,
+        "-m",
+        "src.run",
+        "-m",
+        "experiment=quickstart",
+        "logger=none",
+        *SMALL,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.enable_progress_bar=false",
+        f"alg={','.join(ALGS)}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return sweep
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_two_process_ddp_run_matches_one_process(alg, ddp_sweep, tmp_path):
+    (job,) = [p for p in ddp_sweep.iterdir() if p.is_dir() and f"_alg={alg}," in p.name]
+    single = train(digits_config(tmp_path, f"alg={alg}", *SMALL))
+    test_samples = sum(single["partition"]["test_samples"])
+    _assert_same_metrics(
+        _rows(job / "metrics.csv"), _rows(tmp_path / "run" / "metrics.csv"), test_samples
+    )
+    # one set of outputs, written by rank 0 only
+    files = sorted(str(p.relative_to(job)) for p in job.rglob("*") if p.is_file())
+    assert files == [
+        ".hydra/config.yaml",
+        ".hydra/hydra.yaml",
+        ".hydra/overrides.yaml",
+        "checkpoints/last.ckpt",
+        "metrics.csv",
+        "run.log",
+        "summary.json",
+    ]
+
+
+@pytest.fixture
+def one_rank_process_group():
+    """A real (gloo) process group of one rank, so the DDP code paths run in this process."""
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "alg, aggregator",
+    [("fedavg", "median"), ("fedlora", "svd")],
+)
+def test_gathered_uploads_and_private_states_give_the_same_run(
+    alg, aggregator, one_rank_process_group, tmp_path
+):
+    """Under DDP, aggregators that need every upload get them by all_gather (copied out of the
+    model, added in sampled order) and private states by all_gather; with one rank the result
+    must be bit-identical to the plain path."""
+    overrides = [f"alg={alg}", f"aggregator={aggregator}", *SMALL]
+    distributed = train(digits_config(tmp_path / "ddp", *overrides))
+    assert not dist.is_initialized()  # a run ends its process group (a sweep's next job makes one)
+    plain = train(digits_config(tmp_path / "plain", *overrides))
+    for key, value in plain["final"].items():
+        if key != "time/round_s":
+            assert distributed["final"][key] == value, key
