@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from src.run import train
-from tests.conftest import ROOT, digits_config
+from tests.conftest import CONF_DIR, ROOT, digits_config
 
 SMALL = [
     "fl.rounds=2",
@@ -120,3 +122,19 @@ def test_gathered_uploads_and_private_states_give_the_same_run(
     for key, value in plain["final"].items():
         if key != "time/round_s":
             assert distributed["final"][key] == value, key
+
+
+def test_slurm_launcher_config_sends_sweep_jobs_to_submitit():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.tasks_per_node=4"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert (
+        launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    )
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (1, 1, 4)
+    assert cfg.trainer.strategy._target_ == "src.federated.distributed.ClientShardingStrategy"
