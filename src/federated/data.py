@@ -43,11 +43,15 @@ class DeviceSplit:
         self, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches over `index`, shuffled with `generator` when one is given."""
-        if generator is not None:
-            order = torch.randperm(len(index), generator=generator, device=generator.device)
-            index = index[order.to(index.device)]
-        for chunk in index.split(batch_size):
+        for chunk in self.shuffled(index, generator).split(batch_size):
             yield self.batch(chunk)
+
+    @staticmethod
+    def shuffled(index: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if generator is None:
+            return index
+        order = torch.randperm(len(index), generator=generator, device=generator.device)
+        return index[order.to(index.device)]
 
     def eval_batch_size(self, requested: int) -> int:
         return requested
@@ -85,10 +89,20 @@ class DeviceTokens(DeviceSplit):
         self.served_tokens = 0
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = self.lengths[index]
-        self.served_tokens += int(lengths.sum())
-        width = int(lengths.max())
-        return self.input_ids[index, :width], self.targets[index, :width]
+        return next(self.batches(index, len(index)))
+
+    def batches(
+        self, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        index = self.shuffled(index, generator)
+        # the batch widths need the lengths on the host: read them once per pass, not per batch
+        lengths = self.lengths[index].cpu()
+        for chunk, chunk_lengths in zip(
+            index.split(batch_size), lengths.split(batch_size), strict=True
+        ):
+            self.served_tokens += int(chunk_lengths.sum())
+            width = int(chunk_lengths.max())
+            yield self.input_ids[chunk, :width], self.targets[chunk, :width]
 
     def eval_batch_size(self, requested: int) -> int:
         """At most `eval_tokens` padded tokens per evaluation batch (the logits are B x L x V)."""
