@@ -39,6 +39,18 @@ def validate_config(cfg: DictConfig) -> None:
         0 <= cfg.partitioner.test_fraction < 1,
         f"partitioner.test_fraction must be in [0, 1), got {cfg.partitioner.test_fraction}",
     )
+    if cfg.aggregator.name == "krum":  # Krum's guarantee needs K > 2f + 2
+        f = cfg.aggregator.num_byzantine
+        _require(
+            fl.clients_per_round > 2 * f + 2,
+            f"aggregator=krum with aggregator.num_byzantine={f} needs fl.clients_per_round > "
+            f"2 * {f} + 2 = {2 * f + 2}, got {fl.clients_per_round}; sample more clients or "
+            "lower num_byzantine",
+        )
+    fault = cfg.get("fault", {})
+    for key in ("fail_fraction", "nan_fraction"):
+        value = fault.get(key, 0.0)
+        _require(0 <= value <= 1, f"fault.{key} must be in [0, 1], got {value}")
     lora = cfg.alg.get("lora")
     if lora is not None:
         _require(lora.r >= 1, f"alg.lora.r must be >= 1, got {lora.r}")

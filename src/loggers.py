@@ -23,7 +23,10 @@ def wandb_logged_in() -> bool:
         return False
 
 
-def build_loggers(cfg: DictConfig, run_name: str, group: str) -> list[Logger]:
+def build_loggers(
+    cfg: DictConfig, run_name: str, group: str, run_id: str | None = None
+) -> list[Logger]:
+    """The configured loggers; `run_id`: the W&B run a resumed run continues."""
     kind = cfg.logger.name
     out = Path(cfg.paths.output_dir)
     if kind == "none":
@@ -43,6 +46,8 @@ def build_loggers(cfg: DictConfig, run_name: str, group: str) -> list[Logger]:
                 save_dir=str(out),
                 mode=mode,
                 config=OmegaConf.to_container(cfg, resolve=True),
+                id=run_id,
+                resume="allow" if run_id else None,
             )
         ]
     raise ValueError(f"logger={kind} is not an option; choose one of wandb, csv, none")

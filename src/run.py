@@ -7,6 +7,7 @@ python -m src.run -m alg=fedavg,fedlora seed=0,1,2
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -19,13 +20,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from src.config_checks import validate_config
 from src.errors import ConfigError, user_error
-from src.federated.checkpoint import LastRoundCheckpoint
+from src.federated.checkpoint import (
+    LastRoundCheckpoint,
+    check_same_config,
+    read_saved_run,
+    resume_path,
+)
 from src.federated.data import Federation
 from src.federated.distributed import end_process_group
+from src.federated.faults import ClientFaults
 from src.federated.orchestrator import FederatedModule
 from src.loggers import build_loggers, finish_wandb
 from src.models.export import export_adapters
@@ -107,23 +115,56 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         seed=cfg.seed,
         recorder=RoundRecorder(output_dir / "metrics.csv"),
         attack=attack,
+        faults=ClientFaults(**cfg.fault),
     )
+
+
+def writable_output_dir(cfg: DictConfig) -> Path:
+    output_dir = Path(cfg.paths.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".fedsweep-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"paths.output_dir={output_dir} is not writable ({error.strerror}); "
+            "point hydra.run.dir (or hydra.sweep.dir) at a folder you can write"
+        ) from error
+    return output_dir
 
 
 def train(cfg: DictConfig) -> dict:
     """Run one federated experiment; returns (and writes) its summary."""
     validate_config(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = writable_output_dir(cfg)
     run_name, group, _ = hydra_names(cfg)
     started = time.perf_counter()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    resume_from = resume_path(str(cfg.resume), output_dir)
+    saved = read_saved_run(resume_from) if resume_from else {}
+    if resume_from:
+        check_same_config(saved.get("config", {}), config, resume_from)
 
     module = build_module(cfg, output_dir)
-    loggers = build_loggers(cfg, run_name, group)
+    module.run_config = config
+    module.wandb_id = saved.get("wandb_id")
+    loggers = build_loggers(cfg, run_name, group, run_id=module.wandb_id)
     per_client = None
     try:
-        checkpoint = LastRoundCheckpoint(output_dir / "checkpoints")
+        if module.wandb_id is None:  # a new W&B run: remember its id for a resume
+            module.wandb_id = next(
+                (lg.version for lg in loggers if isinstance(lg, WandbLogger)), None
+            )
+        checkpoint = LastRoundCheckpoint(output_dir / "checkpoints", cfg.fl.checkpoint_every)
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
+        if resume_from:
+            log.info(
+                "resuming from %s (%d of %d rounds done)",
+                resume_from,
+                saved.get("rounds_done", 0),
+                cfg.fl.rounds,
+            )
         log.info(
             "fitting alg=%s model=%s aggregator=%s for %d rounds on %s",
             cfg.alg.name,
@@ -132,7 +173,8 @@ def train(cfg: DictConfig) -> dict:
             cfg.fl.rounds,
             trainer.strategy.root_device,
         )
-        trainer.fit(module)
+        # our own checkpoint (RNG states include numpy arrays): a full load, not weights only
+        trainer.fit(module, ckpt_path=resume_from, weights_only=False)
         if not trainer.is_global_zero:  # under DDP, rank 0 writes the outputs
             return {}
 
@@ -162,7 +204,7 @@ def train(cfg: DictConfig) -> dict:
             per_client=per_client,
             partition=fed.summary,
             malicious_clients=sorted(module.attack.malicious),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=config,
         )
     finally:
         finish_wandb(loggers, per_client)
@@ -179,7 +221,11 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# an absolute config path: works for `python -m src.run` and when main() is called in-process
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     _, _, multirun = hydra_names(cfg)
     try:
@@ -199,7 +245,7 @@ def main(cfg: DictConfig) -> float | None:
                 Path(cfg.paths.output_dir) / "summary.json", status="failed", error=reason
             )
             return None
-        if bad_input is None:
+        if bad_input is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s", bad_input)  # bad input: one clear line, no traceback
         sys.exit(2)

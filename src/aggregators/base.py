@@ -29,6 +29,7 @@ class Aggregator:
     # otherwise every rank is given every upload (DESIGN §3.6, src/federated/distributed.py)
     sums_uploads = False
     output_dir = None  # where an aggregator writes its extras (rank 0's only)
+    checkpointed: tuple[str, ...] = ()  # attributes kept in checkpoints besides state and server
 
     def __init__(
         self,
@@ -110,8 +111,11 @@ class Aggregator:
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        return {"state": self.state, "server": self.server.state_dict()}
+        extra = {name: getattr(self, name) for name in self.checkpointed}
+        return {"state": self.state, "server": self.server.state_dict(), **extra}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state["state"]
         self.server.load_state_dict(state["server"])
+        for name in self.checkpointed:
+            setattr(self, name, state[name])

@@ -39,6 +39,8 @@ def require_lora(aggregator: str, algorithm) -> None:
 
 
 class StackAggregator(Aggregator):
+    checkpointed = ("stacked",)  # last round's factors: what merge-mode clients download
+
     def __init__(self, name: str, broadcast: str = "merge", **server):
         super().__init__(name, **server)
         if broadcast not in ("merge", "svd"):
@@ -165,6 +167,8 @@ class ExactAggregator(MeanAggregator):
     W + R + s B_bar A_bar is exactly the average of the client models. Equal ranks only.
     Clients receive A_bar, B_bar, the head and R (d_out x d_in per layer: dense, so costly).
     With a server optimiser the residual of the plain average is folded."""
+
+    checkpointed = ("residuals",)
 
     def setup(self, model: nn.Module, algorithm) -> None:
         require_lora(self.name, algorithm)

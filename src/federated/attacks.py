@@ -26,8 +26,8 @@ class Attack:
     def __init__(self, name: str = "none", fraction: float = 0.0):
         if name not in KINDS:
             raise ConfigError(f"attack must be one of {', '.join(KINDS)}; got {name!r}")
-        if not 0.0 <= fraction <= 1.0:
-            raise ConfigError(f"attack.fraction must be in [0, 1], got {fraction}")
+        if not 0.0 <= fraction < 1.0:  # a federation of attackers only has nothing to protect
+            raise ConfigError(f"attack.fraction must be in [0, 1), got {fraction}")
         self.name, self.fraction = name, float(fraction)
         self.malicious: set[int] = set()
 

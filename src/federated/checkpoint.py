@@ -1,14 +1,25 @@
-"""Save `checkpoints/last.ckpt` after every round (Lightning's checkpoint format).
+"""`checkpoints/last.ckpt`: written every `fl.checkpoint_every` rounds, atomically; found again
+by `resume=auto|never|PATH` and refused when it was made with a different config.
 
 Lightning's ModelCheckpoint keys its saves on optimizer steps, which manual federated
-optimisation does not make, so a round-based callback is used instead.
+optimisation does not make, so a round-based callback is used instead. What the checkpoint holds
+besides Lightning's own (model weights, round counter) is added by the orchestrator's
+`on_save_checkpoint`: server and client states, RNG states, history, config.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+
+from src.errors import ConfigError
+
+# Keys that may change between a run and its resumption: where things go, how they are shown,
+# how often checkpoints are written, and how many rounds to run in total.
+RESUMABLE_CHANGES = ("resume", "paths.", "trainer.", "logger.", "fl.rounds", "fl.checkpoint_every")
 
 
 class LastRoundCheckpoint(pl.Callback):
@@ -19,4 +30,69 @@ class LastRoundCheckpoint(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
         if done % self.every_n_rounds == 0 or done == trainer.max_epochs:
-            trainer.save_checkpoint(self.path, weights_only=False)
+            save_atomically(trainer, self.path)
+
+
+def save_atomically(trainer: pl.Trainer, path: Path) -> None:
+    """Write to a temporary file, then rename: a kill mid-write leaves the previous checkpoint."""
+    partial = path.with_name(path.name + ".partial")
+    trainer.save_checkpoint(partial, weights_only=False)  # rank 0 writes, every rank waits
+    if trainer.is_global_zero:
+        os.replace(partial, path)
+
+
+def resume_path(resume: str, output_dir: Path) -> Path | None:
+    """The checkpoint to continue from: `auto` (this run folder's last.ckpt, if any), `never`, or
+    a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        return path if path.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise ConfigError(
+            f"resume={resume}: no such checkpoint; use resume=auto, resume=never or the path of "
+            "a checkpoints/last.ckpt"
+        )
+    return path
+
+
+def read_saved_run(path: Path) -> dict:
+    """The fedsweep part of a checkpoint (config, rounds done, W&B id), without loading the
+    tensors into memory."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:
+        raise ConfigError(f"resume: {path} is not a readable checkpoint ({error})") from error
+    return checkpoint.get("fedsweep", {})
+
+
+def check_same_config(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to continue a run with a different experiment: one line naming the keys."""
+    before, now = _flatten(saved), _flatten(current)
+    differ = [
+        key
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
+    if differ:
+        shown = ", ".join(
+            f"{key}={now.get(key, '<unset>')} (checkpoint: {before.get(key, '<unset>')})"
+            for key in differ[:6]
+        )
+        more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+        raise ConfigError(
+            f"resume: {path} was made with a different config: {shown}{more}; "
+            "use the same overrides, or resume=never to start over"
+        )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -16,16 +16,20 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader
 
 from src.aggregators import Aggregator, nbytes
 from src.algorithms import Algorithm
+from src.errors import AllClientsFailedError
 from src.federated.attacks import Attack
 from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
 from src.federated.distributed import Ranks, RoundExchange
+from src.federated.faults import ClientFaults
 from src.federated.objective import score
 from src.federated.sampling import client_generator, client_seed, sample_clients
 from src.outputs import RoundRecorder
@@ -52,6 +56,7 @@ class FederatedModule(pl.LightningModule):
         seed: int = 0,
         recorder: RoundRecorder | None = None,
         attack: Attack | None = None,
+        faults: ClientFaults | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -69,6 +74,7 @@ class FederatedModule(pl.LightningModule):
         self.seed = seed
         self.recorder = recorder or RoundRecorder(None)
         self.attack = attack or Attack()
+        self.faults = faults or ClientFaults()
         self.total_bytes = 0
         self.store = ClientStateStore()  # private tensors per client (personalised algorithms)
         self._restored: dict = {}  # server and client state from a checkpoint, applied at set-up
@@ -76,6 +82,8 @@ class FederatedModule(pl.LightningModule):
         self.per_client_acc: list[float] = []
         self._round_metrics: dict[str, float] = {}
         self.ranks = Ranks()  # one process until fitting under DDP starts
+        self.run_config: dict = {}  # the resolved config, kept in checkpoints to check resumes
+        self.wandb_id: str | None = None  # the W&B run a resumed run continues
 
     # ----------------------------------------------------------------- Lightning plumbing
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -110,7 +118,8 @@ class FederatedModule(pl.LightningModule):
             self.store.pin_memory = self.device.type == "cuda"
             self.store.set_initial(self.algorithm.private_state(self.model, None))
             if "aggregator" in self._restored:
-                self.aggregator.load_state_dict(self._restored["aggregator"])
+                server = move_data_to_device(self._restored["aggregator"], self.device)
+                self.aggregator.load_state_dict(server)
             if "clients" in self._restored:
                 self.store.load_state_dict(self._restored["clients"])
 
@@ -126,19 +135,24 @@ class FederatedModule(pl.LightningModule):
         mine = self.ranks.shard(sampled, [len(clients[c].train) for c in sampled])
         self.aggregator.begin(round_idx)
         exchange = RoundExchange(self.aggregator, self.store, self.ranks, self.device)
+        self.faults.plan(sampled, self.seed, round_idx)
         tokens_before = getattr(self.federation.train, "served_tokens", 0)  # text only
         loss_sum, seen, dropped, up_bytes, down_bytes = 0.0, 0, 0, 0, 0
+        failures = []
         for client_id in mine:
             payload = self.aggregator.broadcast(client_id)
             down_bytes += self.aggregator.download_bytes(client_id, payload)
-            upload, client_loss, client_seen = self._run_client(client_id, round_idx, payload)
+            try:
+                upload, client_loss, client_seen = self._run_client(client_id, round_idx, payload)
+            except Exception as error:  # a crashed client is dropped; the round goes on
+                failures.append(f"client {client_id}: {type(error).__name__}: {error}")
+                log.warning("round %d: %s; dropped", round_idx + 1, failures[-1])
+                dropped += 1
+                continue
             up_bytes += nbytes(upload)  # sent, even if the server then rejects it
             if not torch.stack([torch.isfinite(t).all() for t in upload.values()]).all():
-                log.warning(
-                    "round %d: client %d uploaded non-finite values; dropped",
-                    round_idx + 1,
-                    client_id,
-                )
+                failures.append(f"client {client_id} uploaded non-finite values")
+                log.warning("round %d: %s; dropped", round_idx + 1, failures[-1])
                 dropped += 1
                 continue
             # a dropped client keeps its previous private state
@@ -159,6 +173,12 @@ class FederatedModule(pl.LightningModule):
         )
         loss_sum, seen, *counts = self.ranks.sum_(totals).tolist()
         dropped, up_bytes, down_bytes, served = (int(n) for n in counts)
+        if dropped == len(sampled):
+            raise AllClientsFailedError(
+                f"round {round_idx + 1}: all {dropped} sampled clients failed (e.g. "
+                f"{failures[0] if failures else 'on another rank'}); the run stops, "
+                "checkpoints/last.ckpt holds the last completed round"
+            )
 
         self.total_bytes += up_bytes + down_bytes
         self._round_metrics = {
@@ -187,6 +207,7 @@ class FederatedModule(pl.LightningModule):
         # depends only on (seed, round, client), not on which clients ran before.
         generator = client_generator(client_seed(self.seed, round_idx, client_id), self.device)
         self.algorithm.download(self.model, payload | self.store.load(client_id), client_id)
+        self.faults.before_training(client_id)
         train_index = self.federation.clients[client_id].train
         steps = self.algorithm.local_steps  # None: fl.local_epochs passes over the data
         batches = itertools.islice(
@@ -205,7 +226,7 @@ class FederatedModule(pl.LightningModule):
         loss_sum, seen = self.algorithm.local_update(
             self.model, optimizer, batches, self.manual_backward
         )
-        upload = self.algorithm.upload(self.model, client_id)
+        upload = self.faults.after_training(client_id, self.algorithm.upload(self.model, client_id))
         return self.attack.corrupt(client_id, upload, payload, generator), loss_sum, seen
 
     # ----------------------------------------------------------------- evaluation
@@ -344,12 +365,17 @@ class FederatedModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The whole federation besides the model weights (which Lightning saves)."""
         checkpoint["fedsweep"] = {
             "rounds_done": self.round + 1,
             "total_bytes": self.total_bytes,
             "aggregator": self.aggregator.state_dict(),
             "clients": self.store.state_dict(),
             "history": self.recorder.rows,
+            "malicious": sorted(self.attack.malicious),
+            "rng": _collect_rng_states(),
+            "config": self.run_config,
+            "wandb_id": self.wandb_id,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -358,3 +384,7 @@ class FederatedModule(pl.LightningModule):
         # applied once the server is set up (see _ensure_setup)
         self._restored = {key: state[key] for key in ("aggregator", "clients") if key in state}
         self.recorder.rows = list(state.get("history", []))
+        if "malicious" in state:
+            self.attack.malicious = set(state["malicious"])
+        if "rng" in state:
+            _set_rng_states(state["rng"])

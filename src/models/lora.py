@@ -64,6 +64,16 @@ def add_lora(
                 f"alg.lora.target_modules: '{t}' matches no Linear/Conv2d/Embedding module; "
                 f"available e.g. {linear[:6]}"
             )
+    widths = {
+        n: min(m.weight.shape[:2]) for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)
+    }
+    targeted = {n: w for n, w in widths.items() if any(_matches(n, t) for t in target_modules)}
+    narrowest = min(targeted, key=targeted.get)
+    if r > targeted[narrowest]:
+        raise ConfigError(
+            f"alg.lora.r={r} exceeds the width of the targeted layer {narrowest} "
+            f"(min(in, out) = {targeted[narrowest]}); use alg.lora.r <= {targeted[narrowest]}"
+        )
     param_names = [n for n, _ in model.named_parameters()]
     for p in trainable:
         if not any(_under(n, p) for n in param_names):

@@ -1,0 +1,44 @@
+"""Simulated client faults (`fault.fail_fraction`, `fault.nan_fraction`), to test that a round
+survives clients that crash or send garbage.
+
+Each round, round(fraction x sampled) of the sampled clients are picked from (seed, round): the
+first group raises during local training, the second uploads NaN. The orchestrator drops both
+kinds like real faults and counts them in `clients/dropped`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_FAULT_STREAM = 0xFA1
+
+
+class ClientFault(RuntimeError):
+    """A simulated crash of one client's local training."""
+
+
+class ClientFaults:
+    def __init__(self, fail_fraction: float = 0.0, nan_fraction: float = 0.0):
+        self.fail_fraction, self.nan_fraction = float(fail_fraction), float(nan_fraction)
+        self.failing: set[int] = set()
+        self.poisoned: set[int] = set()
+
+    def plan(self, sampled: list[int], seed: int, round_idx: int) -> None:
+        """Pick this round's faulty clients (the same on every DDP rank)."""
+        if not (self.fail_fraction or self.nan_fraction):
+            return
+        order = np.random.default_rng([seed, round_idx, _FAULT_STREAM]).permutation(sampled)
+        fail = round(self.fail_fraction * len(sampled))
+        nan = min(round(self.nan_fraction * len(sampled)), len(sampled) - fail)
+        self.failing = {int(c) for c in order[:fail]}
+        self.poisoned = {int(c) for c in order[fail : fail + nan]}
+
+    def before_training(self, client_id: int) -> None:
+        if client_id in self.failing:
+            raise ClientFault("simulated failure (fault.fail_fraction)")
+
+    def after_training(self, client_id: int, upload: dict) -> dict:
+        if client_id in self.poisoned:
+            return {name: torch.full_like(t, float("nan")) for name, t in upload.items()}
+        return upload
