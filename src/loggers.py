@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,11 @@ def wandb_logged_in() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
+
+
+def wandb_run_id() -> str:
+    """A fresh W&B run id (8 lowercase letters and digits, like W&B's own)."""
+    return uuid.uuid4().hex[:8]
 
 
 def build_loggers(
@@ -47,7 +53,7 @@ def build_loggers(
                 mode=mode,
                 config=OmegaConf.to_container(cfg, resolve=True),
                 id=run_id,
-                resume="allow" if run_id else None,
+                resume="allow",  # the run id is new, or the one a resumed run continues
             )
         ]
     raise ValueError(f"logger={kind} is not an option; choose one of wandb, csv, none")

@@ -20,7 +20,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from src.config_checks import validate_config
@@ -35,7 +34,7 @@ from src.federated.data import Federation
 from src.federated.distributed import end_process_group
 from src.federated.faults import ClientFaults
 from src.federated.orchestrator import FederatedModule
-from src.loggers import build_loggers, finish_wandb
+from src.loggers import build_loggers, finish_wandb, wandb_run_id
 from src.models.export import export_adapters
 from src.outputs import RoundRecorder, summarize, write_summary
 
@@ -123,7 +122,7 @@ def writable_output_dir(cfg: DictConfig) -> Path:
     output_dir = Path(cfg.paths.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".fedsweep-write-test"
+        probe = output_dir / f".fedsweep-write-test-{os.getpid()}"  # one per DDP process
         probe.touch()
         probe.unlink()
     except OSError as error:
@@ -148,14 +147,11 @@ def train(cfg: DictConfig) -> dict:
 
     module = build_module(cfg, output_dir)
     module.run_config = config
-    module.wandb_id = saved.get("wandb_id")
+    # a resumed run continues its W&B run; a new one gets its id now, kept in the checkpoints
+    module.wandb_id = saved.get("wandb_id") or wandb_run_id()
     loggers = build_loggers(cfg, run_name, group, run_id=module.wandb_id)
     per_client = None
     try:
-        if module.wandb_id is None:  # a new W&B run: remember its id for a resume
-            module.wandb_id = next(
-                (lg.version for lg in loggers if isinstance(lg, WandbLogger)), None
-            )
         checkpoint = LastRoundCheckpoint(output_dir / "checkpoints", cfg.fl.checkpoint_every)
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
         if resume_from:

@@ -24,9 +24,14 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def compose_config(
     overrides: list[str] | None = None, tmp_path: Path | None = None, for_tests: bool = True
 ):
-    """The project's config with `overrides`, outputs under tmp_path; `for_tests`: CPU, no logger."""
+    """The project's config with `overrides`, outputs under tmp_path; `for_tests`: CPU, no logger,
+    and `resume=never`, so that runs sharing tmp_path start afresh (resume tests ask for auto)."""
     GlobalHydra.instance().clear()
-    base = ["trainer=cpu", "logger=none", "trainer.enable_progress_bar=false"] if for_tests else []
+    base = (
+        ["trainer=cpu", "logger=none", "trainer.enable_progress_bar=false", "resume=never"]
+        if for_tests
+        else []
+    )
     if tmp_path is not None:
         base += [f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'data'}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

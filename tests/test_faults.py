@@ -62,6 +62,6 @@ def test_a_round_where_every_client_fails_stops_with_a_usable_checkpoint(
     assert saved["fedsweep"]["rounds_done"] == 1
 
     monkeypatch.setattr(ClientFaults, "plan", real_plan)  # the fault is gone: resume
-    summary = train(make_digits_config("fl.rounds=3"))
+    summary = train(make_digits_config("fl.rounds=3", "resume=auto"))
     assert summary["rounds_done"] == 3
     assert [r["round"] for r in _rows(tmp_path / "run" / "metrics.csv")] == ["1", "2", "3"]

@@ -20,6 +20,7 @@ from src.run import train
 from tests.conftest import ROOT, compose_config
 
 RUN = [
+    "resume=auto",
     "experiment=quickstart",
     "logger=none",
     "fl.rounds=4",

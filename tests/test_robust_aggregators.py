@@ -75,7 +75,7 @@ def test_multi_krum_averages_the_m_best_with_their_sample_weights():
 
 def test_robust_aggregators_refuse_mixed_ranks():
     alg = FedLoRA("fedlora", {"r": 4, "alpha": 8, "target_modules": ["0"]}, [], [2, 4])
-    model = alg.prepare_model(nn.Sequential(nn.Linear(3, 3)))
+    model = alg.prepare_model(nn.Sequential(nn.Linear(8, 8)))
     with pytest.raises(ConfigError, match="equal shapes"):
         MedianAggregator("median").setup(model, alg)
 

@@ -27,3 +27,17 @@ def test_mode_defaults_to_offline_without_credentials(monkeypatch, tmp_path):
     assert wandb_logged_in() is False
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_logged_in() is True
+
+
+def test_a_resumed_run_continues_its_wandb_run_without_repeating_rounds(make_digits_config):
+    first = make_digits_config("logger=wandb", "logger.mode=offline", "fl.rounds=1")
+    train(first)
+    train(make_digits_config("logger=wandb", "logger.mode=offline", "fl.rounds=2", "resume=auto"))
+    run_files = sorted(Path(first.paths.output_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 2
+    assert len({path.name for path in run_files}) == 1  # run-<id>.wandb: the same W&B run id
+    steps = [
+        [row["trainer/global_step"] for row in read_run(path)["history"] if "train/loss" in row]
+        for path in run_files
+    ]
+    assert steps == [[1], [2]]
