@@ -69,7 +69,9 @@ def test_learns_on_digits_and_writes_the_contract_outputs(alg, make_digits_confi
     assert summary["final"]["val/personal_acc"] >= THRESHOLDS[alg]
 
 
-@pytest.mark.parametrize("aggregator", ["stack", "svd", "zeropad"])
+@pytest.mark.parametrize(
+    "aggregator", ["stack", "svd", pytest.param("zeropad", marks=pytest.mark.slow)]
+)
 def test_heterogeneous_ranks_learn_with_each_aggregator(aggregator, make_digits_config):
     cfg = make_digits_config(
         "alg=fedlora", "alg.client_ranks=[2,4,8]", f"aggregator={aggregator}", *FAST

@@ -137,33 +137,9 @@ class FederatedModule(pl.LightningModule):
         exchange = RoundExchange(self.aggregator, self.store, self.ranks, self.device)
         self.faults.plan(sampled, self.seed, round_idx)
         tokens_before = getattr(self.federation.train, "served_tokens", 0)  # text only
-        loss_sum, seen, dropped, up_bytes, down_bytes = 0.0, 0, 0, 0, 0
-        failures = []
-        for client_id in mine:
-            payload = self.aggregator.broadcast(client_id)
-            down_bytes += self.aggregator.download_bytes(client_id, payload)
-            try:
-                upload, client_loss, client_seen = self._run_client(client_id, round_idx, payload)
-            except Exception as error:  # a crashed client is dropped; the round goes on
-                failures.append(f"client {client_id}: {type(error).__name__}: {error}")
-                log.warning("round %d: %s; dropped", round_idx + 1, failures[-1])
-                dropped += 1
-                continue
-            up_bytes += nbytes(upload)  # sent, even if the server then rejects it
-            if not torch.stack([torch.isfinite(t).all() for t in upload.values()]).all():
-                failures.append(f"client {client_id} uploaded non-finite values")
-                log.warning("round %d: %s; dropped", round_idx + 1, failures[-1])
-                dropped += 1
-                continue
-            # a dropped client keeps its previous private state
-            private = (
-                self.algorithm.private_state(self.model, client_id)
-                if self.algorithm.personalized
-                else None
-            )
-            exchange.add(client_id, upload, float(len(clients[client_id].train)), private)
-            loss_sum += client_loss
-            seen += client_seen
+        loss_sum, seen, dropped, up_bytes, down_bytes, failures = self._train_clients(
+            mine, round_idx, exchange
+        )
         exchange.finish(sampled)
         served = getattr(self.federation.train, "served_tokens", 0) - tokens_before
         totals = torch.tensor(  # summed over the ranks (one process: as they are)
@@ -196,6 +172,34 @@ class FederatedModule(pl.LightningModule):
         self.log("train/loss", self._round_metrics["train/loss"], prog_bar=True, logger=False)
         if not self._is_eval_round():
             self._emit(evaluated=False)
+
+    def _train_clients(self, clients: list[int], round_idx: int, exchange: RoundExchange):
+        """Train `clients` one after the other, handing each result to `exchange`; a client that
+        raises or uploads non-finite values is dropped (it keeps its previous private state).
+        Returns (loss sum, targets seen, dropped, up bytes, down bytes, why each was dropped)."""
+        loss_sum, seen, up_bytes, down_bytes, failures = 0.0, 0, 0, 0, []
+        for client_id in clients:
+            payload = self.aggregator.broadcast(client_id)
+            down_bytes += self.aggregator.download_bytes(client_id, payload)
+            try:
+                upload, client_loss, client_seen = self._run_client(client_id, round_idx, payload)
+            except Exception as error:  # a crashed client is dropped; the round goes on
+                failures.append(f"client {client_id}: {type(error).__name__}: {error}")
+                log.warning("round %d: %s; dropped", round_idx + 1, failures[-1])
+                continue
+            up_bytes += nbytes(upload)  # sent, even if the server then rejects it
+            if not torch.stack([torch.isfinite(t).all() for t in upload.values()]).all():
+                failures.append(f"client {client_id} uploaded non-finite values")
+                log.warning("round %d: %s; dropped", round_idx + 1, failures[-1])
+                continue
+            private = self.algorithm.private_state(self.model, client_id)
+            weight = float(len(self.federation.clients[client_id].train))
+            exchange.add(
+                client_id, upload, weight, private if self.algorithm.personalized else None
+            )
+            loss_sum += client_loss
+            seen += client_seen
+        return loss_sum, seen, len(failures), up_bytes, down_bytes, failures
 
     def _run_client(self, client_id: int, round_idx: int, payload: TensorDict):
         """Load the broadcast into the resident model, train locally; returns (upload, loss sum, samples).
