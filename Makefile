@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: install run test test-all bench lint clean
+.PHONY: install run test test-all bench sweep lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ test-all: install
 bench: install
 	$(BIN)/python -m benchmarks.bench
 	$(BIN)/python -m benchmarks.scaling
+
+# The CPU-sized comparison of the four algorithms (3 seeds each), then its report.
+SWEEP_DIR := outputs/multiruns/compare_algorithms_cpu
+sweep: install
+	$(BIN)/python -m src.run -m experiment=compare_algorithms_cpu hydra.sweep.dir=$(SWEEP_DIR) trainer.enable_progress_bar=false
+	$(BIN)/python -m src.report $(SWEEP_DIR)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

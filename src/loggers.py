@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import netrc
 import os
@@ -24,6 +25,11 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def _cell(value):
+    """A W&B table cell: lists (a label histogram) as text."""
+    return json.dumps(value) if isinstance(value, list) else value
+
+
 def wandb_run_id() -> str:
     """A fresh W&B run id (8 lowercase letters and digits, like W&B's own)."""
     return uuid.uuid4().hex[:8]
@@ -41,13 +47,22 @@ def build_loggers(
         return [CSVLogger(save_dir=str(out), name="csv", version="")]
     if kind == "wandb":
         mode = cfg.logger.mode or ("online" if wandb_logged_in() else "offline")
-        tags = [cfg.alg.name, cfg.model.name, cfg.data.name, cfg.aggregator.name, *cfg.logger.tags]
+        tags = [
+            cfg.alg.name,
+            cfg.model.name,
+            cfg.data.name,
+            cfg.partitioner.name,
+            cfg.aggregator.name,
+            f"seed={cfg.seed}",
+            *cfg.logger.tags,
+        ]
         return [
             WandbLogger(
                 project=cfg.logger.project,
                 entity=cfg.logger.entity,
                 name=run_name,
                 group=cfg.logger.group or group,
+                job_type=cfg.alg.name,  # W&B groups a sweep's runs by algorithm within the group
                 tags=tags,
                 save_dir=str(out),
                 mode=mode,
@@ -59,19 +74,34 @@ def build_loggers(
     raise ValueError(f"logger={kind} is not an option; choose one of wandb, csv, none")
 
 
-def finish_wandb(loggers: list[Logger], per_client: list[dict] | None = None) -> None:
-    """Log the per-client table, close the W&B run (always) and say how to sync an offline run."""
+def finish_wandb(
+    loggers: list[Logger], per_client: list[dict] | None = None, summary: dict | None = None
+) -> None:
+    """Put the final and best metrics and the total bytes into the run summary, log the
+    per-client table, close the W&B run (always) and say how to sync an offline run."""
     import wandb
 
     run = wandb.run
     if run is None:
         return
     wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    if summary:
+        run.summary.update(
+            {
+                **{f"final/{k}": v for k, v in summary["final"].items() if k.startswith("val/")},
+                **{
+                    f"best/{k}": b["value"]
+                    for k, b in summary["best"].items()
+                    if k.startswith("val/")
+                },
+                "total_bytes": summary["total_bytes"],
+                "rounds_done": summary["rounds_done"],
+            }
+        )
     if wandb_loggers and per_client:
         columns = list(per_client[0])
-        wandb_loggers[0].log_table(
-            "clients", columns=columns, data=[[row[c] for c in columns] for row in per_client]
-        )
+        rows = [[_cell(row[c]) for c in columns] for row in per_client]
+        wandb_loggers[0].log_table("clients", columns=columns, data=rows)
     run_dir, offline = Path(run.dir).parent, run.offline
     wandb.finish()
     if offline:

@@ -7,6 +7,7 @@ python -m src.run -m alg=fedavg,fedlora seed=0,1,2
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -150,7 +151,7 @@ def train(cfg: DictConfig) -> dict:
     # a resumed run continues its W&B run; a new one gets its id now, kept in the checkpoints
     module.wandb_id = saved.get("wandb_id") or wandb_run_id()
     loggers = build_loggers(cfg, run_name, group, run_id=module.wandb_id)
-    per_client = None
+    per_client = summary = None
     try:
         checkpoint = LastRoundCheckpoint(output_dir / "checkpoints", cfg.fl.checkpoint_every)
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
@@ -183,6 +184,7 @@ def train(cfg: DictConfig) -> dict:
                 "client": i,
                 "train_samples": fed.summary["train_samples"][i],
                 "test_samples": fed.summary["test_samples"][i],
+                "label_histogram": fed.summary["label_histogram"][i],
                 "personal_acc": acc,
                 "malicious": i in module.attack.malicious,
             }
@@ -203,7 +205,7 @@ def train(cfg: DictConfig) -> dict:
             config=config,
         )
     finally:
-        finish_wandb(loggers, per_client)
+        finish_wandb(loggers, per_client, summary)
         end_process_group()  # a sweep's next job starts its own
 
     final = summary["final"]
@@ -240,12 +242,13 @@ def main(cfg: DictConfig) -> float | None:
             write_summary(
                 Path(cfg.paths.output_dir) / "summary.json", status="failed", error=reason
             )
-            return None
+            return math.nan  # an optimising sweeper records a failed trial
         if bad_input is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s", bad_input)  # bad input: one clear line, no traceback
         sys.exit(2)
-    return summary["final"].get("val/global_acc")  # what a Hydra sweeper would optimise
+    # what an optimising sweeper (hparams_search=optuna) maximises
+    return summary["final"].get(cfg.optimized_metric, math.nan)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,12 @@ class RecordingMean(MeanAggregator):
         self.weights.append(weight)
         self.client_ids.append(client_id)
         super()._add(upload, weight, client_id)
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m src.run ARGS` in a subprocess (offline), output captured."""
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "src.run", *args]
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )

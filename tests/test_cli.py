@@ -2,17 +2,12 @@
 others, and bad input stops a run with one clear line before any training."""
 
 import json
-import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "src.run", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+_run = run_cli
 
 
 def _multirun(tmp_path, *overrides: str, expect_failed: bool = False) -> list:

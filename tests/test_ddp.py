@@ -9,9 +9,6 @@ and an accuracy by at most one sample flipping at a near tie."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from src.run import train
-from tests.conftest import CONF_DIR, ROOT, digits_config
+from tests.conftest import CONF_DIR, digits_config, run_cli
 
 SMALL = [
     "fl.rounds=2",
@@ -54,10 +51,7 @@ def _assert_same_metrics(ddp: list[dict], single: list[dict], test_samples: int)
 def ddp_sweep(tmp_path_factory) -> Path:
     """One Hydra multirun of the three algorithms, each job in 2 gloo processes."""
     sweep = tmp_path_factory.mktemp("ddp_sweep")
-    command = [
-        sys.executable,
-        "-m",
-        "src.run",
+    done = run_cli(
         "-m",
         "experiment=quickstart",
         "logger=none",
@@ -68,9 +62,7 @@ def ddp_sweep(tmp_path_factory) -> Path:
         "trainer.enable_progress_bar=false",
         f"alg={','.join(ALGS)}",
         f"hydra.sweep.dir={sweep}",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return sweep
 

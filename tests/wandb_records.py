@@ -54,7 +54,7 @@ def _payloads(raw: bytes):
 
 
 def _parse(raw: bytes) -> tuple[dict, bool]:
-    history, summary, config, exited = [], {}, {}, False
+    history, summary, config, meta, exited = [], {}, {}, {}, False
     for payload in _payloads(raw):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -67,13 +67,16 @@ def _parse(raw: bytes) -> tuple[dict, bool]:
             config.update({_key(i): json.loads(i.value_json) for i in record.config.update})
         elif kind == "run":
             config.update({_key(i): json.loads(i.value_json) for i in record.run.config.update})
+            run = record.run
+            meta = {"group": run.run_group, "job_type": run.job_type, "tags": list(run.tags)}
         elif kind == "exit":
             exited = True
-    return {"history": history, "summary": summary, "config": config}, exited
+    return {"history": history, "summary": summary, "config": config, "run": meta}, exited
 
 
 def read_run(path: str | Path, timeout_s: float = 60.0) -> dict:
-    """{"history": [{key: value}...], "summary": {key: value}, "config": {...}} of one run file."""
+    """{"history": [{key: value}...], "summary": {key: value}, "config": {...}, "run": {group,
+    job_type, tags}} of one run file."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

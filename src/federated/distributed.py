@@ -129,6 +129,7 @@ def _job_command(hydra_config) -> list[str]:
         f"--config-name={hydra_config.job.config_name}",
         *hydra_config.overrides.task,
         f"hydra.run.dir='{output_dir}'",
+        "hydra.mode=RUN",  # one run even when a preset asks for a sweep (hparams_search)
         "hydra.output_subdir=null",
         "hydra/job_logging=stdout",
         "hydra.job_logging.root.level=WARNING",
