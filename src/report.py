@@ -24,6 +24,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from src.outputs import summarize  # noqa: E402
+
 ACCURACIES = ("val/global_acc", "val/personal_acc", "val/personal_acc_p10")
 
 
@@ -35,17 +37,18 @@ class Run:
     summary: dict = field(default_factory=dict)  # empty while the run is in progress
     group: str = ""  # the overrides that tell it apart from the other runs (set by group_runs)
 
+    def __post_init__(self) -> None:
+        self.stats = summarize(self.rows)  # final and best of each metric, as in summary.json
+
     @property
     def finished(self) -> bool:
         return self.summary.get("status") == "completed"
 
     def final(self, key: str) -> float:
-        values = [row[key] for row in self.rows if not math.isnan(row.get(key, math.nan))]
-        return values[-1] if values else math.nan
+        return self.stats["final"].get(key, math.nan)
 
     def best(self, key: str) -> float:
-        values = [row[key] for row in self.rows if not math.isnan(row.get(key, math.nan))]
-        return max(values) if values else math.nan
+        return self.stats["best"].get(key, {}).get("value", math.nan)
 
     @property
     def rounds(self) -> int:

@@ -66,8 +66,8 @@ class MeanAggregator(Aggregator):
     def all_reduce(self, ranks) -> None:
         for tensor in self._partial_sums():
             ranks.sum_(tensor)
-        by_shape = {name: dict(weights) for name, weights in self._weight_by_shape.items()}
-        counted = ranks.gather([(self.num_added, self._total_weight, by_shape)])
+        mine = {name: dict(weights) for name, weights in self._weight_by_shape.items()}
+        counted = ranks.gather([(self.num_added, self._total_weight, mine)])
         self.num_added = sum(added for added, _, _ in counted)
         self._total_weight = sum(total for _, total, _ in counted)
         for name, by_shape in self._weight_by_shape.items():

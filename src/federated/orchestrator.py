@@ -137,13 +137,13 @@ class FederatedModule(pl.LightningModule):
         exchange = RoundExchange(self.aggregator, self.store, self.ranks, self.device)
         self.faults.plan(sampled, self.seed, round_idx)
         tokens_before = getattr(self.federation.train, "served_tokens", 0)  # text only
-        loss_sum, seen, dropped, up_bytes, down_bytes, failures = self._train_clients(
+        loss_sum, seen, up_bytes, down_bytes, failures = self._train_clients(
             mine, round_idx, exchange
         )
         exchange.finish(sampled)
         served = getattr(self.federation.train, "served_tokens", 0) - tokens_before
         totals = torch.tensor(  # summed over the ranks (one process: as they are)
-            [loss_sum, seen, dropped, up_bytes, down_bytes, served],
+            [loss_sum, seen, len(failures), up_bytes, down_bytes, served],
             dtype=torch.float64,
             device=self.device,
         )
@@ -176,7 +176,7 @@ class FederatedModule(pl.LightningModule):
     def _train_clients(self, clients: list[int], round_idx: int, exchange: RoundExchange):
         """Train `clients` one after the other, handing each result to `exchange`; a client that
         raises or uploads non-finite values is dropped (it keeps its previous private state).
-        Returns (loss sum, targets seen, dropped, up bytes, down bytes, why each was dropped)."""
+        Returns (loss sum, targets seen, up bytes, down bytes, one reason per dropped client)."""
         loss_sum, seen, up_bytes, down_bytes, failures = 0.0, 0, 0, 0, []
         for client_id in clients:
             payload = self.aggregator.broadcast(client_id)
@@ -192,14 +192,16 @@ class FederatedModule(pl.LightningModule):
                 failures.append(f"client {client_id} uploaded non-finite values")
                 log.warning("round %d: %s; dropped", round_idx + 1, failures[-1])
                 continue
-            private = self.algorithm.private_state(self.model, client_id)
-            weight = float(len(self.federation.clients[client_id].train))
-            exchange.add(
-                client_id, upload, weight, private if self.algorithm.personalized else None
+            private = (
+                self.algorithm.private_state(self.model, client_id)
+                if self.algorithm.personalized
+                else None
             )
+            weight = float(len(self.federation.clients[client_id].train))
+            exchange.add(client_id, upload, weight, private)
             loss_sum += client_loss
             seen += client_seen
-        return loss_sum, seen, len(failures), up_bytes, down_bytes, failures
+        return loss_sum, seen, up_bytes, down_bytes, failures
 
     def _run_client(self, client_id: int, round_idx: int, payload: TensorDict):
         """Load the broadcast into the resident model, train locally; returns (upload, loss sum, samples).
@@ -345,9 +347,8 @@ class FederatedModule(pl.LightningModule):
         shares = self._global_test_shares()
         hits = torch.zeros(len(clients), dtype=torch.float64, device=self.device)
         counts = torch.zeros(len(clients), dtype=torch.float64, device=self.device)
-        on_global = torch.zeros(
-            3, dtype=torch.float64, device=self.device
-        )  # loss, correct, counted
+        # summed loss, correct and counted targets of the personal models on the global test set
+        on_global = torch.zeros(3, dtype=torch.float64, device=self.device)
         mine = self.ranks.shard(list(range(len(clients))), [len(c.test) for c in clients])
         for client_id in mine:
             self.algorithm.download(self.model, self.deployed_state(client_id), client_id)

@@ -56,17 +56,17 @@ def add_lora(
         raise ConfigError(
             f"alg.lora.target_modules must be a non-empty list, got {target_modules!r}"
         )
-    layers = [n for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)]
+    # every layer LoRA can adapt, with its width min(in, out): the largest rank it can take
+    widths = {
+        n: min(m.weight.shape[:2]) for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)
+    }
     for t in target_modules:
-        if not any(_matches(n, t) for n in layers):
+        if not any(_matches(n, t) for n in widths):
             linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
             raise ConfigError(
                 f"alg.lora.target_modules: '{t}' matches no Linear/Conv2d/Embedding module; "
                 f"available e.g. {linear[:6]}"
             )
-    widths = {
-        n: min(m.weight.shape[:2]) for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)
-    }
     targeted = {n: w for n, w in widths.items() if any(_matches(n, t) for t in target_modules)}
     narrowest = min(targeted, key=targeted.get)
     if r > targeted[narrowest]:
