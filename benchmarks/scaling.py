@@ -42,7 +42,13 @@ def measure(num_clients: int, out: Path) -> dict:
     partition_s = time.perf_counter() - started
 
     module = build_module(cfg, out)
-    module.algorithm.local_steps = 5  # the same work per sampled client, whatever its data size
+    algorithm = module.algorithm
+
+    def five_steps(model, run):  # the same work per sampled client, whatever its data size
+        optimizer = run.make_optimizer([p for p in model.parameters() if p.requires_grad])
+        return algorithm.train(model, optimizer, run.batches(steps=5), run.backward)
+
+    algorithm.local_update = five_steps
     rounds = RoundTimes()
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[rounds], enable_checkpointing=False)
     trainer.fit(module)

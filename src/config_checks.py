@@ -2,14 +2,97 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import Literal
 
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from src.config_types import check_targets, check_value, option, show
 from src.errors import ConfigError
+
+_ABSENT = object()
+
+
+def _at_least(low):
+    return lambda v, c: v >= low, f">= {low}"
+
+
+def _above(low):
+    return lambda v, c: v > low, f"> {low}"
+
+
+_FRACTION = (lambda v, c: 0 <= v <= 1, "in [0, 1]")
+_BELOW_ONE = (lambda v, c: 0 <= v < 1, "in [0, 1)")
+_ANY = (None, "")
+_FL_COUNTS = ("rounds", "num_clients", "local_epochs", "batch_size", "eval_every")
+_FL_COUNTS += ("eval_batch_size", "checkpoint_every")
+
+# (key, type, test of the value, what is allowed; "{c.x}" reads the config). Absent keys pass.
+RULES = (
+    ("seed", int, *_at_least(0)),
+    *((f"fl.{key}", int, *_at_least(1)) for key in _FL_COUNTS),
+    (
+        "fl.clients_per_round",
+        int,
+        lambda v, c: 1 <= v <= c.fl.num_clients,
+        "in [1, fl.num_clients={c.fl.num_clients}]",
+    ),
+    ("fault.fail_fraction", float, *_FRACTION),
+    ("fault.nan_fraction", float, *_FRACTION),
+    ("fault.on_error", Literal["stop", "drop"], *_ANY),
+    ("resume", str, *_ANY),  # auto | never | the path of a last.ckpt
+    ("optimized_metric", str, *_ANY),
+    *((f"data.{key}", int, *_at_least(1)) for key in ("image_size", "channels", "num_classes")),
+    ("data.max_length", int, *_at_least(8)),  # tokens
+    ("partitioner.alpha", float, *_above(0)),  # also refuses nan
+    ("partitioner.test_fraction", float, lambda v, c: 0 < v < 1, "in (0, 1)"),
+    ("alg.lora.r", int, *_at_least(1)),
+    ("alg.lora.alpha", float, *_above(0)),
+    ("optim.lr", float, *_above(0)),
+    ("optim.momentum", float, *_BELOW_ONE),
+    ("optim.weight_decay", float, *_at_least(0)),
+    (
+        "optim.betas",
+        tuple[float, float],
+        lambda v, c: all(0 <= b < 1 for b in v),
+        "two numbers in [0, 1)",
+    ),
+    ("optim.eps", float, *_above(0)),
+)
+WHY = {
+    "partitioner.test_fraction": "0 leaves the clients without a local test split, on which "
+    "val/personal_acc is measured",
+}
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def check_rules(cfg: DictConfig) -> None:
+    """The type and range of every key in RULES that the config has."""
+    for key, kind, test, allowed in RULES:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        check_value(key, value, kind)
+        if test is not None and not test(value, cfg):
+            why = f"; {WHY[key]}" if key in WHY else ""
+            raise ConfigError(f"{key} must be {allowed.format(c=cfg)}, got {show(value)}{why}")
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Build the client optimizer once on a dummy parameter: torch's own checks of its settings."""
+    build = instantiate(cfg.optim)
+    try:
+        build([torch.zeros(1, requires_grad=True)])
+    except (ValueError, TypeError) as error:
+        raise ConfigError(
+            f"{option(cfg, 'optim')}: {cfg.optim._target_} refuses these settings: "
+            + (str(error).splitlines() or [type(error).__name__])[0]
+        ) from error
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -20,38 +103,39 @@ def validate_config(cfg: DictConfig) -> None:
         + ("a language model (model=qwen or qwen_tiny)" if text_data else "an image model (vit)")
         + f", got model={cfg.model.name}",
     )
-    fl = cfg.fl
-    _require(fl.rounds >= 1, f"fl.rounds must be >= 1, got {fl.rounds}")
-    _require(fl.num_clients >= 1, f"fl.num_clients must be >= 1, got {fl.num_clients}")
-    _require(
-        1 <= fl.clients_per_round <= fl.num_clients,
-        f"fl.clients_per_round must be in [1, fl.num_clients={fl.num_clients}], got {fl.clients_per_round}",
-    )
-    _require(fl.local_epochs >= 1, f"fl.local_epochs must be >= 1, got {fl.local_epochs}")
-    _require(fl.batch_size >= 1, f"fl.batch_size must be >= 1, got {fl.batch_size}")
-    _require(fl.eval_every >= 1, f"fl.eval_every must be >= 1, got {fl.eval_every}")
-    _require(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if "alpha" in cfg.partitioner:
-        _require(
-            cfg.partitioner.alpha > 0, f"partitioner.alpha must be > 0, got {cfg.partitioner.alpha}"
-        )
-    _require(
-        0 <= cfg.partitioner.test_fraction < 1,
-        f"partitioner.test_fraction must be in [0, 1), got {cfg.partitioner.test_fraction}",
-    )
+    check_rules(cfg)
+    check_targets(cfg)
     if cfg.aggregator.name == "krum":  # Krum's guarantee needs K > 2f + 2
-        f = cfg.aggregator.num_byzantine
+        f, cohort = cfg.aggregator.num_byzantine, cfg.fl.clients_per_round
         _require(
-            fl.clients_per_round > 2 * f + 2,
+            cohort > 2 * f + 2,
             f"aggregator=krum with aggregator.num_byzantine={f} needs fl.clients_per_round > "
-            f"2 * {f} + 2 = {2 * f + 2}, got {fl.clients_per_round}; sample more clients or "
-            "lower num_byzantine",
+            f"2 * {f} + 2 = {2 * f + 2}, got {cohort}; sample more clients or lower num_byzantine",
         )
-    fault = cfg.get("fault", {})
-    for key in ("fail_fraction", "nan_fraction"):
-        value = fault.get(key, 0.0)
-        _require(0 <= value <= 1, f"fault.{key} must be in [0, 1], got {value}")
-    lora = cfg.alg.get("lora")
-    if lora is not None:
-        _require(lora.r >= 1, f"alg.lora.r must be >= 1, got {lora.r}")
-        _require(lora.alpha > 0, f"alg.lora.alpha must be > 0, got {lora.alpha}")
+    check_optimizer(cfg)
+
+
+def check_dataset_matches(cfg: DictConfig, dataset) -> None:
+    """Right after `dataset = instantiate(cfg.data.loader)`: the loaded images agree with
+    data.channels, data.image_size and data.num_classes, from which the model is built."""
+    from src.data.datasets import ImageDataset
+
+    if not isinstance(dataset, ImageDataset):
+        return
+    data = cfg.data
+    for split in (dataset.train, dataset.test):
+        _, channels, height, width = split.images.shape  # uint8 [N, C, H, W]
+        _require(
+            channels == data.channels,
+            f"data.channels={data.channels} but data={data.name} has {channels}-channel images",
+        )
+        _require(
+            height == width == data.image_size,
+            f"data.image_size={data.image_size} but data={data.name} has {height}x{width} images",
+        )
+        top = int(split.labels.max()) if len(split) else -1
+        _require(
+            top < data.num_classes,
+            f"data.num_classes={data.num_classes} but data={data.name} has label {top}; "
+            f"it needs data.num_classes >= {top + 1}",
+        )

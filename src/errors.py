@@ -1,4 +1,4 @@
-"""Errors that mean "the input is wrong", not "the code is wrong": shown as one line, no traceback."""
+"""Errors that mean "the input is wrong" (one line, no traceback) and the run-stopping errors."""
 
 
 class ConfigError(ValueError):
@@ -7,6 +7,19 @@ class ConfigError(ValueError):
 
 class AllClientsFailedError(RuntimeError):
     """Every sampled client of a round failed: the run stops (its last checkpoint stays usable)."""
+
+
+class ClientError(RuntimeError):
+    """A client raised while it trained (a bug, not an injected fault): the run stops. The
+    message names the round and the client; the original exception is the cause."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGTERM or SIGINT: the run stops at the next client boundary, keeping its checkpoint."""
+
+    def __init__(self, signal_name: str, exit_code: int):
+        super().__init__(signal_name)
+        self.signal_name, self.exit_code = signal_name, exit_code
 
 
 def user_error(error: BaseException | None) -> BaseException | None:

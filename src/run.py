@@ -24,7 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from src.config_checks import validate_config
-from src.errors import ConfigError, user_error
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from src.errors import ConfigError, RunInterrupted, user_error
+from src.federated.compatibility import check_aggregator, check_attack, check_evaluable
 from src.federated.checkpoint import (
     LastRoundCheckpoint,
     check_same_config,
@@ -35,8 +38,9 @@ from src.federated.data import Federation
 from src.federated.distributed import end_process_group
 from src.federated.faults import ClientFaults
 from src.federated.orchestrator import FederatedModule
+from src.federated.server import Server
+from src.federated.transforms import TransformChain
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
-from src.models.export import export_adapters
 from src.outputs import RoundRecorder, summarize, write_summary
 
 log = logging.getLogger("fedsweep")
@@ -74,8 +78,9 @@ def build_base_model(cfg: DictConfig) -> nn.Module:
 
 
 def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
-    """Data, partition, model, algorithm and aggregator from the config; seeded, so the same
-    config builds the same federation and the same initial model."""
+    """Data, partition, model, algorithm, aggregator and upload transforms from the config;
+    seeded, so the same config builds the same federation and the same initial model. Every
+    combination is checked here, before training."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info("loading data=%s", cfg.data.name)
     dataset = instantiate(cfg.data.loader)
@@ -91,19 +96,21 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     )
     algorithm = instantiate(cfg.alg, _convert_="all")
     model = algorithm.prepare_model(build_base_model(cfg))
+    algorithm.configure(federation, output_dir, cfg.seed)
+    aggregator = instantiate(cfg.aggregator)
+    spec = algorithm.shared_spec(model, cfg.fl.clients_per_round)
+    check_aggregator(spec, aggregator)
     attack = instantiate(cfg.attack)
-    if attack.name == "label_flip" and federation.is_text:
-        raise ConfigError("attack=label_flip permutes class labels; text data has none")
+    check_attack(attack, aggregator, federation.num_clients, federation.is_text)
     attack.choose(federation.num_clients, cfg.seed)
+    check_evaluable(federation, attack.malicious)
     if attack.malicious:
         log.info("attack=%s: malicious clients %s", attack.name, sorted(attack.malicious))
-    aggregator = algorithm.wrap_aggregator(
-        instantiate(cfg.aggregator), federation, output_dir, cfg.seed
-    )
+    faults = ClientFaults(**cfg.fault)
     return FederatedModule(
         model=model,
         algorithm=algorithm,
-        aggregator=aggregator,
+        server=Server(algorithm, aggregator),
         federation=federation,
         optimizer=instantiate(cfg.optim),
         rounds=cfg.fl.rounds,
@@ -114,8 +121,9 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         eval_batch_size=cfg.fl.eval_batch_size,
         seed=cfg.seed,
         recorder=RoundRecorder(output_dir / "metrics.csv"),
-        attack=attack,
-        faults=ClientFaults(**cfg.fault),
+        transforms=TransformChain([faults, attack]),
+        malicious=attack.malicious,
+        drop_client_errors=faults.on_error == "drop",
     )
 
 
@@ -152,8 +160,9 @@ def train(cfg: DictConfig) -> dict:
     module.wandb_id = saved.get("wandb_id") or wandb_run_id()
     loggers = build_loggers(cfg, run_name, group, run_id=module.wandb_id)
     per_client = summary = None
+    checkpoint = LastRoundCheckpoint(output_dir / "checkpoints", cfg.fl.checkpoint_every)
+    fields = dict(run_name=run_name, rounds=cfg.fl.rounds, config=config)
     try:
-        checkpoint = LastRoundCheckpoint(output_dir / "checkpoints", cfg.fl.checkpoint_every)
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
         if resume_from:
             log.info(
@@ -171,14 +180,34 @@ def train(cfg: DictConfig) -> dict:
             trainer.strategy.root_device,
         )
         # our own checkpoint (RNG states include numpy arrays): a full load, not weights only
-        trainer.fit(module, ckpt_path=resume_from, weights_only=False)
+        try:
+            trainer.fit(module, ckpt_path=resume_from, weights_only=False)
+        except (RunInterrupted, SIGTERMException) as stop:
+            interrupted = stop if isinstance(stop, RunInterrupted) else RunInterrupted("SIGTERM", 143)
+            kept = checkpoint.saved_round or saved.get("rounds_done", 0)
+            if trainer.is_global_zero:
+                write_summary(
+                    output_dir / "summary.json",
+                    status="interrupted",
+                    signal=interrupted.signal_name,
+                    rounds_done=kept,
+                    dropped_clients=module.dropped,
+                    **fields,
+                )
+            log.error(
+                "interrupted by %s in round %d: checkpoints/last.ckpt holds %d completed rounds; "
+                "run the same command to resume",
+                interrupted.signal_name,
+                module.current_epoch + 1,
+                kept,
+            )
+            raise interrupted from None
         if not trainer.is_global_zero:  # under DDP, rank 0 writes the outputs
             return {}
 
-        if getattr(module.algorithm, "export_adapters", False):
-            export_adapters(module, output_dir / "adapters")
-            log.info("adapters (peft format) written to %s", output_dir / "adapters")
+        module.algorithm.finish_run(module, output_dir)
         fed = module.federation
+        malicious = module.evaluator.malicious
         per_client = [
             {
                 "client": i,
@@ -186,23 +215,22 @@ def train(cfg: DictConfig) -> dict:
                 "test_samples": fed.summary["test_samples"][i],
                 "label_histogram": fed.summary["label_histogram"][i],
                 "personal_acc": acc,
-                "malicious": i in module.attack.malicious,
+                "malicious": i in malicious,
             }
             for i, acc in enumerate(module.per_client_acc)
         ]
         summary = write_summary(
             output_dir / "summary.json",
             status="completed",
-            run_name=run_name,
             rounds_done=module.current_epoch,
-            rounds=cfg.fl.rounds,
             wall_time_s=time.perf_counter() - started,
             total_bytes=module.total_bytes,
             **summarize(module.recorder.rows),
+            dropped_clients=module.dropped,
             per_client=per_client,
             partition=fed.summary,
-            malicious_clients=sorted(module.attack.malicious),
-            config=config,
+            malicious_clients=sorted(malicious),
+            **fields,
         )
     finally:
         finish_wandb(loggers, per_client, summary)
@@ -230,6 +258,8 @@ def main(cfg: DictConfig) -> float | None:
         summary = train(cfg)
         if not summary:  # a DDP rank other than 0
             return None
+    except RunInterrupted as stop:  # pre-emption: the whole sweep stops too
+        sys.exit(stop.exit_code)
     except Exception as error:
         bad_input = user_error(error)
         if multirun:

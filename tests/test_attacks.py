@@ -14,11 +14,12 @@ def _attack(name, fraction=0.2, num_clients=10, seed=0):
     return attack
 
 
-def _upload_and_received():
+def _upload_and_origin():
     gen = torch.Generator().manual_seed(0)
-    received = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
-    upload = {n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in received.items()}
-    return upload, received
+    # origin: what the client would send without training (for a plain model, what it received)
+    origin = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+    upload = {n: t + 0.1 * torch.randn(t.shape, generator=gen) for n, t in origin.items()}
+    return upload, origin
 
 
 def test_malicious_clients_are_a_fixed_fraction_chosen_from_the_seed():
@@ -33,29 +34,29 @@ def test_malicious_clients_are_a_fixed_fraction_chosen_from_the_seed():
 def test_honest_clients_upload_unchanged():
     attack = _attack("gaussian")
     honest = next(c for c in range(10) if c not in attack.malicious)
-    upload, received = _upload_and_received()
-    assert attack.corrupt(honest, upload, received, torch.Generator()) is upload
+    upload, origin = _upload_and_origin()
+    assert attack.apply(honest, upload, origin, torch.Generator()) is upload
 
 
 def test_sign_flip_reverses_and_rescales_the_update():
     attack = _attack("sign_flip")
     bad = min(attack.malicious)
-    upload, received = _upload_and_received()
-    sent = attack.corrupt(bad, upload, received, torch.Generator().manual_seed(3))
+    upload, origin = _upload_and_origin()
+    sent = attack.apply(bad, upload, origin, torch.Generator().manual_seed(3))
     ratios = torch.cat(
-        [((sent[n] - received[n]) / (upload[n] - received[n])).flatten() for n in sent]
+        [((sent[n] - origin[n]) / (upload[n] - origin[n])).flatten() for n in sent]
     )
     assert torch.allclose(ratios, ratios[0]) and ratios[0] < 0  # one negative factor for all
 
 
 def test_gaussian_and_same_value_replace_the_upload():
-    upload, received = _upload_and_received()
+    upload, origin = _upload_and_origin()
     noise = _attack("gaussian")
-    sent = noise.corrupt(min(noise.malicious), upload, received, torch.Generator().manual_seed(0))
+    sent = noise.apply(min(noise.malicious), upload, origin, torch.Generator().manual_seed(0))
     values = torch.cat([t.flatten() for t in sent.values()])
     assert 20 < values.std() < 500  # N(0, 100^2), 15 numbers
     same = _attack("same_value")
-    sent = same.corrupt(min(same.malicious), upload, received, torch.Generator().manual_seed(0))
+    sent = same.apply(min(same.malicious), upload, origin, torch.Generator().manual_seed(0))
     assert len(torch.cat([t.flatten() for t in sent.values()]).unique()) == 1
 
 

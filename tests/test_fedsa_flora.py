@@ -1,6 +1,7 @@
-"""fedsa-flora (DESIGN §5): A is shared and aggregated; B and the head stay with each client."""
+"""fedsa-flora: A is shared and aggregated; B and the head stay with each client."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,10 +10,11 @@ from hydra.utils import instantiate
 from torch import nn
 
 from src.aggregators import MeanAggregator
-from src.aggregators.clustered import ClusteredAggregator
 from src.aggregators.clustering import cluster_rows, elbow
-from src.algorithms import Algorithm, FedSAFLoRA
+from src.algorithms import FedSAFLoRA
 from src.errors import ConfigError, user_error
+from src.federated.contract import Role, SharedSpec
+from src.federated.server import Server
 from src.run import build_base_model, build_module, train
 from tests.conftest import RecordingMean
 
@@ -68,7 +70,8 @@ def test_sampled_clients_deploy_the_aggregate_a_and_their_own_trained_b(one_roun
 
     sampled = agg.client_ids
     for cid in sampled:
-        deployed = module.deployed_state(cid)
+        payload, private = module.deployed_state(cid)
+        deployed = payload | private
         rank = alg.client_rank(cid)
         for name in agg.state:  # shared A: the aggregate, at the client's rank
             assert torch.equal(deployed[name], agg.state[name][:rank])
@@ -160,15 +163,15 @@ def test_elbow_of_a_curve_without_a_bend_is_the_smallest_k():
 
 def test_clustered_server_writes_decisions_and_mixes_cluster_and_global(tmp_path):
     rows, truth = _three_centres(n_per=4, dim=12)
-    model = nn.Linear(3, 4, bias=False).double()
-    alg = Algorithm("plain")
-    server = ClusteredAggregator(
-        MeanAggregator("mean"),
-        cluster={"k": None, "min_k": 2, "max_k": 5, "mix": 0.3},
-        output_dir=tmp_path,
-        seed=0,
+    alg = FedSAFLoRA(
+        "fedsa-flora",
+        {"r": 4, "alpha": 8, "target_modules": ["proj"]},
+        cluster={"enabled": True, "k": None, "min_k": 2, "max_k": 5, "mix": 0.3},
     )
-    server.setup(model, alg)
+    alg.configure(SimpleNamespace(groups=None), tmp_path, seed=0)
+    alg.spec = SharedSpec(roles={"weight": Role.OTHER}, uploads_per_round=len(rows))
+    server = Server(alg, MeanAggregator("mean"))
+    server.aggregator.setup(alg.spec, {"weight": torch.zeros(4, 3, dtype=torch.float64)})
     server.begin(0)
     for cid, row in enumerate(rows):
         server.add({"weight": torch.from_numpy(row).reshape(4, 3)}, 1.0, cid)
@@ -181,10 +184,10 @@ def test_clustered_server_writes_decisions_and_mixes_cluster_and_global(tmp_path
     # client 0 receives 0.7 * (its cluster's mean) + 0.3 * (the global mean)
     glob = torch.from_numpy(rows.mean(0)).reshape(4, 3)
     mine = torch.from_numpy(rows[truth == truth[0]].mean(0)).reshape(4, 3)
-    torch.testing.assert_close(server.broadcast(0)["weight"], 0.7 * mine + 0.3 * glob)
+    torch.testing.assert_close(server.payload(0)["weight"], 0.7 * mine + 0.3 * glob)
     torch.testing.assert_close(server.state["weight"], glob)
     # a client that was not clustered receives the global state
-    torch.testing.assert_close(server.broadcast(99)["weight"], glob)
+    torch.testing.assert_close(server.payload(99)["weight"], glob)
 
 
 def test_clustering_run_writes_a_json_per_round(make_digits_config, tmp_path):
@@ -252,7 +255,7 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(make_digits_conf
     # a client that trained, of the smaller rank (its adapter is r=4 of the resident r_max=8)
     client = next(c for c in sorted(module.store.saved) if module.algorithm.client_rank(c) == 4)
     images, _ = module.federation.train.batch(module.federation.clients[client].test)
-    module.algorithm.download(module.model, module.deployed_state(client), client)
+    module.deploy(client)
     module.model.eval()
     with torch.no_grad():
         ours = module.model(images)
@@ -277,4 +280,5 @@ def test_checkpoint_restores_every_clients_private_state(make_digits_config, tmp
         for name, tensor in tensors.items():
             assert torch.equal(first.store.load(cid)[name], tensor)
     # and the clusters: every clustered client deploys the same A as before the restart
-    assert first.aggregator.client_cluster == checkpoint["fedsweep"]["aggregator"]["client_cluster"]
+    clusters = checkpoint["fedsweep"]["server"]["algorithm"]["client_cluster"]
+    assert first.algorithm.client_cluster == clusters

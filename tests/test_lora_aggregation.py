@@ -18,6 +18,7 @@ from src.aggregators import (
 from src.aggregators.lora_math import stack_factors, svd_factors, weighted_delta
 from src.algorithms import FedLoRA, FFALoRA
 from src.errors import ConfigError
+from src.federated.compatibility import check_aggregator
 
 RANKS = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 D_IN, D_OUT, ALPHA = 96, 80, 16.0
@@ -48,6 +49,14 @@ class TinyNet(nn.Module):
         return self.head(self.proj(x))
 
 
+def _setup(aggregator, model, alg, clients_per_round):
+    """What the run does before training: check the combination, then set the aggregator up from
+    the algorithm's SharedSpec, initial server state and base weights."""
+    spec = alg.shared_spec(model, clients_per_round)
+    check_aggregator(spec, aggregator)
+    aggregator.setup(spec, alg.server_state(model), alg.base_weights(model))
+
+
 def _federated(ranks, aggregator, seed=0):
     """A float64 TinyNet with LoRA on `proj`, ranks cycled over clients, aggregator set up."""
     torch.manual_seed(seed)
@@ -58,7 +67,7 @@ def _federated(ranks, aggregator, seed=0):
         list(ranks),
     )
     model = alg.prepare_model(TinyNet().double())
-    aggregator.setup(model, alg)
+    _setup(aggregator, model, alg, len(ranks))
     return model, alg
 
 
@@ -128,10 +137,13 @@ def test_stack_merges_into_the_base_and_the_forward_is_base_plus_weighted_update
     _round(stack, uploads, weights, range(len(RANKS)))
 
     delta = _explicit_delta(As, Bs, weights, RANKS)
+    assert torch.equal(params[pair.base], W0)  # the aggregator never writes into the model
+    alg.download(model, stack.broadcast(0), {}, 0)  # a client loads the merged base weight
     assert (params[pair.base] - (W0 + delta)).abs().max() < 1e-10
     x = torch.randn(7, D_IN, dtype=torch.float64)
-    with stack.global_model(model):  # LoRA re-initialised: B = 0, so the layer is the merged base
-        out = model.proj(x)
+    # the global model: LoRA re-initialised, B = 0, so the layer is the merged base
+    alg.download(model, stack.global_payload(), {}, None)
+    out = model.proj(x)
     bias = params["proj.base_layer.bias"]
     assert (out - (x @ W0.T + bias + x @ delta.T)).abs().max() < 1e-10
     # the broadcast costs sum_k r_k (d_in + d_out) numbers per layer + the head
@@ -155,7 +167,7 @@ def test_stack_with_partial_participation_stacks_only_the_sampled_clients():
         [RANKS[i] for i in sampled],
     )
     assert (stack.state[pair.base] - (W0 + delta)).abs().max() < 1e-10
-    assert stack.stacked[pair.layer][0].shape[0] == sum(RANKS[i] for i in sampled)
+    assert stack.stacked[pair.name][0].shape[0] == sum(RANKS[i] for i in sampled)
 
 
 # ---------------------------------------------------------------------------- mean (FedIT)
@@ -185,7 +197,7 @@ def test_fedit_gap_identity():
 
 def test_mean_refuses_heterogeneous_ranks():
     with pytest.raises(ConfigError, match="client_ranks"):
-        _federated([2, 4], MeanAggregator("mean"))
+        _federated([2, 4], MeanAggregator("mean"))  # refused by check_aggregator
 
 
 # ---------------------------------------------------------------------------- svd (FlexLoRA)
@@ -228,9 +240,10 @@ def test_svd_aggregator_sends_each_client_its_rank_of_the_global_update():
         assert svd.download_bytes(cid, payload) == 8 * (r * (D_IN + D_OUT) + head)
     x = torch.randn(5, D_IN, dtype=torch.float64)
     W0 = dict(model.named_parameters())[pair.base].detach().clone()
-    with svd.global_model(model):  # the global model is base + dW, exactly
-        out = model.proj(x)
+    alg.download(model, svd.global_payload(), {}, None)  # the global model is base + dW, exactly
+    out = model.proj(x)
     assert (out - (x @ (W0 + delta).T + model.proj.base_layer.bias)).abs().max() < 1e-10
+    alg.download(model, svd.broadcast(0), {}, 0)  # a client receives the original base again
     assert torch.equal(model.proj.base_layer.weight, W0)  # restored afterwards
 
 
@@ -278,7 +291,7 @@ def test_client_download_sets_rank_and_scale_alpha_over_rk():
     }
     x = torch.randn(4, D_IN, dtype=torch.float64)
     for cid, r in enumerate([2, 4, 8]):
-        alg.download(model, {n: alg.client_view(n, t, cid) for n, t in payload.items()}, cid)
+        alg.download(model, {n: alg.client_view(n, t, cid) for n, t in payload.items()}, {}, cid)
         assert model.proj.scaling["default"] == ALPHA / r
         A_k, B_k = payload[pair.a][:r], payload[pair.b][:, :r]
         expected = model.proj.base_layer(x) + (ALPHA / r) * x @ A_k.T @ B_k.T
@@ -299,14 +312,18 @@ def test_exact_folds_the_residual_so_the_global_model_is_the_exact_average():
     uploads, weights, As, Bs = _uploads(alg, ranks)
     _round(exact, uploads, weights, range(4))
     W = dict(model.named_parameters())[pair.base]
+    assert torch.equal(W, W0)  # the aggregator never writes into the model
+    alg.download(model, exact.global_payload(), {}, None)  # the base weight with R folded in
     s = ALPHA / 8
     merged = W + s * exact.state[pair.b] @ exact.state[pair.a]
     assert (merged - (W0 + _explicit_delta(As, Bs, weights, ranks))).abs().max() < 1e-10
     payload = exact.broadcast(0)
+    # bytes: A_bar, B_bar, the head, and R (d_out x d_in); the base weight itself in the payload
+    # is not sent, every client folds R into its own
+    sent = {n: t for n, t in payload.items() if n != pair.base}
+    assert set(payload) == set(sent) | {pair.base}
     residual = D_OUT * D_IN * 8
-    assert (
-        exact.download_bytes(0, payload) == sum(t.numel() * 8 for t in payload.values()) + residual
-    )
+    assert exact.download_bytes(0, payload) == sum(t.numel() * 8 for t in sent.values()) + residual
 
 
 def test_ffa_lora_freezes_a_and_shares_only_b_and_the_head():
@@ -317,10 +334,10 @@ def test_ffa_lora_freezes_a_and_shares_only_b_and_the_head():
     A0 = dict(model.named_parameters())[pair.a].detach().clone()
     assert set(alg.shared_names(model)) == {pair.b, "head.weight", "head.bias"}
     mean = MeanAggregator("mean")
-    mean.setup(model, alg)
+    _setup(mean, model, alg, 2)
     uploads, weights, _, Bs = _uploads(alg, [4, 4])
     _round(mean, [{k: v for k, v in u.items() if k != pair.a} for u in uploads], weights, range(2))
-    alg.download(model, mean.broadcast(0), 0)
+    alg.download(model, mean.broadcast(0), {}, 0)
     assert torch.equal(dict(model.named_parameters())[pair.a], A0)  # A never changes
     with pytest.raises(ConfigError, match="equal ranks"):
         FFALoRA(
@@ -365,7 +382,7 @@ def test_mean_is_rank_aware_when_only_a_is_shared():
     )
     model = alg.prepare_model(TinyNet().double())
     mean = MeanAggregator("mean")
-    mean.setup(model, alg)  # no ConfigError
+    _setup(mean, model, alg, 2)  # no ConfigError
     assert set(mean.state) == {alg.pairs[0].a}
     with pytest.raises(ConfigError, match="needs both LoRA factors"):
-        StackAggregator("stack").setup(model, alg)
+        _setup(StackAggregator("stack"), model, alg, 2)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from src.algorithms import PerFed
+from src.algorithms.base import ClientRun
 from src.algorithms.projection import RandomProjection
 from src.run import train
 
@@ -73,6 +74,23 @@ def test_large_projection_memory_is_bounded_by_the_block_not_d_times_D():
     )
 
 
+def _client_run(batches, client_id=0):
+    """One client's round handing out `batches` (cycled); perfed builds its own SGD, so the
+    configured client optimizer must not be asked for."""
+
+    def no_optimizer(params):
+        raise AssertionError("perfed must not build the configured client optimizer")
+
+    return ClientRun(
+        client_id=client_id,
+        round_idx=0,
+        epochs=1,
+        make_optimizer=no_optimizer,
+        backward=lambda loss: loss.backward(),
+        passes=lambda: iter(batches),
+    )
+
+
 def _tiny(coupling, d=2):
     torch.manual_seed(0)
     model = nn.Linear(3, 2).double()
@@ -99,7 +117,7 @@ def test_one_local_step_and_the_x_step_match_the_formulas(coupling):
     x = torch.tensor([0.3, -0.2], dtype=torch.float64)
     images = torch.randn(4, 3, dtype=torch.float64)
     labels = torch.tensor([0, 1, 1, 0])
-    alg.download(model, {"x": x}, 0)
+    alg.download(model, {"x": x}, {}, 0)
     alg.x_k = alg.x_k.double()
 
     # by hand: grad f(w0), then w1 = w0 - lr (grad f + lam P^T grad R(P w0 - x))
@@ -110,7 +128,7 @@ def test_one_local_step_and_the_x_step_match_the_formulas(coupling):
     w1 = w0 - 0.1 * (grad_f + 2.0 * P.T @ grad_R(P @ w0 - x))
     x1 = x - 0.05 * 2.0 * grad_R(x - P @ w1)
 
-    alg.local_update(model, None, [(images, labels)], lambda loss: loss.backward())
+    alg.local_update(model, _client_run([(images, labels)]))  # R = tau = 1: one step
     torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in params]), w1)
     torch.testing.assert_close(alg.upload(model, 0)["x"], x1)
 
@@ -127,9 +145,9 @@ def test_with_lora_the_personal_model_is_the_adapters_and_head_only():
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or n.startswith("head.") for n in trained)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trained}
-    alg.download(model, {"x": torch.zeros(4)}, 0)
+    alg.download(model, {"x": torch.zeros(4)}, {}, 0)
     batch = (torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,)))
-    alg.local_update(model, None, [batch, batch], lambda loss: loss.backward())
+    alg.local_update(model, _client_run([batch, batch]))
     assert alg.projection.D == sum(p.numel() for n, p in model.named_parameters() if n in trained)
     for name, p in model.named_parameters():
         if name in frozen:

@@ -7,12 +7,19 @@ from torch import nn
 from src.aggregators import KrumAggregator, MedianAggregator, TrimmedMeanAggregator
 from src.algorithms import Algorithm, FedLoRA
 from src.errors import ConfigError
+from src.federated.compatibility import check_aggregator
+
+
+def _setup(aggregator, model, alg, clients_per_round):
+    """Set the aggregator up as the run does: from the algorithm's SharedSpec and server state."""
+    spec = alg.shared_spec(model, clients_per_round)
+    aggregator.setup(spec, alg.server_state(model), alg.base_weights(model))
 
 
 def _run(aggregator, values, weights=None):
     """Uploads whose every coordinate is one of `values` (float64 Linear(2, 1): 3 numbers)."""
     model = nn.Linear(2, 1).double()
-    aggregator.setup(model, Algorithm("plain"))
+    _setup(aggregator, model, Algorithm("plain"), len(values))
     aggregator.begin()
     for i, value in enumerate(values):
         upload = {n: torch.full_like(p, value) for n, p in model.named_parameters()}
@@ -38,7 +45,7 @@ def test_median_of_an_even_count_is_the_mean_of_the_middle_two():
 def test_median_is_coordinate_wise():
     model = nn.Linear(2, 1).double()
     median = MedianAggregator("median")
-    median.setup(model, Algorithm("plain"))
+    _setup(median, model, Algorithm("plain"), 3)
     median.begin()
     rows = [[1.0, 9.0], [2.0, -5.0], [50.0, 0.0]]
     for i, row in enumerate(rows):
@@ -76,8 +83,9 @@ def test_multi_krum_averages_the_m_best_with_their_sample_weights():
 def test_robust_aggregators_refuse_mixed_ranks():
     alg = FedLoRA("fedlora", {"r": 4, "alpha": 8, "target_modules": ["0"]}, [], [2, 4])
     model = alg.prepare_model(nn.Sequential(nn.Linear(8, 8)))
+    spec = alg.shared_spec(model, 10)  # enough uploads: the ranks are what is refused
     with pytest.raises(ConfigError, match="equal shapes"):
-        MedianAggregator("median").setup(model, alg)
+        check_aggregator(spec, MedianAggregator("median"))
 
 
 @pytest.mark.parametrize(

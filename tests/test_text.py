@@ -207,7 +207,7 @@ def test_exported_qwen_adapter_loads_onto_the_plain_hugging_face_model(tmp_path)
     cfg = compose_config([*TEXT_RUN, "alg=fedsa-flora"], tmp_path)
     base = build_base_model(cfg).lm  # the transformers model, no wrapper
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapters" / "client_0001")).eval()
-    module.algorithm.download(module.model, module.deployed_state(1), 1)
+    module.deploy(1)
     module.model.eval()
     tokens = module.federation.test.input_ids[:2, :20]
     with torch.no_grad():

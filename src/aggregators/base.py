@@ -1,22 +1,25 @@
-"""The server half of a round: hold the global state, send it, combine the uploads, step.
+"""The server half of a round: hold the global state, send it, reduce the uploads, step.
 
-An aggregator is a small object with one job (like a Flower strategy). It keeps the server's
-tensors (`state`), decides what each client receives (`broadcast`), sees the uploads one at a time
-(`add`, so a mean needs one running sum, not every upload) and turns them into the next state
-(`finish`: the aggregate, then the server optimiser step).
+An aggregator is a small object with one job (like a Flower strategy). It sees tensors and the
+algorithm's `SharedSpec` only, never the model or the algorithm. It keeps the server's tensors
+(`state`), decides what each client receives (`broadcast`), sees the uploads one at a time (`add`,
+so a mean needs one running sum, not every upload) and turns them into the next state (`finish`:
+the aggregate, then the server optimiser step). What it requires of the sharing is its `needs`,
+checked before training (src/federated/compatibility.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from src.aggregators.server_opt import ServerOptimizer
+from src.federated.contract import Needs, SharedSpec
 
 TensorDict = dict[str, torch.Tensor]
+# (server state, aggregate, server optimiser step) -> None: moves the state in place
+ServerUpdate = Callable[[TensorDict, TensorDict, Callable[[TensorDict, TensorDict], None]], None]
 
 
 def nbytes(tensors: TensorDict) -> int:
@@ -24,11 +27,15 @@ def nbytes(tensors: TensorDict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def default_update(state: TensorDict, aggregate: TensorDict, step) -> None:
+    step(state, aggregate)
+
+
 class Aggregator:
     # True: a round's uploads are folded into sums, which DDP ranks combine with `all_reduce`;
-    # otherwise every rank is given every upload (DESIGN §3.6, src/federated/distributed.py)
+    # otherwise every rank is given every upload (src/federated/distributed.py)
     sums_uploads = False
-    output_dir = None  # where an aggregator writes its extras (rank 0's only)
+    robust = False  # withstands a minority of arbitrary uploads (median, trimmed mean, krum)
     checkpointed: tuple[str, ...] = ()  # attributes kept in checkpoints besides state and server
 
     def __init__(
@@ -45,29 +52,34 @@ class Aggregator:
             server_lr, server_momentum, server_opt, server_betas, server_eps
         )
         self.state: TensorDict | None = None
+        self.bases: TensorDict = {}  # frozen base weights the server may change (LoRA layers)
         self.num_added = 0
+        self.round_idx = 0
+
+    @property
+    def needs(self) -> Needs:
+        """What this rule requires of the sharing (see Needs)."""
+        return Needs()
 
     # ------------------------------------------------------------------ set-up and sending
-    def setup(self, model: nn.Module, algorithm) -> None:
-        """Build the initial server state from the freshly prepared model."""
-        self.algorithm = algorithm
-        self.state = algorithm.server_state(model)
+    def setup(self, spec: SharedSpec, shared: TensorDict, bases: TensorDict | None = None) -> None:
+        """The initial server state: copies of the `shared` tensors (and of the LoRA layers'
+        frozen `bases`, for rules that change them)."""
+        self.spec = spec
+        self.state = {name: t.detach().clone() for name, t in shared.items()}
 
-    def broadcast(self, client_id: int) -> TensorDict:
-        """What client `client_id` receives at the start of a round (each tensor as sent)."""
-        return {
-            name: self.algorithm.client_view(name, t, client_id) for name, t in self.state.items()
-        }
+    def broadcast(self, client_id: int | None) -> TensorDict:
+        """What client `client_id` receives at the start of a round (None: the global model)."""
+        return self.spec.views(self.state, client_id)
+
+    def global_payload(self) -> TensorDict:
+        """The tensors of the global model (for evaluation)."""
+        return self.broadcast(None)
 
     def download_bytes(self, client_id: int, payload: TensorDict) -> int:
-        """Bytes actually sent to the client (by default: the payload)."""
-        return nbytes(payload)
-
-    @contextmanager
-    def global_model(self, model: nn.Module) -> Iterator[None]:
-        """Load the global model into the resident model (for evaluation)."""
-        self.algorithm.download(model, self.state, None)
-        yield
+        """Bytes actually sent to the client: the payload without the base weights, which every
+        client computes itself from what it received."""
+        return nbytes({n: t for n, t in payload.items() if n not in self.bases})
 
     # ------------------------------------------------------------------ aggregation
     def begin(self, round_idx: int = 0) -> None:
@@ -80,11 +92,12 @@ class Aggregator:
         self.num_added += 1
         self._add(upload, weight, client_id)
 
-    def finish(self) -> None:
-        """Aggregate and take the server step; a round without uploads leaves the state as it was."""
+    def finish(self, update: ServerUpdate = default_update) -> None:
+        """Aggregate and let `update` (the algorithm's server rule; by default the server
+        optimiser on every tensor) move the state; a round without uploads changes nothing."""
         if self.num_added:
             aggregate = self._result()
-            self.server.step(self.state, aggregate)
+            update(self.state, aggregate, self.server.step)
             self._after_step(aggregate)
 
     def all_reduce(self, ranks) -> None:
@@ -93,7 +106,7 @@ class Aggregator:
         raise NotImplementedError
 
     def round_metrics(self) -> dict[str, float]:
-        """Extra per-round metrics for the loggers (e.g. the number of clusters)."""
+        """Extra per-round metrics for the loggers."""
         return {}
 
     def _after_step(self, aggregate: TensorDict) -> None:
@@ -112,10 +125,11 @@ class Aggregator:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         extra = {name: getattr(self, name) for name in self.checkpointed}
-        return {"state": self.state, "server": self.server.state_dict(), **extra}
+        return {"state": self.state, "bases": self.bases, "server": self.server.state_dict(), **extra}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state["state"]
+        self.bases = state.get("bases", {})
         self.server.load_state_dict(state["server"])
         for name in self.checkpointed:
             setattr(self, name, state[name])

@@ -1,4 +1,4 @@
-"""The linear algebra of combining LoRA factors of (possibly) different ranks (DESIGN §6).
+"""The linear algebra of combining LoRA factors of (possibly) different ranks.
 
 Client k holds A_k in R^{r_k x d_in}, B_k in R^{d_out x r_k}, scale s_k = alpha / r_k, and its
 update is dW_k = s_k B_k A_k. `p` are the aggregation weights (sample counts, normalised here).

@@ -4,38 +4,25 @@ stack (FLoRA, Wang et al. 2024): the sampled clients' factors are stacked,
     A_s = [p_1 s_1 A_1; ...; p_K s_K A_K],  B_s = [B_1 ... B_K],  so  B_s A_s = dW  exactly;
   `broadcast=merge` (default): every client receives (A_s, B_s), i.e. sum_k r_k (d_in + d_out)
     numbers per layer, merges B_s A_s into its frozen base weights and re-initialises its LoRA.
-    (In simulation all clients share one base weight, so the server merges once; the bytes
-    counted are those of the stacked factors.)
+    (In simulation all clients share one base weight: the payload carries the merged base weight,
+    which the algorithm loads; the bytes counted are those of the stacked factors.)
   `broadcast=svd`: the server keeps dW and each client receives its truncated SVD at rank r_k.
 svd (FlexLoRA, Bai et al. 2024): the same as stack with broadcast=svd; each client receives
     B_k, A_k with s_k B_k A_k = U_r S_r V_r^T of the global dW (r_k (d_in + d_out) numbers per layer).
 Non-LoRA shared tensors (the head) are averaged with the sample weights.
 The server optimiser acts on the base weights (merge) or on dW (svd).
+These rules never touch the model: base weights travel in the payload under their own names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
-from torch import nn
 
 from src.aggregators.base import Aggregator, TensorDict, nbytes
 from src.aggregators.lora_math import factors_from_svd, stack_factors
 from src.aggregators.mean import MeanAggregator
 from src.errors import ConfigError
-
-
-def require_lora(aggregator: str, algorithm) -> None:
-    if not getattr(algorithm, "pairs", None):
-        raise ConfigError(f"aggregator={aggregator} combines LoRA factors; use it with alg=fedlora")
-    if not algorithm.shares_products:
-        raise ConfigError(
-            f"aggregator={aggregator} needs both LoRA factors, but alg={algorithm.name} keeps "
-            f"{algorithm.private or 'lora_A frozen'} on the clients; use aggregator=mean, "
-            "rank_aware or zeropad"
-        )
+from src.federated.contract import Needs, Role, SharedSpec
 
 
 class StackAggregator(Aggregator):
@@ -47,87 +34,82 @@ class StackAggregator(Aggregator):
             raise ConfigError(f"aggregator.broadcast must be one of merge, svd; got {broadcast}")
         self.mode = broadcast
 
+    @property
+    def needs(self) -> Needs:
+        return Needs(both_factors=True)
+
     # ------------------------------------------------------------------ state
-    def setup(self, model: nn.Module, algorithm) -> None:
-        require_lora(self.name, algorithm)
-        self.algorithm = algorithm
-        self.model = model
-        params = dict(model.named_parameters())
-        lora = {name for pair in algorithm.pairs for name in (pair.a, pair.b)}
-        self.others = [n for n in algorithm.shared_names(model) if n not in lora]  # e.g. the head
-        self.state = {name: params[name].detach().clone() for name in self.others}
-        for pair in algorithm.pairs:
-            base = params[pair.base].detach()
-            self.state[self._key(pair)] = (
-                base.clone() if self.mode == "merge" else torch.zeros_like(base)
-            )
+    def setup(self, spec: SharedSpec, shared: TensorDict, bases: TensorDict | None = None) -> None:
+        self.spec = spec
+        self.others = [n for n, role in spec.roles.items() if role is Role.OTHER]  # e.g. the head
+        self.state = {name: shared[name].detach().clone() for name in self.others}
+        self.bases = {name: t.detach().clone() for name, t in (bases or {}).items()}
+        for layer in spec.layers:
+            if self.mode == "merge":  # the server state is the base weight itself
+                self.state[layer.base] = self.bases[layer.base]
+            else:  # the global dW of the layer
+                self.state[self._delta(layer)] = torch.zeros_like(self.bases[layer.base])
         self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # last round's (A_s, B_s)
         self._svd_cache: dict[str, tuple] = {}
 
-    def _key(self, pair) -> str:
-        """merge: the server state is the base weight itself; svd: the global dW of the layer."""
-        return pair.base if self.mode == "merge" else f"{pair.layer}.delta_W"
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.mode == "merge":  # the state's base weights are the ones broadcast
+            self.bases = {layer.base: self.state[layer.base] for layer in self.spec.layers}
+
+    @staticmethod
+    def _delta(layer) -> str:
+        return f"{layer.name}.delta_W"
 
     # ------------------------------------------------------------------ sending
-    def broadcast(self, client_id: int) -> TensorDict:
+    def broadcast(self, client_id: int | None) -> TensorDict:
         payload = {name: self.state[name] for name in self.others}
-        if self.mode == "svd":  # merge: no factors, the client re-initialises its LoRA
-            rank = self.algorithm.client_rank(client_id)
-            for pair in self.algorithm.pairs:
+        payload |= self.bases  # merge: the merged base weights; svd: the base as it is
+        if self.mode == "svd" and client_id is not None:  # merge: no factors, a fresh LoRA init
+            rank = self.spec.rank(client_id)
+            for layer in self.spec.layers:
                 # dW = 0 (before the first aggregation) has no SVD worth sending: zero factors
                 # would never train, so the client starts from a fresh LoRA init instead
-                if self.state[self._key(pair)].any():
-                    payload[pair.a], payload[pair.b] = self._svd(pair, rank)
+                if self.state[self._delta(layer)].any():
+                    payload[layer.a], payload[layer.b] = self._svd(layer, rank)
+        return payload
+
+    def global_payload(self) -> TensorDict:
+        """merge: the base weights hold everything (and LoRA is at zero); svd: base + dW."""
+        payload = self.broadcast(None)
+        if self.mode == "svd":
+            for layer in self.spec.layers:
+                base = self.bases[layer.base]
+                payload[layer.base] = base + self.state[self._delta(layer)].to(base.dtype)
         return payload
 
     def download_bytes(self, client_id: int, payload: TensorDict) -> int:
         if self.mode == "svd":
-            return nbytes(payload)
+            return super().download_bytes(client_id, payload)
         sent = sum(nbytes({"A": a, "B": b}) for a, b in self.stacked.values())
         return sent + nbytes({name: payload[name] for name in self.others})
 
-    def _svd(self, pair, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _svd(self, layer, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client factors (A_k, B_k) with s_k B_k A_k = the rank-r_k truncated SVD of dW."""
-        if pair.layer not in self._svd_cache:  # one SVD per layer per round, sliced per rank
-            self._svd_cache[pair.layer] = torch.linalg.svd(
-                self.state[self._key(pair)], full_matrices=False
+        if layer.name not in self._svd_cache:  # one SVD per layer per round, sliced per rank
+            self._svd_cache[layer.name] = torch.linalg.svd(
+                self.state[self._delta(layer)], full_matrices=False
             )
-        return factors_from_svd(self._svd_cache[pair.layer], rank, self.algorithm.scale(rank))
-
-    @contextmanager
-    def global_model(self, model: nn.Module) -> Iterator[None]:
-        """merge: the base weights already hold everything (merged in `_after_step`; LoRA at zero);
-        svd: base + dW, merged only while the block runs (the base is restored exactly after)."""
-        params = dict(model.named_parameters())
-        payload = {name: self.state[name] for name in self.others}
-        saved = {}
-        if self.mode == "svd":
-            with torch.no_grad():
-                for pair in self.algorithm.pairs:
-                    base = params[pair.base]
-                    saved[pair.base] = base.detach().clone()
-                    base.add_(self.state[self._key(pair)].to(base.dtype))
-        self.algorithm.download(model, payload, None)  # no factors in the payload: B = 0
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, tensor in saved.items():
-                    params[name].copy_(tensor)
+        return factors_from_svd(self._svd_cache[layer.name], rank, self.spec.scale(rank))
 
     # ------------------------------------------------------------------ aggregation
     def _begin(self) -> None:
-        self._factors = {pair.layer: ([], [], []) for pair in self.algorithm.pairs}
+        self._factors = {layer.name: ([], [], []) for layer in self.spec.layers}
         self._weights: list[float] = []
         self._sums = {name: torch.zeros_like(self.state[name]) for name in self.others}
 
     def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
-        scale = self.algorithm.scale(self.algorithm.client_rank(client_id))
-        for pair in self.algorithm.pairs:
-            As, Bs, scales = self._factors[pair.layer]
+        scale = self.spec.scale(self.spec.rank(client_id))
+        for layer in self.spec.layers:
+            As, Bs, scales = self._factors[layer.name]
             # copies: the resident model moves on to the next client
-            As.append(upload[pair.a].detach().clone())
-            Bs.append(upload[pair.b].detach().clone())
+            As.append(upload[layer.a].detach().clone())
+            Bs.append(upload[layer.b].detach().clone())
             scales.append(scale)
         for name, acc in self._sums.items():
             acc.add_(upload[name], alpha=weight)
@@ -137,23 +119,16 @@ class StackAggregator(Aggregator):
         total = sum(self._weights)
         result = {name: acc / total for name, acc in self._sums.items()}
         self.stacked, self._svd_cache = {}, {}
-        for pair in self.algorithm.pairs:
-            As, Bs, scales = self._factors[pair.layer]
+        for layer in self.spec.layers:
+            As, Bs, scales = self._factors[layer.name]
             A_s, B_s = stack_factors(As, Bs, self._weights, scales)
-            self.stacked[pair.layer] = (A_s, B_s)
+            self.stacked[layer.name] = (A_s, B_s)
             delta = B_s @ A_s
-            key = self._key(pair)
-            result[key] = self.state[key] + delta if self.mode == "merge" else delta
+            if self.mode == "merge":
+                result[layer.base] = self.state[layer.base] + delta
+            else:
+                result[self._delta(layer)] = delta
         return result
-
-    def _after_step(self, aggregate: TensorDict) -> None:
-        if self.mode == "merge":
-            # every client merges the broadcast product into its base weights; in simulation they
-            # share one resident model, so it is merged once, here
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for pair in self.algorithm.pairs:
-                    params[pair.base].copy_(self.state[pair.base])
 
 
 class SvdAggregator(StackAggregator):
@@ -170,37 +145,40 @@ class ExactAggregator(MeanAggregator):
 
     checkpointed = ("residuals",)
 
-    def setup(self, model: nn.Module, algorithm) -> None:
-        require_lora(self.name, algorithm)
-        super().setup(model, algorithm)  # refuses heterogeneous ranks
-        self.model = model
+    @property
+    def needs(self) -> Needs:
+        return Needs(both_factors=True, equal_shapes=True)
+
+    def setup(self, spec: SharedSpec, shared: TensorDict, bases: TensorDict | None = None) -> None:
+        super().setup(spec, shared)
+        self.bases = {name: t.detach().clone() for name, t in (bases or {}).items()}
         self.residuals: dict[str, torch.Tensor] = {}  # last round's, as sent
 
+    def broadcast(self, client_id: int | None) -> TensorDict:
+        return super().broadcast(client_id) | self.bases
+
     def download_bytes(self, client_id: int, payload: TensorDict) -> int:
-        return nbytes(payload) + nbytes(self.residuals)
+        return super().download_bytes(client_id, payload) + nbytes(self.residuals)
 
     def _begin(self) -> None:
         super()._begin()
-        params = dict(self.model.named_parameters())
         self._products = {
-            pair.layer: torch.zeros_like(params[pair.base]) for pair in self.algorithm.pairs
+            layer.name: torch.zeros_like(self.bases[layer.base]) for layer in self.spec.layers
         }
 
     def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
         super()._add(upload, weight, client_id)
-        scale = self.algorithm.scale(self.algorithm.client_rank(client_id))
-        for pair in self.algorithm.pairs:
-            self._products[pair.layer].add_(scale * upload[pair.b] @ upload[pair.a], alpha=weight)
+        scale = self.spec.scale(self.spec.rank(client_id))
+        for layer in self.spec.layers:
+            self._products[layer.name].add_(scale * upload[layer.b] @ upload[layer.a], alpha=weight)
 
     def _partial_sums(self) -> list[torch.Tensor]:
         return super()._partial_sums() + list(self._products.values())
 
     def _after_step(self, aggregate: TensorDict) -> None:
-        scale = self.algorithm.scale(self.algorithm.r_max)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for pair in self.algorithm.pairs:
-                exact = self._products[pair.layer] / self._total_weight
-                residual = exact - scale * aggregate[pair.b] @ aggregate[pair.a]
-                params[pair.base].add_(residual)
-                self.residuals[pair.layer] = residual
+        scale = self.spec.scale(self.spec.r_max)
+        for layer in self.spec.layers:
+            exact = self._products[layer.name] / self._total_weight
+            residual = exact - scale * aggregate[layer.b] @ aggregate[layer.a]
+            self.bases[layer.base].add_(residual.to(self.bases[layer.base].dtype))
+            self.residuals[layer.name] = residual

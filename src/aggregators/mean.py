@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 
 from src.aggregators.base import Aggregator, TensorDict
-from src.errors import ConfigError
+from src.federated.contract import Needs
 
 
 def leading_block(shape: torch.Size) -> tuple[slice, ...]:
@@ -33,17 +33,10 @@ class MeanAggregator(Aggregator):
     any_ranks = False  # True: accept mixed ranks even when the server sees both LoRA factors
     sums_uploads = True
 
-    def setup(self, model, algorithm) -> None:
-        if (
-            not self.any_ranks
-            and getattr(algorithm, "heterogeneous", False)
-            and getattr(algorithm, "shares_products", False)
-        ):
-            raise ConfigError(
-                f"aggregator=mean averages A and B separately and needs equal ranks, got "
-                f"alg.client_ranks={algorithm.ranks}; use aggregator=stack, svd or zeropad"
-            )
-        super().setup(model, algorithm)
+    @property
+    def needs(self) -> Needs:
+        # A and B averaged separately are inexact (FedIT), and with mixed ranks meaningless
+        return Needs(equal_shapes_with_factors=not self.any_ranks)
 
     def _begin(self) -> None:
         self._sums = {name: torch.zeros_like(t) for name, t in self.state.items()}

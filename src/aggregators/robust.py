@@ -1,4 +1,4 @@
-"""Byzantine-robust aggregators for any tensors (DESIGN §6), as Flower's FedMedian, FedTrimmedAvg
+"""Byzantine-robust aggregators for any tensors, as Flower's FedMedian, FedTrimmedAvg
 and Krum: they see all of a round's uploads at once, so these buffer them.
 
 median:       coordinate-wise median of the uploads (the mean of the two middle values for an
@@ -12,22 +12,27 @@ Then the server step, as for every aggregator. Uploads must have the server's sh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from src.aggregators.base import Aggregator, TensorDict
 from src.errors import ConfigError
+from src.federated.contract import Needs
 
 
 class BufferedAggregator(Aggregator):
     """Keeps a copy of every upload of the round (they are views of the resident model)."""
 
-    def setup(self, model, algorithm) -> None:
-        if getattr(algorithm, "heterogeneous", False):
-            raise ConfigError(
-                f"aggregator={self.name} needs uploads of equal shapes, got "
-                f"alg.client_ranks={algorithm.ranks}; use equal ranks"
-            )
-        super().setup(model, algorithm)
+    robust = True
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(
+            equal_shapes=True,
+            min_uploads=3,
+            min_uploads_why="the median of 2 uploads is their mean",
+        )
 
     def _begin(self) -> None:
         self._uploads: list[TensorDict] = []
@@ -59,6 +64,13 @@ class TrimmedMeanAggregator(BufferedAggregator):
             raise ConfigError(f"aggregator.trim must be in [0, 0.5), got {trim}")
         self.trim = float(trim)
 
+    @property
+    def needs(self) -> Needs:
+        # with fewer than 1 / trim uploads nothing is cut: the plain mean
+        least = max(3, math.ceil(1 / self.trim - 1e-9)) if self.trim > 0 else 1
+        why = f"with fewer, floor({self.trim} * K) = 0 uploads are trimmed: the plain mean"
+        return Needs(equal_shapes=True, min_uploads=least, min_uploads_why=why)
+
     def _result(self) -> TensorDict:
         out = {}
         for name in self.state:
@@ -77,6 +89,12 @@ class KrumAggregator(BufferedAggregator):
             raise ConfigError(f"aggregator.m must be >= 1, got {m}")
         self.num_byzantine, self.m = int(num_byzantine), int(m)
         self.selected: list[int] = []  # positions (in arrival order) chosen in the last round
+
+    @property
+    def needs(self) -> Needs:
+        f = self.num_byzantine  # Krum's guarantee needs K > 2f + 2
+        why = f"Krum's guarantee with aggregator.num_byzantine={f} needs K > 2 * {f} + 2"
+        return Needs(equal_shapes=True, min_uploads=2 * f + 3, min_uploads_why=why)
 
     def scores(self) -> torch.Tensor:
         flat = torch.stack(

@@ -1,33 +1,55 @@
-"""Algorithms: what is trained, what crosses the network, and how a client trains.
+"""Algorithms: what is trained, what crosses the network, how a client trains, and the server's
+own rule.
 
-An algorithm is a small object with the client half of federated learning: it prepares the model
-(`prepare_model`), loads what the server sends into the one resident model (`download`), trains
-(`local_update`) and says what the client sends back (`upload`). The orchestrator does the
-plumbing (sampling, seeding, the loop) and the aggregator the server half.
+An algorithm has both halves of federated learning (docs/architecture.md):
+- client: prepare the model (`prepare_model`), load what the server sent and the client's private
+  state into the one resident model (`download`), train (`local_update`), say what it sends back
+  (`upload`) and what it keeps (`private_state`);
+- server: what each client receives (`server_payload`), how uploads reach the aggregation rule
+  (`server_add`, `server_finish`) and how the aggregate moves the server state (`server_update`).
+It states what it shares in a `SharedSpec` (`shared_spec`), which is all aggregators and upload
+transforms learn about it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from src.errors import ConfigError
+from src.federated.contract import Role, SharedSpec
 from src.federated.objective import mean_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TensorDict = dict[str, torch.Tensor]
 
 
+@dataclass
+class ClientRun:
+    """One client's local work in one round, as the orchestrator hands it to `local_update`."""
+
+    client_id: int
+    round_idx: int
+    epochs: int  # fl.local_epochs
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    backward: Callable[[torch.Tensor], None]
+    passes: Callable[[], Iterator[Batch]]  # one shuffled pass over the client's train split
+
+    def batches(self, steps: int | None = None) -> Iterator[Batch]:
+        """`fl.local_epochs` passes over the data, or exactly `steps` batches (cycling)."""
+        if steps is None:
+            return (batch for _ in range(self.epochs) for batch in self.passes())
+        return itertools.islice((b for _ in itertools.count() for b in self.passes()), steps)
+
+
 class Algorithm:
     """`private`: name patterns (substrings) of trained tensors that never leave the client; they
     persist per client across rounds (the client state store) and make the algorithm personalised:
     each client deploys (shared tensors from the server, its own private tensors)."""
-
-    local_steps: int | None = (
-        None  # a fixed number of local batches per round (else fl.local_epochs)
-    )
 
     def __init__(self, name: str, private: Sequence[str] = ()):
         self.name = name
@@ -40,10 +62,23 @@ class Algorithm:
         """True: each client deploys its own model, so evaluation runs client by client."""
         return bool(self.private)
 
+    # ------------------------------------------------------------------ set-up
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Freeze / wrap the freshly built model; returns the model the federation trains."""
         self.check_private(model)
         return model
+
+    def configure(self, federation, output_dir, seed: int) -> None:
+        """Learn what the server half needs of the run (groups of clients, where to write)."""
+
+    def shared_spec(self, model: nn.Module, clients_per_round: int) -> SharedSpec:
+        """What crosses the network (checked against the aggregator and transforms up front)."""
+        return SharedSpec(
+            roles={name: Role.OTHER for name in self.shared_names(model)},
+            uploads_per_round=clients_per_round,
+            personalized=self.personalized,
+            options=f"alg={self.name}",
+        )
 
     def check_private(self, model: nn.Module) -> None:
         """Every `alg.private` pattern names some trained tensor, and something is left to share."""
@@ -72,48 +107,54 @@ class Algorithm:
         return [name for name in self.trained_names(model) if self.is_private(name)]
 
     def server_state(self, model: nn.Module) -> TensorDict:
-        """The server's tensors at the start: copies of the shared parameters."""
-        params = dict(model.named_parameters())
-        return {name: params[name].detach().clone() for name in self.shared_names(model)}
-
-    def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
-        """Views of the client's private tensors (its r_k-sized part), for the client state store."""
-        params = dict(model.named_parameters())
-        return {
-            name: self.client_view(name, params[name].detach(), client_id)
-            for name in self.private_names(model)
-        }
-
-    def client_view(self, name: str, tensor: torch.Tensor, client_id: int | None) -> torch.Tensor:
-        """The part of a shared tensor that client `client_id` holds (all of it, by default)."""
-        return tensor
-
-    @torch.no_grad()
-    def download(self, model: nn.Module, payload: TensorDict, client_id: int | None) -> None:
-        """Copy what the server sent into the resident model, in place (`None`: the global model)."""
-        params = dict(model.named_parameters())
-        for name, tensor in payload.items():
-            params[name].copy_(tensor)
-
-    def wrap_aggregator(self, aggregator, federation, output_dir, seed: int):
-        """The server the orchestrator talks to; an algorithm may put its own server logic
-        (grouping, clustering) around the configured aggregator."""
-        return aggregator
-
-    def upload(self, model: nn.Module, client_id: int) -> TensorDict:
-        """What the client sends back: views of its shared parameters (read before the next client)."""
+        """The server's tensors at the start: the shared parameters (the aggregator copies them)."""
         params = dict(model.named_parameters())
         return {name: params[name].detach() for name in self.shared_names(model)}
 
-    def local_update(
+    def base_weights(self, model: nn.Module) -> TensorDict:
+        """Frozen weights an aggregation rule may change (LoRA base weights); none by default."""
+        return {}
+
+    def initial_private_state(self, model: nn.Module) -> TensorDict:
+        """What every client holds before it first trains (stored once for all)."""
+        return self.private_state(model, None)
+
+    def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
+        """Views of the client's private tensors, for the client state store."""
+        params = dict(model.named_parameters())
+        return {name: params[name].detach() for name in self.private_names(model)}
+
+    # ------------------------------------------------------------------ client half
+    @torch.no_grad()
+    def download(
+        self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
+    ) -> None:
+        """Copy what the server sent and the client's private state into the resident model, in
+        place (`client_id` None: the global model, no private state)."""
+        params = dict(model.named_parameters())
+        for name, tensor in (payload | private).items():
+            params[name].copy_(tensor)
+
+    def deploy(
+        self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
+    ) -> None:
+        """Load the model client `client_id` deploys (for evaluation): by default what it trains."""
+        self.download(model, payload, private, client_id)
+
+    def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
+        """Train on the client's batches with the configured client optimizer; returns (sum of
+        per-target losses, targets seen): samples for images, response tokens for text."""
+        optimizer = run.make_optimizer([p for p in model.parameters() if p.requires_grad])
+        return self.train(model, optimizer, run.batches(), run.backward)
+
+    def train(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        batches: Iterable[Batch],
+        batches,
         backward: Callable[[torch.Tensor], None],
     ) -> tuple[float, int]:
-        """Train on the client's batches; returns (sum of per-target losses, targets seen): samples
-        for images, response tokens for text."""
+        """The local loop: forward, backward, `adjust_gradients`, step, `after_step`."""
         model.train()
         loss_sum, seen = 0.0, 0  # become device tensors: read once per client, not per step
         for step, (inputs, targets) in enumerate(batches, start=1):
@@ -132,3 +173,53 @@ class Algorithm:
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Hook after optimizer step number `step` (1-based) of the client's round."""
+
+    def upload(self, model: nn.Module, client_id: int) -> TensorDict:
+        """What the client sends back: views of its shared parameters (read before the next
+        client overwrites the resident model)."""
+        params = dict(model.named_parameters())
+        return {name: params[name].detach() for name in self.shared_names(model)}
+
+    def upload_origin(self, model: nn.Module, client_id: int) -> TensorDict:
+        """What the client would upload had it not trained (called right after `download`):
+        the point its update starts from, which e.g. a sign-flipping attacker reverses."""
+        return {name: t.clone() for name, t in self.upload(model, client_id).items()}
+
+    # ------------------------------------------------------------------ server half
+    def server_payload(self, aggregator, client_id: int | None) -> TensorDict:
+        """What client `client_id` receives (None: the global model)."""
+        if client_id is None:
+            return aggregator.global_payload()
+        return aggregator.broadcast(client_id)
+
+    @property
+    def streams_uploads(self) -> bool:
+        """True: uploads go straight into the aggregator; False: the algorithm needs the whole
+        round's uploads (under DDP they are then gathered, not summed)."""
+        return True
+
+    def server_begin(self, aggregator, round_idx: int) -> None:
+        aggregator.begin(round_idx)
+
+    def server_add(self, aggregator, upload: TensorDict, weight: float, client_id: int) -> None:
+        aggregator.add(upload, weight, client_id)
+
+    def server_finish(self, aggregator) -> None:
+        aggregator.finish(self.server_update)
+
+    def server_update(self, state: TensorDict, aggregate: TensorDict, step) -> None:
+        """Move the server state towards the aggregate: the server optimiser on every tensor."""
+        step(state, aggregate)
+
+    def server_metrics(self) -> dict[str, float]:
+        """Extra per-round metrics of the server half (e.g. the number of clusters)."""
+        return {}
+
+    def server_state_dict(self) -> dict:
+        return {}
+
+    def finish_run(self, module, output_dir) -> None:
+        """After the last round (rank 0): write the algorithm's own outputs, if any."""
+
+    def load_server_state_dict(self, state: dict) -> None:
+        pass

@@ -8,50 +8,50 @@ r_k columns of every B; the rest is held at exactly zero (its gradient is exactl
 optimizer leaves it at zero) and is neither uploaded nor received. Each client's scale is
 s_k = alpha / r_k (peft's convention, set per client), so its update is dW_k = s_k B_k A_k,
 of rank <= r_k. The global model (evaluation) uses r_max and s = alpha / r_max.
+
+`lora: null` trains and shares the whole model instead (used by algorithms built on this one,
+e.g. fedprox, that work with and without LoRA).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from src.algorithms.base import Algorithm, TensorDict
 from src.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class LoraPair:
-    """One adapted layer: parameter names of its factors and its frozen base weight."""
-
-    layer: str  # module name, e.g. blocks.0.attn.proj
-    a: str  # lora_A weight  [r_max, d_in]
-    b: str  # lora_B weight  [d_out, r_max]
-    base: str  # frozen base weight [d_out, d_in]
+from src.federated.contract import LoraLayer, Role, SharedSpec
 
 
 class FedLoRA(Algorithm):
     def __init__(
         self,
         name: str,
-        lora: dict,
+        lora: dict | None,
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
         private: Sequence[str] = (),
     ):
         super().__init__(name, private)
-        self.lora = dict(lora)
+        self.lora = dict(lora) if lora else None
         self.trainable = list(trainable)
-        ranks = self.lora["r"] if client_ranks is None else client_ranks
-        self.ranks = [int(ranks)] if isinstance(ranks, int | float) else [int(r) for r in ranks]
-        if not self.ranks or min(self.ranks) < 1:
-            raise ConfigError(f"alg.client_ranks must be positive integers, got {client_ranks}")
-        self.alpha = float(self.lora["alpha"])
-        self.r_max = max(self.ranks)
-        self.pairs: list[LoraPair] = []
+        if self.lora is None:
+            if client_ranks is not None:
+                raise ConfigError(f"alg.client_ranks={client_ranks} needs alg.lora (LoRA ranks)")
+            self.ranks: list[int] = []
+            self.alpha = 1.0
+        else:
+            ranks = self.lora["r"] if client_ranks is None else client_ranks
+            self.ranks = [int(ranks)] if isinstance(ranks, int | float) else [int(r) for r in ranks]
+            if not self.ranks or min(self.ranks) < 1:
+                raise ConfigError(f"alg.client_ranks must be positive integers, got {client_ranks}")
+            self.alpha = float(self.lora["alpha"])
+        self.r_max = max(self.ranks, default=0)
+        self.pairs: list[LoraLayer] = []
         self._layers: dict[str, nn.Module] = {}
+        self.spec: SharedSpec | None = None
 
     # ------------------------------------------------------------------ ranks
     def client_rank(self, client_id: int | None) -> int:
@@ -66,18 +66,22 @@ class FedLoRA(Algorithm):
         return len(set(self.ranks)) > 1
 
     def client_view(self, name: str, tensor: torch.Tensor, client_id: int | None) -> torch.Tensor:
-        """The r_k-sized part of a shared tensor: rows of an A, columns of a B, else the tensor."""
-        return self._slice(name, tensor, self.client_rank(client_id))
-
-    def _slice(self, name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+        """The r_k-sized part of a tensor: rows of an A, columns of a B, else the tensor."""
         if name in self._a_names:
-            return tensor[:rank]
+            return tensor[: self.client_rank(client_id)]
         if name in self._b_names:
-            return tensor[:, :rank]
+            return tensor[:, : self.client_rank(client_id)]
         return tensor
 
     # ------------------------------------------------------------------ model
     def prepare_model(self, model: nn.Module) -> nn.Module:
+        self._a_names: set[str] = set()
+        self._b_names: set[str] = set()
+        if self.lora is None:  # the whole model is trained
+            for p in model.parameters():
+                p.requires_grad_(True)
+            self.check_private(model)
+            return model
         from src.models.lora import add_lora
 
         model = add_lora(
@@ -92,45 +96,74 @@ class FedLoRA(Algorithm):
             n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A
         }
         self.pairs = [
-            LoraPair(
-                n,
-                f"{n}.lora_A.default.weight",
-                f"{n}.lora_B.default.weight",
-                f"{n}.base_layer.weight",
+            LoraLayer(
+                n, f"{n}.lora_A.default.weight", f"{n}.lora_B.default.weight", f"{n}.base_layer.weight"
             )
             for n in self._layers
         ]
         self._a_names = {p.a for p in self.pairs}
         self._b_names = {p.b for p in self.pairs}
         self.check_private(model)
-        shared = set(self.shared_names(model))
-        # the server sees whole products B A (mean must then refuse mixed ranks; stack/svd work)
-        self.shares_products = all(p.a in shared and p.b in shared for p in self.pairs)
         return model
 
+    def role(self, name: str) -> Role:
+        if name in self._a_names:
+            return Role.LORA_A
+        return Role.LORA_B if name in self._b_names else Role.OTHER
+
+    def shared_spec(self, model: nn.Module, clients_per_round: int) -> SharedSpec:
+        options = f"alg={self.name}"
+        if self.heterogeneous:
+            options += f" alg.client_ranks={self.ranks}"
+        self.spec = SharedSpec(
+            roles={name: self.role(name) for name in self.shared_names(model)},
+            uploads_per_round=clients_per_round,
+            layers=tuple(self.pairs),
+            ranks=tuple(self.ranks),
+            alpha=self.alpha,
+            personalized=self.personalized,
+            options=options,
+        )
+        return self.spec
+
+    def base_weights(self, model: nn.Module) -> TensorDict:
+        params = dict(model.named_parameters())
+        return {pair.base: params[pair.base].detach() for pair in self.pairs}
+
+    def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
+        """Views of the client's private tensors at its own size r_k (for the client state store)."""
+        return {
+            name: self.client_view(name, t, client_id)
+            for name, t in super().private_state(model, client_id).items()
+        }
+
     @torch.no_grad()
-    def download(self, model: nn.Module, payload: TensorDict, client_id: int | None) -> None:
+    def download(
+        self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
+    ) -> None:
         """Load r_k-sized factors (zero beyond r_k) and set s_k = alpha / r_k on every layer.
 
         A layer that receives neither factor starts from a fresh local init (kaiming A, zero B),
         as FLoRA does after merging the aggregate into the base weights; a frozen A (FFA-LoRA)
-        is never re-initialised. A B that is not received starts at zero.
+        is never re-initialised. A B that is not received starts at zero. Base weights in the
+        payload (a rule that merges products into them) are loaded as they are.
         """
+        received = payload | private
         rank = self.client_rank(client_id)
         params = dict(model.named_parameters())
         for pair in self.pairs:
-            self._layers[pair.layer].scaling["default"] = self.scale(rank)
+            self._layers[pair.name].scaling["default"] = self.scale(rank)
             A, B = params[pair.a], params[pair.b]
-            if pair.a in payload:
+            if pair.a in received:
                 A.zero_()
-                A[:rank].copy_(payload[pair.a][:rank])
-            elif A.requires_grad and pair.b not in payload:
+                A[:rank].copy_(received[pair.a][:rank])
+            elif A.requires_grad and pair.b not in received:
                 torch.nn.init.kaiming_uniform_(A, a=5**0.5)  # peft's LoRA init
                 A[rank:].zero_()
             B.zero_()
-            if pair.b in payload:
-                B[:, :rank].copy_(payload[pair.b][:, :rank])
-        for name, tensor in payload.items():
+            if pair.b in received:
+                B[:, :rank].copy_(received[pair.b][:, :rank])
+        for name, tensor in received.items():
             if name not in self._a_names and name not in self._b_names:
                 params[name].copy_(tensor)
 
@@ -154,5 +187,4 @@ class FFALoRA(FedLoRA):
         params = dict(model.named_parameters())
         for pair in self.pairs:
             params[pair.a].requires_grad_(False)
-        self.shares_products = False  # A never moves: the server sees B only
         return model

@@ -1,5 +1,5 @@
 """perfed: lp-proj (Lin, Han, Li, Zhang, NeurIPS 2022, "Personalized Federated Learning towards
-Communication Efficiency, Robustness and Fairness"; DESIGN §5).
+Communication Efficiency, Robustness and Fairness").
 
 Every client keeps a personal model w_k in R^D (its trained parameters: the whole model, or LoRA +
 `trainable` when `use_lora`) in the client state store; the server keeps only x in R^d (from 0).
@@ -14,14 +14,15 @@ server_lr = beta. The client optimizer config (optim.*) is not used: the rule is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from src.algorithms.base import Algorithm, Batch, TensorDict
+from src.algorithms.base import Algorithm, ClientRun, TensorDict
 from src.algorithms.projection import RandomProjection
 from src.errors import ConfigError
+from src.federated.contract import Role, SharedSpec
 
 COUPLINGS = ("l1", "l2")
 
@@ -64,7 +65,6 @@ class PerFed(Algorithm):
             raise ConfigError("alg.use_lora=true needs alg.lora {r, alpha, target_modules}")
         self.lora = lora if use_lora else None
         self.trainable = list(trainable)
-        self.local_steps = self.local_rounds * self.steps
         self.projection: RandomProjection | None = None
         self.x_k: torch.Tensor | None = None  # the running client's copy of x
 
@@ -99,6 +99,14 @@ class PerFed(Algorithm):
             raise ConfigError(f"alg.d={self.d} exceeds the {size} trained parameters")
         return model
 
+    def shared_spec(self, model: nn.Module, clients_per_round: int) -> SharedSpec:
+        return SharedSpec(
+            roles={"x": Role.OTHER},
+            uploads_per_round=clients_per_round,
+            personalized=True,
+            options=f"alg={self.name}",
+        )
+
     def server_state(self, model: nn.Module) -> TensorDict:
         device = next(model.parameters()).device
         return {"x": torch.zeros(self.d, device=device)}
@@ -112,29 +120,27 @@ class PerFed(Algorithm):
             )
 
     # ------------------------------------------------------------------ client
-    def download(self, model: nn.Module, payload: TensorDict, client_id: int | None) -> None:
+    def download(
+        self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
+    ) -> None:
         """The personal model into the resident model; the server's x into x_k."""
-        super().download(model, {n: t for n, t in payload.items() if n != "x"}, client_id)
+        super().download(model, {}, private, client_id)
         self.x_k = payload["x"].detach().float().clone()
 
     def coupling_grad(self, z: torch.Tensor) -> torch.Tensor:
         """grad R(z): z for l2 (R = 1/2 |z|^2), sign(z) for l1 (R = |z|_1)."""
         return z if self.coupling == "l2" else torch.sign(z)
 
-    def local_update(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        batches: Iterable[Batch],
-        backward: Callable[[torch.Tensor], None],
-    ) -> tuple[float, int]:
-        """R rounds of tau personal SGD steps, each followed by a step on x_k. Plain SGD with
-        `person_lr` (the configured client `optimizer` is not used: the rule fixes it)."""
+    def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
+        """R rounds of tau personal SGD steps (counted in batches, not fl.local_epochs), each
+        followed by a step on x_k. Plain SGD with `person_lr` (the configured client optimizer
+        is not used: the rule fixes it)."""
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._ensure_projection(self._params)
         self.x_k = self.x_k.to(self._params[0].device)
         sgd = torch.optim.SGD(self._params, lr=self.person_lr)
-        return super().local_update(model, sgd, batches, backward)
+        batches = run.batches(steps=self.local_rounds * self.steps)
+        return self.train(model, sgd, batches, run.backward)
 
     def _flat_w(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self._params])

@@ -163,9 +163,9 @@ def _dolly_files(path: str | None) -> tuple[list[str], str | None]:
             path = hf_hub_download(DOLLY_HUB_ID, "databricks-dolly-15k.jsonl", repo_type="dataset")
         except Exception as error:  # noqa: BLE001 - offline, no cache: one clear line
             raise ConfigError(
-                f"data.path is null and {DOLLY_HUB_ID} could not be fetched from the hub "
-                f"({type(error).__name__}); set data.path to a Dolly jsonl file or a folder of "
-                "local_training_*.json + global_test.json"
+                f"data.loader.path is null and {DOLLY_HUB_ID} could not be fetched from the hub "
+                f"({type(error).__name__}); set data.loader.path to a Dolly jsonl file or a "
+                "folder of local_training_*.json + global_test.json"
             ) from None
     if os.path.isdir(path):
         shards = sorted(
@@ -179,11 +179,11 @@ def _dolly_files(path: str | None) -> tuple[list[str], str | None]:
         if single:
             return single[:1], None
         raise ConfigError(
-            f"data.path={path!r} has neither local_training_*.json files nor a .jsonl file"
+            f"data.loader.path={path!r} has neither local_training_*.json files nor a .jsonl file"
         )
     if os.path.isfile(path):
         return [path], None
-    raise ConfigError(f"data.path={path!r} does not exist")
+    raise ConfigError(f"data.loader.path={path!r} does not exist")
 
 
 def load_dolly(
@@ -203,7 +203,9 @@ def load_dolly(
     rows = [row for f in train_files for row in _read_json_rows(f)]
     for key in ("instruction", "response", "category"):
         if rows and key not in rows[0]:
-            raise ConfigError(f"data.path: rows have no '{key}' field (keys: {sorted(rows[0])})")
+            raise ConfigError(
+                f"data.loader.path: rows have no '{key}' field (keys: {sorted(rows[0])})"
+            )
     if test_file is None:
         train, test = _held_out(rows, test_fraction, seed)
     else:

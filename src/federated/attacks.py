@@ -1,13 +1,17 @@
-"""Simulated attacks, to test robust aggregators (DESIGN §7).
+"""Simulated attacks, to test robust aggregators: an upload transform.
 
 A fraction `attack.fraction` of the clients, chosen once per run from the seed, are malicious:
-  sign_flip:  sends  received + c (upload - received)  with one c = -|N(0, 10^2)| per upload:
-              its update, reversed and rescaled;
+  sign_flip:  sends  origin + c (upload - origin)  with one c = -|N(0, 10^2)| per upload: its
+              update, reversed and rescaled (origin: what it would have sent without training,
+              e.g. the received model, or a fresh LoRA init where the rule sends no factors);
   gaussian:   sends N(0, 100^2) noise in place of every tensor;
   same_value: sets every coordinate to one N(0, 100^2) number;
   label_flip: trains on its data with labels mapped by a random permutation of the classes.
-All noise comes from the client's generator (seeded by seed, round, client): reproducible.
-Honest clients alone are evaluated for val/personal_acc; summary.json lists the malicious ones.
+gaussian and same_value break any non-robust rule (the mean of such uploads is noise of scale
+100, after which honest clients diverge too), so they are refused with one (src/federated/
+compatibility.py). All noise comes from the client's generator (seeded by seed, round, client):
+reproducible. Honest clients alone are evaluated for val/personal_acc; summary.json lists the
+malicious ones.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import numpy as np
 import torch
 
 from src.errors import ConfigError
+from src.federated.contract import Needs
+from src.federated.transforms import UploadTransform
 
 TensorDict = dict[str, torch.Tensor]
 _STREAM = 0xA77AC  # keeps these draws apart from the other seeded streams
 KINDS = ("none", "sign_flip", "gaussian", "same_value", "label_flip")
 
 
-class Attack:
+class Attack(UploadTransform):
     def __init__(self, name: str = "none", fraction: float = 0.0):
         if name not in KINDS:
             raise ConfigError(f"attack must be one of {', '.join(KINDS)}; got {name!r}")
@@ -30,13 +36,22 @@ class Attack:
             raise ConfigError(f"attack.fraction must be in [0, 1), got {fraction}")
         self.name, self.fraction = name, float(fraction)
         self.malicious: set[int] = set()
+        self.seed = 0
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(robust_aggregator=self.name in ("gaussian", "same_value"))
+
+    def count(self, num_clients: int) -> int:
+        """How many of `num_clients` clients are malicious."""
+        return 0 if self.name == "none" else int(round(self.fraction * num_clients))
 
     def choose(self, num_clients: int, seed: int) -> None:
         """Pick the malicious clients once for the run: round(fraction * num_clients) of them."""
-        count = 0 if self.name == "none" else int(round(self.fraction * num_clients))
         self.seed = seed
         rng = np.random.default_rng([seed, _STREAM])
-        self.malicious = {int(c) for c in rng.choice(num_clients, size=count, replace=False)}
+        chosen = rng.choice(num_clients, size=self.count(num_clients), replace=False)
+        self.malicious = {int(c) for c in chosen}
 
     def label_map(self, client_id: int, num_classes: int) -> torch.Tensor | None:
         """label_flip: the client's fixed permutation of the classes (None: labels as they are)."""
@@ -45,21 +60,35 @@ class Attack:
         rng = np.random.default_rng([self.seed, client_id, _STREAM])
         return torch.from_numpy(rng.permutation(num_classes))
 
-    def corrupt(
-        self, client_id: int, upload: TensorDict, received: TensorDict, gen: torch.Generator
-    ) -> TensorDict:
+    def batches(self, client_id, batches, num_classes: int):
+        label_map = self.label_map(client_id, num_classes)
+        if label_map is None:
+            return batches
+        return ((inputs, label_map.to(labels.device)[labels]) for inputs, labels in batches)
+
+    def needs_origin(self, client_id: int) -> bool:
+        return self.name == "sign_flip" and client_id in self.malicious
+
+    def apply(self, client_id, upload, origin, generator) -> TensorDict:
         """What a malicious client sends instead of `upload` (new tensors; the model is untouched)."""
         if client_id not in self.malicious or self.name in ("none", "label_flip"):
             return upload
 
         def normal(shape, like):
-            noise = torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+            noise = torch.randn(shape, generator=generator, device=generator.device)
             return noise.to(device=like.device, dtype=like.dtype)
 
         if self.name == "sign_flip":
             factor = -normal((), next(iter(upload.values()))).abs() * 10
-            return {n: received[n] + factor * (t - received[n]) for n, t in upload.items()}
+            return {n: origin[n] + factor * (t - origin[n]) for n, t in upload.items()}
         if self.name == "gaussian":
             return {n: normal(t.shape, t) * 100 for n, t in upload.items()}
         value = normal((), next(iter(upload.values()))) * 100  # same_value
         return {n: torch.full_like(t, value.item()) for n, t in upload.items()}
+
+    def state_dict(self) -> dict:
+        return {"malicious": sorted(self.malicious), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.malicious = set(state["malicious"])
+        self.seed = state.get("seed", self.seed)

@@ -26,11 +26,15 @@ class LastRoundCheckpoint(pl.Callback):
     def __init__(self, dirpath: str | Path, every_n_rounds: int = 1):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_rounds = every_n_rounds
+        self.saved_round = 0  # the rounds the last checkpoint written by this run holds
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
-        if done % self.every_n_rounds == 0 or done == trainer.max_epochs:
+        # a stop was asked for (SIGTERM): keep this round, whatever fl.checkpoint_every says
+        stopping = trainer.received_sigterm or getattr(pl_module, "interrupt", None) is not None
+        if done % self.every_n_rounds == 0 or done == trainer.max_epochs or stopping:
             save_atomically(trainer, self.path)
+            self.saved_round = done
 
 
 def save_atomically(trainer: pl.Trainer, path: Path) -> None:

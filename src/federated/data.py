@@ -23,6 +23,7 @@ class DeviceSplit:
     first one is indexed by sample. Subclasses say what `batch(index)` returns."""
 
     tensors: tuple[str, ...] = ()
+    served_tokens = 0  # real (unpadded) tokens handed out for training: text only
 
     def __len__(self) -> int:
         return len(getattr(self, self.tensors[0]))

@@ -1,4 +1,4 @@
-"""Client sharding over DDP processes (DESIGN §3.6): each rank trains its share of the sampled
+"""Client sharding over DDP processes: each rank trains its share of the sampled
 clients; the uploads are then combined so that every rank holds the same server state.
 
 Lightning's DDP would wrap the module in DistributedDataParallel and average every gradient over
@@ -137,15 +137,15 @@ def _job_command(hydra_config) -> list[str]:
 
 
 class RoundExchange:
-    """Where a round's client results go. In one process: straight into the aggregator and the
+    """Where a round's client results go. In one process: straight into the server and the
     client state store. Under DDP, after every rank has run its clients: sums are combined by
-    `all_reduce` (mean aggregators); aggregators that need the uploads themselves (stack, svd,
+    `all_reduce` (mean aggregators); servers that need the uploads themselves (stack, svd,
     median, krum, clustering) get every rank's uploads by `all_gather`, added in sampled order on
     every rank; the private states are gathered too, so every rank's store holds every client."""
 
-    def __init__(self, aggregator, store, ranks: Ranks, device: torch.device):
-        self.aggregator, self.store, self.ranks, self.device = aggregator, store, ranks, device
-        self.gather_uploads = ranks.distributed and not aggregator.sums_uploads
+    def __init__(self, server, store, ranks: Ranks, device: torch.device):
+        self.server, self.store, self.ranks, self.device = server, store, ranks, device
+        self.gather_uploads = ranks.distributed and not server.sums_uploads
         self.uploads: list[tuple[int, float, dict]] = []
         self.private: list[tuple[int, dict]] = []
 
@@ -153,7 +153,7 @@ class RoundExchange:
         if self.gather_uploads:  # the upload views the resident model: copy it out now
             self.uploads.append((client_id, weight, _to_cpu(upload)))
         else:
-            self.aggregator.add(upload, weight, client_id)
+            self.server.add(upload, weight, client_id)
         if private is None:
             return
         if self.ranks.distributed:
@@ -170,12 +170,12 @@ class RoundExchange:
                     self.ranks.gather(self.uploads), key=lambda item: position[item[0]]
                 ):
                     on_device = {n: t.to(self.device) for n, t in upload.items()}
-                    self.aggregator.add(on_device, weight, client_id)
+                    self.server.add(on_device, weight, client_id)
             else:
-                self.aggregator.all_reduce(self.ranks)
+                self.server.all_reduce(self.ranks)
             for client_id, private in self.ranks.gather(self.private):
                 self.store.save(client_id, private)
-        self.aggregator.finish()
+        self.server.finish()
 
 
 def _to_cpu(tensors: dict) -> dict:

@@ -1,9 +1,10 @@
-"""Simulated client faults (`fault.fail_fraction`, `fault.nan_fraction`), to test that a round
+"""Injected client faults (`fault.fail_fraction`, `fault.nan_fraction`), to test that a round
 survives clients that crash or send garbage.
 
 Each round, round(fraction x sampled) of the sampled clients are picked from (seed, round): the
-first group raises during local training, the second uploads NaN. The orchestrator drops both
-kinds like real faults and counts them in `clients/dropped`.
+first group raises `InjectedFault` before local training, the second uploads NaN. The orchestrator
+drops both and counts them (`clients/dropped`, `clients/nonfinite`). Any other exception raised
+while a client trains is a bug and stops the run, unless `fault.on_error=drop`.
 """
 
 from __future__ import annotations
@@ -11,20 +12,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from src.errors import ConfigError
+from src.federated.transforms import InjectedFault, UploadTransform
+
 _FAULT_STREAM = 0xFA1
+ON_ERROR = ("stop", "drop")
 
 
-class ClientFault(RuntimeError):
-    """A simulated crash of one client's local training."""
+class ClientFaults(UploadTransform):
+    name = "fault"
 
-
-class ClientFaults:
-    def __init__(self, fail_fraction: float = 0.0, nan_fraction: float = 0.0):
+    def __init__(self, fail_fraction: float = 0.0, nan_fraction: float = 0.0, on_error: str = "stop"):
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"fault.on_error must be one of stop, drop; got {on_error!r}")
         self.fail_fraction, self.nan_fraction = float(fail_fraction), float(nan_fraction)
+        self.on_error = on_error
         self.failing: set[int] = set()
         self.poisoned: set[int] = set()
 
-    def plan(self, sampled: list[int], seed: int, round_idx: int) -> None:
+    def begin_round(self, sampled: list[int], seed: int, round_idx: int) -> None:
         """Pick this round's faulty clients (the same on every DDP rank)."""
         if not (self.fail_fraction or self.nan_fraction):
             return
@@ -36,9 +42,9 @@ class ClientFaults:
 
     def before_training(self, client_id: int) -> None:
         if client_id in self.failing:
-            raise ClientFault("simulated failure (fault.fail_fraction)")
+            raise InjectedFault("injected failure (fault.fail_fraction)")
 
-    def after_training(self, client_id: int, upload: dict) -> dict:
+    def apply(self, client_id, upload, origin, generator):
         if client_id in self.poisoned:
             return {name: torch.full_like(t, float("nan")) for name, t in upload.items()}
         return upload

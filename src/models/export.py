@@ -54,13 +54,14 @@ def export_adapters(module, folder: Path) -> None:
     wrapper = "lm." if isinstance(module.model, CausalLM) else ""
     for client_id in range(module.federation.num_clients):
         rank = algorithm.client_rank(client_id)
+        payload, private = module.deployed_state(client_id)
         deployed = {
             name: algorithm.client_view(name, tensor, client_id)
-            for name, tensor in module.deployed_state(client_id).items()
+            for name, tensor in (payload | private).items()
         }
         write_adapter(folder / f"client_{client_id:04d}", algorithm, deployed, rank, wrapper)
     params = dict(module.model.named_parameters())
-    shared = dict(module.aggregator.state)
+    shared = dict(module.server.state)
     for pair in algorithm.pairs:
         if pair.b not in shared:
             shared[pair.b] = torch.zeros_like(params[pair.b])

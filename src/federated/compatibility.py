@@ -1,0 +1,99 @@
+"""Is this combination of algorithm, aggregator and upload transforms sound? Decided before
+training from the algorithm's `SharedSpec` and the others' `Needs`; a mismatch is one line
+naming the options involved and what to use instead (a ConfigError: exit code 2)."""
+
+from __future__ import annotations
+
+from src.errors import ConfigError
+from src.federated.contract import Needs, SharedSpec
+
+ROBUST = "aggregator=median, trimmed_mean or krum"
+
+
+def check_aggregator(spec: SharedSpec, aggregator) -> None:
+    agg, needs = f"aggregator={aggregator.name}", aggregator.needs
+    if needs.both_factors and not spec.layers:
+        raise ConfigError(
+            f"{agg} combines LoRA factors, but {spec.options} trains no LoRA adapters; use it "
+            "with a LoRA algorithm (alg=fedlora), or aggregator=mean"
+        )
+    if needs.both_factors and not spec.both_factors:
+        missing = sorted(
+            {
+                factor
+                for layer in spec.layers
+                for factor, name in (("lora_A", layer.a), ("lora_B", layer.b))
+                if name not in spec.roles
+            }
+        )
+        raise ConfigError(
+            f"{agg} needs both LoRA factors, but {spec.options} does not upload "
+            f"{' or '.join(missing)} (kept on the clients or frozen); use aggregator=mean, "
+            "rank_aware or zeropad"
+        )
+    mixed = spec.heterogeneous and (
+        needs.equal_shapes or (needs.equal_shapes_with_factors and spec.both_factors)
+    )
+    if mixed:
+        instead = "aggregator=stack, svd, zeropad or rank_aware" if spec.both_factors else (
+            "aggregator=mean or rank_aware"
+        )
+        raise ConfigError(
+            f"{agg} needs uploads of equal shapes, but {spec.options} mixes ranks; use equal "
+            f"ranks or {instead}"
+        )
+    _check_uploads(spec, agg, needs)
+
+
+def _check_uploads(spec: SharedSpec, agg: str, needs: Needs) -> None:
+    if spec.uploads_per_round >= needs.min_uploads:
+        return
+    source = (
+        f"{spec.uploads_per_round} group-level uploads ({spec.options})"
+        if spec.upload_unit == "group"
+        else f"{spec.uploads_per_round} (fl.clients_per_round)"
+    )
+    more = "more groups (partitioner.groups)" if spec.upload_unit == "group" else "more clients"
+    raise ConfigError(
+        f"{agg} needs at least {needs.min_uploads} uploads per round ({needs.min_uploads_why}), "
+        f"but receives {source}; use {more} per round or aggregator=mean"
+    )
+
+
+def check_attack(attack, aggregator, num_clients: int, text: bool) -> None:
+    """An attack must have attackers, leave honest clients, and be survivable by the rule."""
+    if attack.name == "none":
+        return
+    name = f"attack={attack.name}"
+    count = attack.count(num_clients)
+    if count == 0:
+        raise ConfigError(
+            f"{name} with attack.fraction={attack.fraction} and fl.num_clients={num_clients} "
+            f"makes round({attack.fraction * num_clients:g}) = 0 clients malicious; use "
+            f"attack.fraction >= {1 / num_clients:.3g} or attack=none"
+        )
+    if count >= num_clients:
+        raise ConfigError(
+            f"{name} with attack.fraction={attack.fraction} makes all {num_clients} clients "
+            "malicious: no honest client is left to evaluate; lower attack.fraction"
+        )
+    if attack.name == "label_flip" and text:
+        raise ConfigError(f"{name} permutes class labels; text data has none")
+    if attack.needs.robust_aggregator and not aggregator.robust:
+        raise ConfigError(
+            f"{name} replaces uploads by noise of scale 100, which aggregator={aggregator.name} "
+            f"averages into the global model (the honest clients then diverge too); use {ROBUST}, "
+            "or attack=sign_flip / label_flip to show a non-robust rule failing"
+        )
+
+
+def check_evaluable(federation, malicious: set[int]) -> None:
+    """val/personal_acc needs at least one honest client with a local test split."""
+    honest = [
+        i for i, c in enumerate(federation.clients) if i not in malicious and len(c.test) > 0
+    ]
+    if not honest:
+        raise ConfigError(
+            "no honest client has a local test split (partitioner.test_fraction, attack.fraction):"
+            " val/personal_acc could not be measured; raise partitioner.test_fraction"
+        )

@@ -1,0 +1,123 @@
+"""Evaluation of a round: the global model on the global test set, and every client's deployed
+model on its own local test split (val/personal_acc and its spread).
+
+Accuracy is per sample for images and per response token for text (which also gets val/ppl and
+val/token_acc). Malicious clients (attacks) are not evaluated: they are not the federation's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from src.federated.objective import score
+
+
+class Evaluator:
+    def __init__(self, module, eval_batch_size: int, malicious=frozenset()):
+        self.module = module  # the FederatedModule: its model, federation, server and ranks
+        self.eval_batch_size = eval_batch_size
+        self.malicious = set(malicious)
+        # per client, of the last evaluation (NaN for a client without local test data)
+        self.per_client_acc: list[float] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    def evaluate(self) -> dict[str, float]:
+        """val/global_acc and val/loss on the global test set; val/personal_acc (target-weighted
+        over the honest clients, with its std, unweighted mean and 10th percentile) of each
+        client's deployed model on its own local test split."""
+        module = self.module
+        if module.algorithm.personalized:
+            metrics, hits, counts = self._evaluate_personal_models()
+        else:
+            module.deploy(None)
+            metrics, hits, counts = self._evaluate_global_model()
+        if module.federation.is_text:
+            metrics["val/ppl"] = math.exp(min(metrics["val/loss"], 50.0))
+            metrics["val/token_acc"] = metrics["val/global_acc"]
+        for client_id in self.malicious:  # only honest clients are evaluated
+            hits[client_id] = counts[client_id] = 0
+        has_test = counts > 0
+        per_client = hits[has_test] / counts[has_test]
+        metrics["val/personal_acc"] = (hits.sum() / counts.sum()).item()
+        metrics["val/personal_acc_std"] = per_client.std(unbiased=False).item()
+        metrics["val/personal_acc_unweighted"] = per_client.mean().item()
+        metrics["val/personal_acc_p10"] = torch.quantile(per_client, 0.1).item()  # the worst-off
+        self.per_client_acc = [
+            (hits[i] / counts[i]).item() if has_test[i] else math.nan for i in range(len(counts))
+        ]
+        return metrics
+
+    @torch.no_grad()
+    def _predict(self, data, index: torch.Tensor):
+        """Per sample of `data[index]`, for the resident model: (summed loss, correct predictions,
+        counted targets); a sample is one target for images, its response tokens for text."""
+        model = self.module.model
+        model.eval()
+        parts = [
+            score(model(inputs), targets)
+            for inputs, targets in data.batches(index, data.eval_batch_size(self.eval_batch_size))
+        ]
+        if not parts:
+            empty = torch.empty(0, device=self.device)
+            return empty, empty.long(), empty.long()
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+    @staticmethod
+    def _global_metrics(losses, correct, counts) -> dict[str, float]:
+        total = counts.sum().clamp(min=1).double()
+        return {
+            "val/global_acc": (correct.sum() / total).item(),
+            "val/loss": (losses.double().sum() / total).item(),
+        }
+
+    def _evaluate_global_model(self):
+        """Every client deploys the global model, so one pass over all local test splits."""
+        federation = self.module.federation
+        test = federation.test
+        metrics = self._global_metrics(
+            *self._predict(test, torch.arange(len(test), device=self.device))
+        )
+        clients = federation.clients
+        index = torch.cat([c.test for c in clients])
+        owner = torch.cat([torch.full_like(c.test, i) for i, c in enumerate(clients)])
+        _, correct, counted = self._predict(federation.train, index)
+        counts = torch.bincount(owner, weights=counted.double(), minlength=len(clients))
+        hits = torch.bincount(owner, weights=correct.double(), minlength=len(clients))
+        return metrics, hits.cpu(), counts.cpu()
+
+    def _evaluate_personal_models(self):
+        """Client by client: load its deployed model, score its local test split and its share of
+        the global test set. The global test set is cut into one fixed random share per client, so
+        val/global_acc (how well the personal models do on the whole distribution, averaged over
+        clients) costs one pass over the test set, not one per client. Under DDP each rank scores
+        its share of the clients and the sums are combined."""
+        module = self.module
+        test, clients, ranks = module.federation.test, module.federation.clients, module.ranks
+        shares = self._global_test_shares()
+        hits = torch.zeros(len(clients), dtype=torch.float64, device=self.device)
+        counts = torch.zeros(len(clients), dtype=torch.float64, device=self.device)
+        # summed loss, correct and counted targets of the personal models on the global test set
+        on_global = torch.zeros(3, dtype=torch.float64, device=self.device)
+        mine = ranks.shard(list(range(len(clients))), [len(c.test) for c in clients])
+        for client_id in mine:
+            module.deploy(client_id)
+            _, correct, counted = self._predict(module.federation.train, clients[client_id].test)
+            hits[client_id], counts[client_id] = correct.sum(), counted.sum()
+            on_global += torch.stack(
+                [part.double().sum() for part in self._predict(test, shares[client_id])]
+            )
+        for total in (hits, counts, on_global):
+            ranks.sum_(total)
+        metrics = self._global_metrics(*on_global.unsqueeze(1))
+        return metrics, hits.cpu(), counts.cpu()
+
+    def _global_test_shares(self) -> list[torch.Tensor]:
+        test = self.module.federation.test
+        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.module.seed))
+        num_clients = self.module.federation.num_clients
+        return [share.to(self.device) for share in order.tensor_split(num_clients)]

@@ -1,0 +1,149 @@
+"""Every user-facing key is checked before training: one line naming the key, the value and what
+is allowed. Fast: composed configs go to validate_config / check_dataset_matches directly; the
+CLI cases stop before any training."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from src.config_checks import check_dataset_matches, validate_config
+from src.errors import ConfigError
+from tests.conftest import CONF_DIR, compose_config, run_cli
+
+QUICK = ["experiment=quickstart"]
+
+# (overrides, what the message must contain: the key, the value, what is allowed)
+BAD_VALUES = [
+    (["seed=-1"], ["seed must be >= 0, got -1"]),
+    (["partitioner.alpha=abc"], ["partitioner.alpha='abc' must be a number (float)"]),
+    (
+        ["partitioner.test_fraction=0"],
+        ["partitioner.test_fraction must be in (0, 1), got 0", "val/personal_acc"],
+    ),
+    (["fl.checkpoint_every=0"], ["fl.checkpoint_every must be >= 1, got 0"]),
+    (["fl.rounds=2.5"], ["fl.rounds=2.5 must be an integer (int)"]),
+    (["fl.rounds=2.0"], ["fl.rounds=2.0 must be an integer (int)"]),
+    (["fl.eval_batch_size=true"], ["fl.eval_batch_size=true must be an integer (int)"]),
+    (["optim=sgd", "optim.momentum=-1"], ["optim.momentum must be in [0, 1), got -1"]),
+    (["optim.weight_decay=-0.1"], ["optim.weight_decay must be >= 0, got -0.1"]),
+    (
+        ["optim=adamw", "optim.betas=[0.9,1.5]"],
+        ["optim.betas must be two numbers in [0, 1), got [0.9, 1.5]"],
+    ),
+    (["optim.eps=0"], ["optim.eps must be > 0, got 0"]),
+    (
+        ["optim=sgd", "optim.momentum=0", "+optim.nesterov=true"],
+        ["optim=sgd: torch.optim.SGD refuses these settings: Nesterov momentum"],
+    ),
+    (["+alg.foo=1"], ["alg.foo is not an option of alg=fedavg; its keys are: name"]),
+    (["+optim.momentum=0.5"], ["optim.momentum is not an option of optim=adamw", "betas"]),
+    (["+data.loader.foo=1"], ["data.loader.foo is not an option of data=digits", "image_size"]),
+    (
+        ["aggregator=krum", "aggregator.num_byzantine=x"],
+        ["aggregator.num_byzantine='x' must be an integer (int)"],
+    ),
+    (["alg=fedlora", "alg.trainable=[head,3]"], ["alg.trainable=['head', 3] must be a list"]),
+    (["alg=perfed", "alg.use_lora=maybe"], ["alg.use_lora='maybe' must be true or false"]),
+    (["model.arch=5"], ["model.arch=5 must be a string or null"]),
+    (["++fault.on_error=retry"], ["fault.on_error='retry' must be one of 'stop', 'drop'"]),
+    (["fault.fail_fraction=1.5"], ["fault.fail_fraction must be in [0, 1], got 1.5"]),
+    (["resume=null"], ["resume=null must be a string"]),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_VALUES, ids=lambda v: " ".join(v)[:60])
+def test_bad_value_names_key_value_and_what_is_allowed(overrides, expected, tmp_path):
+    cfg = compose_config([*QUICK, *overrides], tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        validate_config(cfg)
+    message = str(refused.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.channels=3"], "data.channels=3 but data=digits has 1-channel images"),
+        (["data.loader.image_size=8"], "data.image_size=16 but data=digits has 8x8 images"),
+        (["data.num_classes=5"], "data.num_classes=5 but data=digits has label 9"),
+    ],
+)
+def test_loaded_images_must_match_the_data_keys(overrides, expected, tmp_path):
+    cfg = compose_config([*QUICK, "data=digits", *overrides], tmp_path)
+    validate_config(cfg)  # each value alone is fine: only the loaded images disagree
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        check_dataset_matches(cfg, instantiate(cfg.data.loader))
+
+
+def test_matching_dataset_passes(tmp_path):
+    cfg = compose_config(
+        [*QUICK, "data=synthetic", "data.channels=3", "data.image_size=8"], tmp_path
+    )
+    check_dataset_matches(cfg, instantiate(cfg.data.loader, num_train=50, num_test=20))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+GROUPS = ("alg", "aggregator", "attack", "partitioner", "optim", "model", "data")
+PARTNER = {"qwen": "data=departments", "qwen_tiny": "data=departments"}
+PARTNER |= {"dolly": "model=qwen_tiny", "departments": "model=qwen_tiny"}
+
+
+@pytest.mark.parametrize(
+    "group, option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: str(v)
+)
+def test_every_option_passes_with_its_defaults(group, option, tmp_path):
+    extra = [PARTNER[option]] if option in PARTNER else []
+    validate_config(compose_config([*QUICK, f"{group}={option}", *extra], tmp_path))
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["seed=-1"], "seed must be >= 0, got -1"),
+        (["+alg.foo=1"], "alg.foo is not an option of alg=fedavg"),
+    ],
+)
+def test_cli_gives_one_line_and_exit_code_2(overrides, expected, tmp_path, monkeypatch, capfd):
+    from src.run import main
+
+    GlobalHydra.instance().clear()
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    argv = ["src.run", *QUICK, "logger=none", f"hydra.run.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", argv + overrides)
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    output = "\n".join(capfd.readouterr())
+    assert stopped.value.code == 2
+    assert "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "ERROR" in line]
+    assert expected in line
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        ([*QUICK, "hydra.run.dir=/proc/fedsweep-x"], "hydra.run.dir=/proc/fedsweep-x"),
+        (
+            ["-m", *QUICK, "seed=0,1", "hydra.sweep.dir=/proc/fedsweep-y"],
+            "hydra.sweep.dir=/proc/fedsweep-y",
+        ),
+    ],
+)
+def test_uncreatable_output_folder_gives_one_line(args, key, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    result = run_cli(*args, "logger=none", timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-1500:]
+    assert "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "ERROR" in line]
+    assert f"{key} cannot be created" in line
+    assert "point " + key.split("=")[0] + " at a folder you can write" in line
