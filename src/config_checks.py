@@ -105,13 +105,6 @@ def validate_config(cfg: DictConfig) -> None:
     )
     check_rules(cfg)
     check_targets(cfg)
-    if cfg.aggregator.name == "krum":  # Krum's guarantee needs K > 2f + 2
-        f, cohort = cfg.aggregator.num_byzantine, cfg.fl.clients_per_round
-        _require(
-            cohort > 2 * f + 2,
-            f"aggregator=krum with aggregator.num_byzantine={f} needs fl.clients_per_round > "
-            f"2 * {f} + 2 = {2 * f + 2}, got {cohort}; sample more clients or lower num_byzantine",
-        )
     check_optimizer(cfg)
 
 

@@ -25,7 +25,7 @@ NOT_OURS = ("hydra", "trainer", "logger")
 READ_BY_US = {"model": ("lora",)}  # the model's LoRA defaults, read by the LoRA algorithms
 # What each annotation allows, for the messages.
 NAMES = {bool: "true or false (bool)", int: "an integer (int)", float: "a number (float)"}
-NAMES |= {str: "a string", type(None): "null", dict: "a mapping", Mapping: "a mapping"}
+NAMES |= {str: "a string", type(None): "null"}
 
 
 def show(value) -> str:

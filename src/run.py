@@ -21,19 +21,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
-from src.config_checks import validate_config
-from pytorch_lightning.utilities.exceptions import SIGTERMException
-
+from src.config_checks import check_dataset_matches, validate_config
 from src.errors import ConfigError, RunInterrupted, user_error
-from src.federated.compatibility import check_aggregator, check_attack, check_evaluable
 from src.federated.checkpoint import (
     LastRoundCheckpoint,
     check_same_config,
     read_saved_run,
     resume_path,
 )
+from src.federated.compatibility import check_aggregator, check_attack, check_evaluable
 from src.federated.data import Federation
 from src.federated.distributed import end_process_group
 from src.federated.faults import ClientFaults
@@ -84,6 +83,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     log.info("loading data=%s", cfg.data.name)
     dataset = instantiate(cfg.data.loader)
+    check_dataset_matches(cfg, dataset)
     partitioner = instantiate(cfg.partitioner)
     federation = Federation.build(dataset, partitioner, cfg.fl.num_clients, cfg.seed)
     log.info(
@@ -183,7 +183,9 @@ def train(cfg: DictConfig) -> dict:
         try:
             trainer.fit(module, ckpt_path=resume_from, weights_only=False)
         except (RunInterrupted, SIGTERMException) as stop:
-            interrupted = stop if isinstance(stop, RunInterrupted) else RunInterrupted("SIGTERM", 143)
+            interrupted = (
+                stop if isinstance(stop, RunInterrupted) else RunInterrupted("SIGTERM", 143)
+            )
             kept = checkpoint.saved_round or saved.get("rounds_done", 0)
             if trainer.is_global_zero:
                 write_summary(

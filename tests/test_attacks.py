@@ -1,4 +1,4 @@
-"""Simulated attacks (DESIGN §7) and what robust aggregation does against them."""
+"""Simulated attacks and what robust aggregation does against them."""
 
 import pytest
 import torch
@@ -43,9 +43,7 @@ def test_sign_flip_reverses_and_rescales_the_update():
     bad = min(attack.malicious)
     upload, origin = _upload_and_origin()
     sent = attack.apply(bad, upload, origin, torch.Generator().manual_seed(3))
-    ratios = torch.cat(
-        [((sent[n] - origin[n]) / (upload[n] - origin[n])).flatten() for n in sent]
-    )
+    ratios = torch.cat([((sent[n] - origin[n]) / (upload[n] - origin[n])).flatten() for n in sent])
     assert torch.allclose(ratios, ratios[0]) and ratios[0] < 0  # one negative factor for all
 
 
@@ -104,3 +102,14 @@ def test_sign_flip_breaks_the_mean_but_not_the_median(make_digits_config):
     assert acc["clean"] >= 0.35, acc  # it learns: 3.5 times chance
     assert acc["mean"] <= acc["clean"] - 0.25, acc  # the attack clearly works on the mean
     assert acc["median"] >= acc["clean"] - 0.10, acc  # the median keeps most of it
+
+
+def test_an_attack_without_attackers_or_without_honest_clients_is_refused_up_front():
+    from src.aggregators import MeanAggregator
+    from src.federated.compatibility import check_attack
+
+    with pytest.raises(ConfigError, match=r"attack.fraction=0.05 and fl.num_clients=6 .* 0 clients"):
+        check_attack(Attack("sign_flip", 0.05), MeanAggregator("mean"), 6, text=False)
+    with pytest.raises(ConfigError, match="all 10 clients malicious"):
+        check_attack(Attack("sign_flip", 0.99), MeanAggregator("mean"), 10, text=False)
+    check_attack(Attack("sign_flip", 0.2), MeanAggregator("mean"), 6, text=False)  # 1 attacker

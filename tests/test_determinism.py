@@ -1,5 +1,5 @@
-"""A client's work depends only on (seed, round, client), not on which clients ran before it
-(DESIGN §3.5). Same config + seed => same metrics.csv, across processes: tests/test_resume.py."""
+"""A client's work depends only on (seed, round, client), not on which clients ran before it.
+Same config + seed => same metrics.csv, across processes: tests/test_resume.py."""
 
 import torch
 from hydra.utils import instantiate

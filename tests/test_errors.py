@@ -34,7 +34,10 @@ BAD_INPUTS = [
     (["attack=sign_flip", "attack.fraction=-0.1"], ["attack.fraction must be in [0, 1)"]),
     (
         ["aggregator=krum", "aggregator.num_byzantine=2"],
-        ["aggregator=krum with aggregator.num_byzantine=2 needs fl.clients_per_round > 2 * 2 + 2"],
+        [
+            "aggregator=krum needs at least 7 uploads per round (Krum's guarantee with "
+            "aggregator.num_byzantine=2 needs K > 2 * 2 + 2), but receives 5 (fl.clients_per_round)"
+        ],
     ),
     (["fault.nan_fraction=2"], ["fault.nan_fraction must be in [0, 1], got 2"]),
     (["data=mnist", "data.loader.download=false"], ["MNIST", "not found"]),

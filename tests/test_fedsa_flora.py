@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from torch import nn
 
 from src.aggregators import MeanAggregator
 from src.aggregators.clustering import cluster_rows, elbow

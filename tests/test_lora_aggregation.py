@@ -1,4 +1,4 @@
-"""Heterogeneous-rank LoRA aggregation (DESIGN §6): exact identities on random float64 factors."""
+"""Heterogeneous-rank LoRA aggregation: exact identities on random float64 factors."""
 
 import math
 import random

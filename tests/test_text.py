@@ -1,4 +1,4 @@
-"""Text (DESIGN §3, issue 6): prompt template and loss masking, the dolly and departments loaders,
+"""Text: prompt template and loss masking, the dolly and departments loaders,
 the natural partition, qwen_tiny end to end, and the offline error of model=qwen."""
 
 import json

@@ -125,7 +125,12 @@ class Aggregator:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         extra = {name: getattr(self, name) for name in self.checkpointed}
-        return {"state": self.state, "bases": self.bases, "server": self.server.state_dict(), **extra}
+        return {
+            "state": self.state,
+            "bases": self.bases,
+            "server": self.server.state_dict(),
+            **extra,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state["state"]

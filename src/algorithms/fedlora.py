@@ -39,7 +39,9 @@ class FedLoRA(Algorithm):
         self.trainable = list(trainable)
         if self.lora is None:
             if client_ranks is not None:
-                raise ConfigError(f"alg.client_ranks={client_ranks} needs alg.lora (LoRA ranks)")
+                raise ConfigError(
+                    f"alg.client_ranks={client_ranks} needs LoRA adapters (alg.use_lora=true)"
+                )
             self.ranks: list[int] = []
             self.alpha = 1.0
         else:
@@ -97,7 +99,10 @@ class FedLoRA(Algorithm):
         }
         self.pairs = [
             LoraLayer(
-                n, f"{n}.lora_A.default.weight", f"{n}.lora_B.default.weight", f"{n}.base_layer.weight"
+                n,
+                f"{n}.lora_A.default.weight",
+                f"{n}.lora_B.default.weight",
+                f"{n}.base_layer.weight",
             )
             for n in self._layers
         ]
@@ -149,8 +154,8 @@ class FedLoRA(Algorithm):
         payload (a rule that merges products into them) are loaded as they are.
         """
         received = payload | private
-        rank = self.client_rank(client_id)
         params = dict(model.named_parameters())
+        rank = self.client_rank(client_id) if self.pairs else 0
         for pair in self.pairs:
             self._layers[pair.name].scaling["default"] = self.scale(rank)
             A, B = params[pair.a], params[pair.b]

@@ -138,7 +138,9 @@ class FedSAFLoRA(FedLoRA):
         if self.streams_uploads:
             return aggregator.add(upload, weight, client_id)
         # uploads are views of the resident model: copy before the next client overwrites it
-        self._uploads.append((client_id, {n: t.detach().clone() for n, t in upload.items()}, weight))
+        self._uploads.append(
+            (client_id, {n: t.detach().clone() for n, t in upload.items()}, weight)
+        )
 
     def server_finish(self, aggregator) -> None:
         if self.streams_uploads:

@@ -1,4 +1,4 @@
-"""Small image datasets as uint8 tensors (DESIGN §3.7, §8).
+"""Small image datasets as uint8 tensors.
 
 Every loader returns an :class:`ImageDataset`: the whole train pool and the global test set as
 contiguous ``uint8 [N, C, H, W]`` tensors plus int64 labels, so the orchestrator can put them on

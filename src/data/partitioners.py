@@ -1,4 +1,4 @@
-"""Split a labelled train pool over federated clients (DESIGN §2, §7).
+"""Split a labelled train pool over federated clients.
 
 A partitioner maps the labels of ``dataset.train`` to one :class:`ClientSplit` per client: index
 tensors for the client's local train and local test split. All randomness comes from

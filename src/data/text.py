@@ -1,4 +1,4 @@
-"""Instruction data for the causal LMs (DESIGN §3): one prompt template, response-only loss,
+"""Instruction data for the causal LMs: one prompt template, response-only loss,
 tokenised once into padded int64 tensors.
 
 The template (the "### Context" block only when the row has a context):

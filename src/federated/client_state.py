@@ -1,4 +1,4 @@
-"""The client state store: what each client keeps between rounds (DESIGN §3.4).
+"""The client state store: what each client keeps between rounds.
 
 Only the private tensors of clients that have trained are stored, each at its client's own size
 (e.g. a rank-r_k LoRA B), on the CPU (pinned when a GPU is used, so copies back are fast). A client

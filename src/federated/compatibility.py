@@ -17,6 +17,11 @@ def check_aggregator(spec: SharedSpec, aggregator) -> None:
             f"{agg} combines LoRA factors, but {spec.options} trains no LoRA adapters; use it "
             "with a LoRA algorithm (alg=fedlora), or aggregator=mean"
         )
+    if needs.both_factors and spec.updates:
+        raise ConfigError(
+            f"{agg} multiplies the uploaded LoRA factors, but {spec.options} uploads differences "
+            "(updates), whose product means nothing; use aggregator=mean, rank_aware or zeropad"
+        )
     if needs.both_factors and not spec.both_factors:
         missing = sorted(
             {
@@ -35,8 +40,10 @@ def check_aggregator(spec: SharedSpec, aggregator) -> None:
         needs.equal_shapes or (needs.equal_shapes_with_factors and spec.both_factors)
     )
     if mixed:
-        instead = "aggregator=stack, svd, zeropad or rank_aware" if spec.both_factors else (
-            "aggregator=mean or rank_aware"
+        instead = (
+            "aggregator=stack, svd, zeropad or rank_aware"
+            if spec.both_factors
+            else ("aggregator=mean or rank_aware")
         )
         raise ConfigError(
             f"{agg} needs uploads of equal shapes, but {spec.options} mixes ranks; use equal "
@@ -89,9 +96,7 @@ def check_attack(attack, aggregator, num_clients: int, text: bool) -> None:
 
 def check_evaluable(federation, malicious: set[int]) -> None:
     """val/personal_acc needs at least one honest client with a local test split."""
-    honest = [
-        i for i, c in enumerate(federation.clients) if i not in malicious and len(c.test) > 0
-    ]
+    honest = [i for i, c in enumerate(federation.clients) if i not in malicious and len(c.test) > 0]
     if not honest:
         raise ConfigError(
             "no honest client has a local test split (partitioner.test_fraction, attack.fraction):"

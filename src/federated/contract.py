@@ -44,6 +44,7 @@ class SharedSpec:
     LoRA); a rank-r_k client sends the first r_k rows of an A and the first r_k columns of a B.
     `uploads_per_round`: how many uploads the aggregation rule receives in a round (the sampled
     clients, or the groups they form). `personalized`: each client deploys its own model.
+    `updates`: the uploads are differences from what the client received, not tensor values.
     """
 
     roles: Mapping[str, Role]
@@ -53,6 +54,7 @@ class SharedSpec:
     alpha: float = 1.0
     upload_unit: str = "client"  # what one upload of the rule stands for: a client or a group
     personalized: bool = False
+    updates: bool = False  # uploads are differences (e.g. y - x), not values of the tensors
     options: str = ""  # the config options that decide the sharing, for error messages
     extra: Mapping[str, object] = field(default_factory=dict)
 

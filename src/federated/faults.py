@@ -22,7 +22,9 @@ ON_ERROR = ("stop", "drop")
 class ClientFaults(UploadTransform):
     name = "fault"
 
-    def __init__(self, fail_fraction: float = 0.0, nan_fraction: float = 0.0, on_error: str = "stop"):
+    def __init__(
+        self, fail_fraction: float = 0.0, nan_fraction: float = 0.0, on_error: str = "stop"
+    ):
         if on_error not in ON_ERROR:
             raise ConfigError(f"fault.on_error must be one of stop, drop; got {on_error!r}")
         self.fail_fraction, self.nan_fraction = float(fail_fraction), float(nan_fraction)

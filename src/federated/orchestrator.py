@@ -10,7 +10,6 @@ or a copy of the model.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -145,7 +144,9 @@ class FederatedModule(pl.LightningModule):
             self.store.pin_memory = self.device.type == "cuda"
             self.store.set_initial(self.algorithm.initial_private_state(self.model))
             if "server" in self._restored:
-                self.server.load_state_dict(move_data_to_device(self._restored["server"], self.device))
+                self.server.load_state_dict(
+                    move_data_to_device(self._restored["server"], self.device)
+                )
             if "clients" in self._restored:
                 self.store.load_state_dict(self._restored["clients"])
 
@@ -236,11 +237,7 @@ class FederatedModule(pl.LightningModule):
                 nonfinite += 1
                 drop(client_id, "uploaded non-finite values")
                 continue
-            private = (
-                self.algorithm.private_state(self.model, client_id)
-                if self.algorithm.personalized
-                else None
-            )
+            private = self.algorithm.private_state(self.model, client_id) or None
             weight = float(len(self.federation.clients[client_id].train))
             exchange.add(client_id, upload, weight, private)
             loss_sum += client_loss
@@ -268,7 +265,12 @@ class FederatedModule(pl.LightningModule):
             return self.transforms.batches(client_id, batches, self.federation.num_classes)
 
         run = ClientRun(
-            client_id, round_idx, self.local_epochs, self.make_optimizer, self.manual_backward, one_pass
+            client_id,
+            round_idx,
+            self.local_epochs,
+            self.make_optimizer,
+            self.manual_backward,
+            one_pass,
         )
         loss_sum, seen = self.algorithm.local_update(self.model, run)
         upload = self.algorithm.upload(self.model, client_id)

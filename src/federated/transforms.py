@@ -36,7 +36,9 @@ class UploadTransform:
     def before_training(self, client_id: int) -> None:
         """Called after the client loaded its state, before it trains."""
 
-    def batches(self, client_id: int, batches: Iterator[Batch], num_classes: int) -> Iterator[Batch]:
+    def batches(
+        self, client_id: int, batches: Iterator[Batch], num_classes: int
+    ) -> Iterator[Batch]:
         return batches
 
     def needs_origin(self, client_id: int) -> bool:
