@@ -1,0 +1,63 @@
+"""A float64 two-layer net, batches and one client's run, for the update-rule tests of the
+algorithms (each rule is then written out independently in its test)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from src.algorithms.base import ClientRun
+from src.federated.objective import mean_loss
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return TinyNet().double()
+
+
+def tiny_batches(seed: int, count: int = 3, size: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(size, 4, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (size,), generator=gen),
+        )
+        for _ in range(count)
+    ]
+
+
+def client_run(batches, lr: float, client_id: int = 0) -> ClientRun:
+    """One pass over `batches` per epoch, plain SGD with `lr`."""
+    return ClientRun(
+        client_id=client_id,
+        round_idx=0,
+        epochs=1,
+        make_optimizer=lambda params: torch.optim.SGD(params, lr=lr),
+        backward=lambda loss: loss.backward(),
+        passes=lambda: iter(batches),
+    )
+
+
+def loss_grad(model: nn.Module, params: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+    """grad of the training loss of `batch` at `params` (a functional call: the model's own
+    parameters are not touched)."""
+    inputs, labels = batch
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in params.items()}
+    out = torch.func.functional_call(model, leaves, (inputs,))
+    loss, _ = mean_loss(out, labels)  # the project's objective (cross-entropy in float32)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(zip(leaves, grads, strict=True))
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
