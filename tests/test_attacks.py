@@ -108,7 +108,9 @@ def test_an_attack_without_attackers_or_without_honest_clients_is_refused_up_fro
     from src.aggregators import MeanAggregator
     from src.federated.compatibility import check_attack
 
-    with pytest.raises(ConfigError, match=r"attack.fraction=0.05 and fl.num_clients=6 .* 0 clients"):
+    with pytest.raises(
+        ConfigError, match=r"attack.fraction=0.05 and fl.num_clients=6 .* 0 clients"
+    ):
         check_attack(Attack("sign_flip", 0.05), MeanAggregator("mean"), 6, text=False)
     with pytest.raises(ConfigError, match="all 10 clients malicious"):
         check_attack(Attack("sign_flip", 0.99), MeanAggregator("mean"), 10, text=False)

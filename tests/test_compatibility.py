@@ -21,6 +21,10 @@ SUBSET = {
     "ffa-lora | stack | none": ("refused", "does not upload lora_A"),
     "perfed | krum | sign_flip": ("ok", ""),
     "perfed | svd | none": ("refused", "trains no LoRA adapters"),
+    "scaffold (lora) | stack | none": ("refused", "uploads differences"),
+    "scaffold | trimmed_mean | sign_flip": ("ok", ""),
+    "ditto (lora) | stack | sign_flip": ("ok", ""),
+    "fedprox (lora) | rank_aware | label_flip": ("ok", ""),
 }
 BY_LABEL = {cell.label: cell for cell in cells()}
 
