@@ -10,7 +10,7 @@ compares the two before training; afterwards no component reads another's attrib
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -56,7 +56,6 @@ class SharedSpec:
     personalized: bool = False
     updates: bool = False  # uploads are differences (e.g. y - x), not values of the tensors
     options: str = ""  # the config options that decide the sharing, for error messages
-    extra: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def r_max(self) -> int:
