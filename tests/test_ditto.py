@@ -45,6 +45,10 @@ def test_ditto_personal_models_learn_on_digits(make_digits_config):
         "fl.local_epochs=2",
         "fl.rounds=8",
         "fl.eval_every=8",
+        "model.depth=2",
+        "model.embed_dim=64",
+        "model.num_heads=2",
     )
     summary = train(cfg)
-    assert summary["final"]["val/personal_acc"] > 0.5  # chance 0.10
+    # chance 0.10; measured 0.74 at seed 0 with lam=1 (2026-12-03, 14 s on 2 CPU cores)
+    assert summary["final"]["val/personal_acc"] > 0.5

@@ -89,6 +89,6 @@ def test_a_rank_rk_client_trains_and_uploads_exactly_rank_rk(make_digits_config,
             assert upload[pair.a].shape == (r, full[pair.a].shape[1])
             assert upload[pair.b].shape == (full[pair.b].shape[0], r)
             assert not full[pair.a][r:].any() and not full[pair.b][:, r:].any()  # held at zero
-            update = alg.scale(r) * full[pair.b].double() @ full[pair.a].double()
+            update = alg.lora_ranks.scale(r) * full[pair.b].double() @ full[pair.a].double()
             assert torch.linalg.matrix_rank(update).item() <= r
             assert upload[pair.b].abs().sum() > 0  # it did train

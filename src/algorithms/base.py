@@ -49,24 +49,47 @@ class ClientRun:
 class Algorithm:
     """`private`: name patterns (substrings) of trained tensors that never leave the client; they
     persist per client across rounds (the client state store) and make the algorithm personalised:
-    each client deploys (shared tensors from the server, its own private tensors)."""
+    each client deploys (shared tensors from the server, its own private tensors).
 
-    def __init__(self, name: str, private: Sequence[str] = ()):
+    Buffers: the model's persistent floating-point buffers (BatchNorm's running statistics) change
+    in local training without a gradient. By default they travel and are aggregated like the
+    shared parameters; `local_buffers=True` keeps them per client instead (FedBN, Li et al. 2021),
+    which makes the algorithm personalised. Integer buffers (BatchNorm's `num_batches_tracked`)
+    are counters, not statistics: they are never sent (see `check_buffers`)."""
+
+    def __init__(self, name: str, private: Sequence[str] = (), local_buffers: bool = False):
         self.name = name
         if isinstance(private, str):
             raise ConfigError(f"alg.private must be a list of name patterns, got {private!r}")
         self.private = list(private)
+        self.local_buffers = bool(local_buffers)
+        self._buffer_names: tuple[int, list[str]] = (0, [])  # (id of the model, its names)
 
     @property
     def personalized(self) -> bool:
         """True: each client deploys its own model, so evaluation runs client by client."""
-        return bool(self.private)
+        return bool(self.private) or self.local_buffers
 
     # ------------------------------------------------------------------ set-up
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Freeze / wrap the freshly built model; returns the model the federation trains."""
         self.check_private(model)
         return model
+
+    def check_buffers(self, model: nn.Module) -> None:
+        """A BatchNorm with momentum=None keeps a cumulative average weighted by its integer
+        counter, which is not shared: refused rather than averaged wrongly."""
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+                raise ConfigError(
+                    f"model layer {name}: BatchNorm with momentum=None (a cumulative average) "
+                    "cannot be federated; give it a momentum"
+                )
+        if self.local_buffers and not self.buffer_names(model):
+            raise ConfigError(
+                "alg.local_buffers=true: the model has no floating-point buffers (BatchNorm "
+                "statistics) to keep per client; set alg.local_buffers=false"
+            )
 
     def configure(self, federation, output_dir, seed: int) -> None:
         """Learn what the server half needs of the run (groups of clients, where to write)."""
@@ -91,25 +114,46 @@ class Algorithm:
                 )
         if not self.shared_names(model):
             raise ConfigError(f"alg.private={self.private} leaves nothing to share with the server")
+        self.check_buffers(model)
 
     def trained_names(self, model: nn.Module) -> list[str]:
         return [name for name, p in model.named_parameters() if p.requires_grad]
+
+    def buffer_names(self, model: nn.Module) -> list[str]:
+        """The persistent floating-point buffers (running statistics), found once per model."""
+        if self._buffer_names[0] != id(model):
+            persistent = set(model.state_dict(keep_vars=True))
+            names = [
+                n for n, b in model.named_buffers() if n in persistent and b.is_floating_point()
+            ]
+            self._buffer_names = (id(model), names)
+        return self._buffer_names[1]
 
     def is_private(self, name: str) -> bool:
         return any(pattern in name for pattern in self.private)
 
     def shared_names(self, model: nn.Module) -> list[str]:
-        """Names of the parameters the server broadcasts and the clients upload."""
-        return [name for name in self.trained_names(model) if not self.is_private(name)]
+        """Names of the tensors the server broadcasts and the clients upload."""
+        names = [name for name in self.trained_names(model) if not self.is_private(name)]
+        if not self.local_buffers:
+            names += [name for name in self.buffer_names(model) if not self.is_private(name)]
+        return names
 
     def private_names(self, model: nn.Module) -> list[str]:
-        """Names of the trained parameters each client keeps to itself."""
-        return [name for name in self.trained_names(model) if self.is_private(name)]
+        """Names of the tensors each client keeps to itself."""
+        names = [name for name in self.trained_names(model) if self.is_private(name)]
+        buffers = self.buffer_names(model)
+        return names + [n for n in buffers if self.local_buffers or self.is_private(n)]
+
+    @staticmethod
+    def tensors(model: nn.Module) -> TensorDict:
+        """Every parameter and buffer of the model by name (the model's own tensors)."""
+        return dict(model.named_parameters()) | dict(model.named_buffers())
 
     def server_state(self, model: nn.Module) -> TensorDict:
-        """The server's tensors at the start: the shared parameters (the aggregator copies them)."""
-        params = dict(model.named_parameters())
-        return {name: params[name].detach() for name in self.shared_names(model)}
+        """The server's tensors at the start: the shared tensors (the aggregator copies them)."""
+        tensors = self.tensors(model)
+        return {name: tensors[name].detach() for name in self.shared_names(model)}
 
     def base_weights(self, model: nn.Module) -> TensorDict:
         """Frozen weights an aggregation rule may change (LoRA base weights); none by default."""
@@ -121,8 +165,8 @@ class Algorithm:
 
     def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
         """Views of the client's private tensors, for the client state store."""
-        params = dict(model.named_parameters())
-        return {name: params[name].detach() for name in self.private_names(model)}
+        tensors = self.tensors(model)
+        return {name: tensors[name].detach() for name in self.private_names(model)}
 
     # ------------------------------------------------------------------ client half
     @torch.no_grad()
@@ -131,9 +175,9 @@ class Algorithm:
     ) -> None:
         """Copy what the server sent and the client's private state into the resident model, in
         place (`client_id` None: the global model, no private state)."""
-        params = dict(model.named_parameters())
+        tensors = self.tensors(model)
         for name, tensor in (payload | private).items():
-            params[name].copy_(tensor)
+            tensors[name].copy_(tensor)
 
     def deploy(
         self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
@@ -177,8 +221,8 @@ class Algorithm:
     def upload(self, model: nn.Module, client_id: int) -> TensorDict:
         """What the client sends back: views of its shared parameters (read before the next
         client overwrites the resident model)."""
-        params = dict(model.named_parameters())
-        return {name: params[name].detach() for name in self.shared_names(model)}
+        tensors = self.tensors(model)
+        return {name: tensors[name].detach() for name in self.shared_names(model)}
 
     def upload_origin(self, model: nn.Module, client_id: int) -> TensorDict:
         """What the client would upload had it not trained (called right after `download`):

@@ -11,6 +11,12 @@ A client deploys v_k (val/personal_acc); val/global_acc is the personal models o
 test set, as for every personalised algorithm. lam = 0: local training only; large lam: FedAvg.
 A client that was never sampled deploys the initial model. `use_lora=true`: w and v are the
 LoRA factors and head (equal ranks), the frozen backbone shared by both.
+
+Against the reference code (litian96/ditto, flearn/trainers_MTL/ditto.py): lam defaults to 1, as
+in all its run scripts (its main.py default, 0, is local training only). The reference takes, per
+batch, one step on v and then one on w, for `local_iters` batches with plain SGD; here w trains
+first for fl.local_epochs with the configured optimizer, then v for as many batches (a fresh
+shuffle), which optimises the same two objectives (v's pull is towards w_t, not w_k, in both).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 
 from src.algorithms.base import ClientRun, TensorDict
 from src.algorithms.fedlora import FedLoRA
+from src.algorithms.proximal import add_proximal_gradient, snapshot
 from src.errors import ConfigError
 
 
@@ -29,7 +36,7 @@ class Ditto(FedLoRA):
     def __init__(
         self,
         name: str,
-        lam: float = 0.1,
+        lam: float = 1.0,
         use_lora: bool = False,
         lora: dict | None = None,
         trainable: Sequence[str] = ("head",),
@@ -50,17 +57,16 @@ class Ditto(FedLoRA):
         return True
 
     def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
-        """v_k: every shared parameter (after local_update the resident model holds v_k)."""
-        params = dict(model.named_parameters())
-        return {name: params[name].detach() for name in self.shared_names(model)}
+        """v_k: every shared tensor (after local_update the resident model holds v_k)."""
+        tensors = self.tensors(model)
+        return {name: tensors[name].detach() for name in self.shared_names(model)}
 
     # ------------------------------------------------------------------ client
     @torch.no_grad()
     def download(self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id):
         """w_t into the resident model (to train the global part first); v_k kept aside."""
         super().download(model, payload, {}, client_id)
-        params = dict(model.named_parameters())  # w_t as loaded (e.g. a fresh LoRA init)
-        self.anchor = {name: params[name].detach().clone() for name in self.shared_names(model)}
+        self.anchor = snapshot(model, self.shared_names(model))  # w_t as loaded (fresh LoRA init)
         self.personal = private
 
     def deploy(self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id):
@@ -69,11 +75,11 @@ class Ditto(FedLoRA):
     def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
         trained = [p for p in model.parameters() if p.requires_grad]
         loss_sum, seen = self.train(model, run.make_optimizer(trained), run.batches(), run.backward)
-        params = dict(model.named_parameters())
-        self.trained_global = {n: params[n].detach().clone() for n in self.shared_names(model)}
+        self.trained_global = snapshot(model, self.shared_names(model))
+        tensors = self.tensors(model)
         with torch.no_grad():
             for name, tensor in self.personal.items():
-                params[name].copy_(tensor)
+                tensors[name].copy_(tensor)
         self._pull = True
         try:  # the personal model's loss is not the federation's: not counted in train/loss
             self.train(model, run.make_optimizer(trained), run.batches(), run.backward)
@@ -81,14 +87,10 @@ class Ditto(FedLoRA):
             self._pull = False
         return loss_sum, seen
 
-    @torch.no_grad()
     def adjust_gradients(self, model: nn.Module) -> None:
         """While v trains: grad += lam (v - w_t)."""
-        if not self._pull or self.lam == 0:
-            return
-        for name, p in model.named_parameters():
-            if name in self.anchor and p.grad is not None:
-                p.grad.add_(p.detach() - self.anchor[name], alpha=self.lam)
+        if self._pull:
+            add_proximal_gradient(model, self.anchor, self.lam)
 
     def upload(self, model: nn.Module, client_id: int) -> TensorDict:
         return self.trained_global  # w_k (the resident model now holds v_k)

@@ -22,7 +22,7 @@ from torch import nn
 
 from src.algorithms.base import Algorithm, TensorDict
 from src.errors import ConfigError
-from src.federated.contract import LoraLayer, Role, SharedSpec
+from src.federated.contract import LoraLayer, LoraRanks, Role, SharedSpec
 
 
 class FedLoRA(Algorithm):
@@ -33,8 +33,9 @@ class FedLoRA(Algorithm):
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
         private: Sequence[str] = (),
+        local_buffers: bool = False,
     ):
-        super().__init__(name, private)
+        super().__init__(name, private, local_buffers)
         self.lora = dict(lora) if lora else None
         self.trainable = list(trainable)
         if self.lora is None:
@@ -42,30 +43,33 @@ class FedLoRA(Algorithm):
                 raise ConfigError(
                     f"alg.client_ranks={client_ranks} needs LoRA adapters (alg.use_lora=true)"
                 )
-            self.ranks: list[int] = []
-            self.alpha = 1.0
+            self.lora_ranks = LoraRanks()
         else:
-            ranks = self.lora["r"] if client_ranks is None else client_ranks
-            self.ranks = [int(ranks)] if isinstance(ranks, int | float) else [int(r) for r in ranks]
-            if not self.ranks or min(self.ranks) < 1:
+            given = self.lora["r"] if client_ranks is None else client_ranks
+            ranks = [int(given)] if isinstance(given, int | float) else [int(r) for r in given]
+            if not ranks or min(ranks) < 1:
                 raise ConfigError(f"alg.client_ranks must be positive integers, got {client_ranks}")
-            self.alpha = float(self.lora["alpha"])
-        self.r_max = max(self.ranks, default=0)
+            self.lora_ranks = LoraRanks(ranks=tuple(ranks), alpha=float(self.lora["alpha"]))
         self.pairs: list[LoraLayer] = []
         self._layers: dict[str, nn.Module] = {}
         self.spec: SharedSpec | None = None
 
     # ------------------------------------------------------------------ ranks
-    def client_rank(self, client_id: int | None) -> int:
-        """r_k: `alg.client_ranks` cycled over client ids; the global model uses r_max."""
-        return self.r_max if client_id is None else self.ranks[client_id % len(self.ranks)]
+    @property
+    def ranks(self) -> list[int]:
+        return list(self.lora_ranks.ranks)
 
-    def scale(self, rank: int) -> float:
-        return self.alpha / rank
+    @property
+    def r_max(self) -> int:
+        return self.lora_ranks.r_max
 
     @property
     def heterogeneous(self) -> bool:
-        return len(set(self.ranks)) > 1
+        return self.lora_ranks.heterogeneous
+
+    def client_rank(self, client_id: int | None) -> int:
+        """r_k: `alg.client_ranks` cycled over client ids; the global model uses r_max."""
+        return self.lora_ranks.rank(client_id)
 
     def client_view(self, name: str, tensor: torch.Tensor, client_id: int | None) -> torch.Tensor:
         """The r_k-sized part of a tensor: rows of an A, columns of a B, else the tensor."""
@@ -89,7 +93,7 @@ class FedLoRA(Algorithm):
         model = add_lora(
             model,
             r=self.r_max,
-            alpha=self.alpha,
+            alpha=self.lora_ranks.alpha,
             dropout=self.lora.get("dropout", 0.0),
             target_modules=list(self.lora["target_modules"]),
             trainable=self.trainable,
@@ -124,8 +128,8 @@ class FedLoRA(Algorithm):
             roles={name: self.role(name) for name in self.shared_names(model)},
             uploads_per_round=clients_per_round,
             layers=tuple(self.pairs),
-            ranks=tuple(self.ranks),
-            alpha=self.alpha,
+            ranks=self.lora_ranks.ranks,
+            alpha=self.lora_ranks.alpha,
             personalized=self.personalized,
             options=options,
         )
@@ -154,10 +158,10 @@ class FedLoRA(Algorithm):
         payload (a rule that merges products into them) are loaded as they are.
         """
         received = payload | private
-        params = dict(model.named_parameters())
+        params = self.tensors(model)
         rank = self.client_rank(client_id) if self.pairs else 0
         for pair in self.pairs:
-            self._layers[pair.name].scaling["default"] = self.scale(rank)
+            self._layers[pair.name].scaling["default"] = self.lora_ranks.scale(rank)
             A, B = params[pair.a], params[pair.b]
             if pair.a in received:
                 A.zero_()

@@ -6,7 +6,8 @@ which `adjust_gradients` adds before every optimizer step (the reference code, l
 does the same inside its PerturbedGradientDescent optimizer; with optim=sgd and momentum 0 the
 two are identical, with another optimizer it is that optimizer on h_k). The server is FedAvg's:
 any aggregator. mu = 0 is FedAvg exactly. The reference's systems-heterogeneity part (clients
-doing fewer epochs, "stragglers") is not simulated.
+doing fewer epochs, "stragglers") is not simulated. mu has no reference default (the reference
+README says to tune it in {0.001, 0.01, 0.1, 0.5, 1}); 0.01 is the middle of that range.
 
 `use_lora=true`: the proximal term acts on the trained LoRA factors and head (w_t: what the
 client started from), as fedlora trains them; otherwise on the whole model.
@@ -21,6 +22,7 @@ from torch import nn
 
 from src.algorithms.base import TensorDict
 from src.algorithms.fedlora import FedLoRA
+from src.algorithms.proximal import add_proximal_gradient, snapshot
 from src.errors import ConfigError
 
 
@@ -33,24 +35,20 @@ class FedProx(FedLoRA):
         lora: dict | None = None,
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
+        local_buffers: bool = False,
     ):
         if mu < 0:
             raise ConfigError(f"alg.mu must be >= 0, got {mu}")
-        super().__init__(name, lora if use_lora else None, trainable, client_ranks)
+        lora = lora if use_lora else None
+        super().__init__(name, lora, trainable, client_ranks, local_buffers=local_buffers)
         self.mu = float(mu)
         self.anchor: TensorDict = {}  # w_t: the running client's starting point
 
     @torch.no_grad()
     def download(self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id):
         super().download(model, payload, private, client_id)
-        params = dict(model.named_parameters())
-        self.anchor = {name: params[name].detach().clone() for name in self.shared_names(model)}
+        self.anchor = snapshot(model, self.shared_names(model))
 
-    @torch.no_grad()
     def adjust_gradients(self, model: nn.Module) -> None:
         """grad += mu (w - w_t) on every shared parameter."""
-        if self.mu == 0:
-            return
-        for name, p in model.named_parameters():
-            if name in self.anchor and p.grad is not None:
-                p.grad.add_(p.detach() - self.anchor[name], alpha=self.mu)
+        add_proximal_gradient(model, self.anchor, self.mu)

@@ -64,10 +64,11 @@ class FedSAFLoRA(FedLoRA):
         groups: str = "none",
         cluster: dict | None = None,
         export_adapters: bool = False,
+        local_buffers: bool = False,
     ):
         if private is None:  # B and every other trained tensor (the ViT's head) stay personal
             private = ["lora_B", *trainable]
-        super().__init__(name, lora, trainable, client_ranks, private)
+        super().__init__(name, lora, trainable, client_ranks, private, local_buffers)
         if not self.private:
             raise ConfigError("alg.private must keep something on the clients (e.g. [lora_B])")
         if any("lora_A" in p for p in self.private):

@@ -77,7 +77,7 @@ class PerFed(Algorithm):
         return True  # every trained tensor is part of the personal model w_k
 
     def check_private(self, model: nn.Module) -> None:
-        pass  # nothing of the model is shared: the server holds x only
+        self.check_buffers(model)  # nothing of the model is shared: the server holds x only
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         if self.lora:

@@ -57,17 +57,22 @@ class Scaffold(FedLoRA):
         self.sampling_rate = clients_per_round / self.num_clients
         spec = super().shared_spec(model, clients_per_round)
         roles = {name: Role.OTHER for name in spec.roles}  # updates, not factors to multiply
-        roles |= {CONTROL + name: Role.OTHER for name in spec.roles}
+        roles |= {CONTROL + name: Role.OTHER for name in self.controlled(model)}
         self.spec = dataclasses.replace(spec, roles=roles, updates=True)
         return self.spec
 
+    def controlled(self, model: nn.Module) -> list[str]:
+        """The shared parameters, which get control variates (a shared buffer, e.g. BatchNorm
+        statistics, has no gradient to correct: it is only averaged like x)."""
+        return [name for name in self.shared_names(model) if name in self.trained_names(model)]
+
     def server_state(self, model: nn.Module) -> TensorDict:
         x = super().server_state(model)
-        return x | {CONTROL + name: torch.zeros_like(t) for name, t in x.items()}
+        return x | {CONTROL + name: torch.zeros_like(x[name]) for name in self.controlled(model)}
 
     def initial_private_state(self, model: nn.Module) -> TensorDict:
         params = dict(model.named_parameters())
-        return {CONTROL + n: torch.zeros_like(params[n]) for n in self.shared_names(model)}
+        return {CONTROL + n: torch.zeros_like(params[n]) for n in self.controlled(model)}
 
     def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
         return self.c_i_new  # c_i+, kept by the client
@@ -92,8 +97,10 @@ class Scaffold(FedLoRA):
         params = dict(model.named_parameters())
         with torch.no_grad():  # option II: c_i+ = c_i - c + (x - y_i) / (K eta_l)
             self.c_i_new = {
-                CONTROL + n: self.c_i[n] - self.c[n] + (x - params[n]) / (self.steps * self.lr)
-                for n, x in self.x.items()
+                CONTROL + n: self.c_i[n]
+                - self.c[n]
+                + (self.x[n] - params[n]) / (self.steps * self.lr)
+                for n in self.c
             }
         return result
 
@@ -109,15 +116,15 @@ class Scaffold(FedLoRA):
 
     def upload(self, model: nn.Module, client_id: int) -> TensorDict:
         """(dy_i, dc_i) = (y_i - x, c_i+ - c_i)."""
-        params = dict(model.named_parameters())
-        dy = {n: params[n].detach() - x for n, x in self.x.items()}
-        dc = {CONTROL + n: self.c_i_new[CONTROL + n] - self.c_i[n] for n in self.x}
+        tensors = self.tensors(model)
+        dy = {n: tensors[n].detach() - x for n, x in self.x.items()}
+        dc = {CONTROL + n: self.c_i_new[CONTROL + n] - self.c_i[n] for n in self.c}
         return dy | dc
 
     def upload_origin(self, model: nn.Module, client_id: int) -> TensorDict:
         """An update starts from zero."""
         return {n: torch.zeros_like(t) for n, t in self.x.items()} | {
-            CONTROL + n: torch.zeros_like(t) for n, t in self.x.items()
+            CONTROL + n: torch.zeros_like(t) for n, t in self.c.items()
         }
 
     # ------------------------------------------------------------------ server

@@ -35,27 +35,13 @@ class LoraLayer:
     base: str  # frozen base weight [d_out, d_in]
 
 
-@dataclass(frozen=True)
-class SharedSpec:
-    """What an algorithm shares with the server.
+@dataclass(frozen=True, kw_only=True)
+class LoraRanks:
+    """Each client's LoRA rank r_k (`ranks` cycled over client ids; empty: no LoRA) and peft's
+    scale s = alpha / r. The global model (client None) uses r_max."""
 
-    `roles`: every tensor a client uploads, by name. `layers`: the LoRA layers of the model (also
-    when only some of their factors are shared). `ranks`: r_k, cycled over client ids (empty: no
-    LoRA); a rank-r_k client sends the first r_k rows of an A and the first r_k columns of a B.
-    `uploads_per_round`: how many uploads the aggregation rule receives in a round (the sampled
-    clients, or the groups they form). `personalized`: each client deploys its own model.
-    `updates`: the uploads are differences from what the client received, not tensor values.
-    """
-
-    roles: Mapping[str, Role]
-    uploads_per_round: int
-    layers: tuple[LoraLayer, ...] = ()
     ranks: tuple[int, ...] = ()
     alpha: float = 1.0
-    upload_unit: str = "client"  # what one upload of the rule stands for: a client or a group
-    personalized: bool = False
-    updates: bool = False  # uploads are differences (e.g. y - x), not values of the tensors
-    options: str = ""  # the config options that decide the sharing, for error messages
 
     @property
     def r_max(self) -> int:
@@ -73,6 +59,27 @@ class SharedSpec:
     def heterogeneous(self) -> bool:
         """Clients of different ranks, so uploads of different shapes."""
         return len(set(self.ranks)) > 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharedSpec(LoraRanks):
+    """What an algorithm shares with the server.
+
+    `roles`: every tensor a client uploads, by name. `layers`: the LoRA layers of the model (also
+    when only some of their factors are shared). `ranks` / `alpha` (from `LoraRanks`): a rank-r_k
+    client sends the first r_k rows of an A and the first r_k columns of a B.
+    `uploads_per_round`: how many uploads the aggregation rule receives in a round (the sampled
+    clients, or the groups they form). `personalized`: each client deploys its own model.
+    `updates`: the uploads are differences from what the client received, not tensor values.
+    """
+
+    roles: Mapping[str, Role]
+    uploads_per_round: int
+    layers: tuple[LoraLayer, ...] = ()
+    upload_unit: str = "client"  # what one upload of the rule stands for: a client or a group
+    personalized: bool = False
+    updates: bool = False  # uploads are differences (e.g. y - x), not values of the tensors
+    options: str = ""  # the config options that decide the sharing, for error messages
 
     @property
     def both_factors(self) -> bool:

@@ -22,17 +22,16 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from src.aggregators import nbytes
 from src.algorithms import Algorithm
-from src.algorithms.base import ClientRun
-from src.errors import AllClientsFailedError, ClientError, RunInterrupted
+from src.errors import AllClientsFailedError, RunInterrupted
+from src.federated.client_loop import ClientLoop
 from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
 from src.federated.distributed import Ranks, RoundExchange
 from src.federated.evaluation import Evaluator
-from src.federated.sampling import client_generator, client_seed, sample_clients
+from src.federated.sampling import sample_clients
 from src.federated.server import Server
-from src.federated.transforms import InjectedFault, TransformChain
+from src.federated.transforms import TransformChain
 from src.outputs import RoundRecorder
 
 log = logging.getLogger(__name__)
@@ -66,18 +65,18 @@ class FederatedModule(pl.LightningModule):
         self.algorithm = algorithm
         self.server = server
         self.federation = federation
-        self.make_optimizer = optimizer
         self.rounds = rounds
         self.clients_per_round = clients_per_round
-        self.local_epochs = local_epochs
-        self.batch_size = batch_size
         self.eval_every = eval_every
         self.seed = seed
         self.recorder = recorder or RoundRecorder(None)
         self.transforms = transforms or TransformChain([])
-        self.drop_client_errors = drop_client_errors  # fault.on_error=drop
         self.total_bytes = 0
         self.store = ClientStateStore()  # private tensors per client (personalised algorithms)
+        self.client_loop = ClientLoop(
+            model, algorithm, server, federation, self.store, self.transforms,
+            optimizer, local_epochs, batch_size, seed, drop_client_errors,
+        )  # fmt: skip
         self.evaluator = Evaluator(self, eval_batch_size, malicious)
         self.dropped: list[dict] = []  # every dropped client: round, client, reason
         self._restored: dict = {}  # server and client state from a checkpoint, applied at set-up
@@ -160,18 +159,20 @@ class FederatedModule(pl.LightningModule):
         )
         # under DDP each rank trains its share of the clients (all of them in one process)
         clients = self.federation.clients
-        mine = self.ranks.shard(sampled, [len(clients[c].train) for c in sampled])
+        shard = self.ranks.shard(sampled, [len(clients[c].train) for c in sampled])
         self.server.begin(round_idx)
         exchange = RoundExchange(self.server, self.store, self.ranks, self.device)
         self.transforms.begin_round(sampled, self.seed, round_idx)
         tokens_before = self.federation.train.served_tokens
-        totals, dropped = self._train_clients(mine, round_idx, exchange)
+        # under DDP every rank stops at the round's end, not between its clients
+        check = (lambda: None) if self.ranks.distributed else self._check_interrupt
+        done = self.client_loop.train_round(shard, round_idx, exchange, self.manual_backward, check)
         exchange.finish(sampled)
         served = self.federation.train.served_tokens - tokens_before
-        totals = torch.tensor([*totals, served], dtype=torch.float64, device=self.device)
+        totals = torch.tensor([*done.counts(), served], dtype=torch.float64, device=self.device)
         loss_sum, seen, *counts = self.ranks.sum_(totals).tolist()  # summed over the ranks
         failed, nonfinite, up_bytes, down_bytes, served = (int(n) for n in counts)
-        dropped = self.ranks.gather(dropped)
+        dropped = self.ranks.gather(done.dropped)
         self.dropped += dropped
         if failed + nonfinite == len(sampled):
             raise AllClientsFailedError(
@@ -198,83 +199,6 @@ class FederatedModule(pl.LightningModule):
         self.log("train/loss", self._round_metrics["train/loss"], prog_bar=True, logger=False)
         if not self._is_eval_round():
             self._emit(evaluated=False)
-
-    def _train_clients(self, clients: list[int], round_idx: int, exchange: RoundExchange):
-        """Train `clients` one after the other, handing each result to `exchange`. A client
-        whose upload is not finite is dropped; one that raises an injected fault (or any error,
-        with fault.on_error=drop) is dropped too; any other error stops the run. Returns
-        ([loss sum, targets seen, failed, non-finite, up bytes, down bytes], the dropped)."""
-        loss_sum, seen, failed, nonfinite, up_bytes, down_bytes = 0.0, 0, 0, 0, 0, 0
-        dropped = []
-
-        def drop(client_id: int, reason: str) -> None:
-            dropped.append({"round": round_idx + 1, "client": client_id, "reason": reason})
-            log.warning("round %d: client %d %s; dropped", round_idx + 1, client_id, reason)
-
-        for client_id in clients:
-            if not self.ranks.distributed:  # under DDP every rank stops at the round's end
-                self._check_interrupt()
-            payload = self.server.payload(client_id)
-            down_bytes += self.server.download_bytes(client_id, payload)
-            try:
-                upload, client_loss, client_seen = self._run_client(client_id, round_idx, payload)
-            except InjectedFault as fault:
-                failed += 1
-                drop(client_id, f"raised {fault}")
-                continue
-            except Exception as error:  # a bug: stop, unless the user asked for tolerance
-                if not self.drop_client_errors:
-                    raise ClientError(
-                        f"round {round_idx + 1}: client {client_id} raised "
-                        f"{type(error).__name__}: {error} (fault.on_error=drop drops such "
-                        "clients instead)"
-                    ) from error
-                failed += 1
-                drop(client_id, f"raised {type(error).__name__}: {error}")
-                continue
-            up_bytes += nbytes(upload)  # sent, even if the server then rejects it
-            if not torch.stack([torch.isfinite(t).all() for t in upload.values()]).all():
-                nonfinite += 1
-                drop(client_id, "uploaded non-finite values")
-                continue
-            private = self.algorithm.private_state(self.model, client_id) or None
-            weight = float(len(self.federation.clients[client_id].train))
-            exchange.add(client_id, upload, weight, private)
-            loss_sum += client_loss
-            seen += client_seen
-        return [loss_sum, seen, failed, nonfinite, up_bytes, down_bytes], dropped
-
-    def _run_client(self, client_id: int, round_idx: int, payload: TensorDict):
-        """Load the payload and private state into the resident model, train locally; returns
-        (upload, loss sum, targets seen). The upload may hold views of the resident model: the
-        server reads (or copies) them before the next client overwrites the model."""
-        # Seeded first: everything random on the client (a fresh LoRA init, batch order, dropout)
-        # depends only on (seed, round, client), not on which clients ran before.
-        generator = client_generator(client_seed(self.seed, round_idx, client_id), self.device)
-        self.algorithm.download(self.model, payload, self.store.load(client_id), client_id)
-        origin = (
-            self.algorithm.upload_origin(self.model, client_id)
-            if self.transforms.needs_origin(client_id)
-            else None
-        )
-        self.transforms.before_training(client_id)
-        train_index = self.federation.clients[client_id].train
-
-        def one_pass():
-            batches = self.federation.train.batches(train_index, self.batch_size, generator)
-            return self.transforms.batches(client_id, batches, self.federation.num_classes)
-
-        run = ClientRun(
-            client_id,
-            round_idx,
-            self.local_epochs,
-            self.make_optimizer,
-            self.manual_backward,
-            one_pass,
-        )
-        loss_sum, seen = self.algorithm.local_update(self.model, run)
-        upload = self.algorithm.upload(self.model, client_id)
-        return self.transforms.apply(client_id, upload, origin, generator), loss_sum, seen
 
     # ----------------------------------------------------------------- evaluation
     def _fitting(self) -> bool:

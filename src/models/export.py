@@ -37,7 +37,7 @@ def write_adapter(
     )
     LoraConfig(
         r=rank,
-        lora_alpha=algorithm.alpha,
+        lora_alpha=algorithm.lora_ranks.alpha,
         lora_dropout=algorithm.lora.get("dropout", 0.0),
         target_modules=list(algorithm.lora["target_modules"]),
         modules_to_save=[m.removeprefix(wrapper) for m in modules] or None,
