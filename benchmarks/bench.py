@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 
 from src.federated.objective import mean_loss
 from src.federated.sampling import client_generator, client_seed, sample_clients
-from src.run import build_module
+from src.run import build_module, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -85,7 +85,7 @@ class RoundTimes(pl.Callback):
 def time_fedsweep(cfg, out: Path) -> list[float]:
     module = build_module(cfg, out)
     rounds = RoundTimes()
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[rounds], enable_checkpointing=False)
+    trainer = build_trainer(cfg, logger=False, callbacks=[rounds], enable_checkpointing=False)
     trainer.fit(module)
     return rounds.times
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 
 from benchmarks.bench import RESULTS, RoundTimes, compose_case
-from src.run import build_module
+from src.run import build_module, build_trainer
 
 CASE = [
     "alg=fedsa-flora",
@@ -50,7 +50,7 @@ def measure(num_clients: int, out: Path) -> dict:
 
     algorithm.local_update = five_steps
     rounds = RoundTimes()
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[rounds], enable_checkpointing=False)
+    trainer = build_trainer(cfg, logger=False, callbacks=[rounds], enable_checkpointing=False)
     trainer.fit(module)
     # every client trains once: its private state (B's, head) enters the store
     private = module.algorithm.private_state(module.model, None)

@@ -59,6 +59,7 @@ RULES = (
         "two numbers in [0, 1)",
     ),
     ("optim.eps", float, *_above(0)),
+    ("trainer.threads", Literal["auto"] | int, lambda v, c: v == "auto" or v >= 1, "auto or >= 1"),
 )
 WHY = {
     "partitioner.test_fraction": "0 leaves the clients without a local test split, on which "

@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
@@ -41,6 +41,7 @@ from src.federated.server import Server
 from src.federated.transforms import TransformChain
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
 from src.outputs import RoundRecorder, summarize, write_summary
+from src.threads import WAIT_POLICY, thread_count
 
 log = logging.getLogger("fedsweep")
 
@@ -142,9 +143,31 @@ def writable_output_dir(cfg: DictConfig) -> Path:
     return output_dir
 
 
+def build_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
+    """The Lightning Trainer of `cfg.trainer` (less `threads`, which is fedsweep's own key)."""
+    node = OmegaConf.masked_copy(cfg, ["trainer"]).trainer
+    with open_dict(node):
+        node.pop("threads", None)
+    return instantiate(node, **kwargs)
+
+
+def set_threads(cfg: DictConfig) -> None:
+    """torch's CPU threads from `trainer.threads` (src/threads.py), logged with the reason."""
+    setting = cfg.trainer.get("threads", "auto")
+    jobs = 1
+    if HydraConfig.initialized():  # a local launcher that runs several jobs at once
+        jobs = int(HydraConfig.get().launcher.get("n_jobs", 1) or 1)
+    if cfg.trainer.get("accelerator") == "cpu" and isinstance(cfg.trainer.get("devices"), int):
+        jobs *= cfg.trainer.devices  # trainer=ddp on CPU: one process per device
+    threads, why = thread_count(setting, jobs)
+    torch.set_num_threads(threads)
+    log.info("%d CPU threads (%s; %s=%s)", threads, why, WAIT_POLICY, os.environ.get(WAIT_POLICY))
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one federated experiment; returns (and writes) its summary."""
     validate_config(cfg)
+    set_threads(cfg)
     output_dir = writable_output_dir(cfg)
     run_name, group, _ = hydra_names(cfg)
     started = time.perf_counter()
@@ -163,7 +186,7 @@ def train(cfg: DictConfig) -> dict:
     checkpoint = LastRoundCheckpoint(output_dir / "checkpoints", cfg.fl.checkpoint_every)
     fields = dict(run_name=run_name, rounds=cfg.fl.rounds, config=config)
     try:
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint])
+        trainer = build_trainer(cfg, logger=loggers or False, callbacks=[checkpoint])
         if resume_from:
             log.info(
                 "resuming from %s (%d of %d rounds done)",

@@ -13,11 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra.utils import instantiate
-
 from src.config_checks import validate_config
 from src.errors import user_error
-from src.run import build_module
+from src.run import build_module, build_trainer
 from tests.conftest import CONF_DIR, compose_config
 
 
@@ -101,7 +99,7 @@ def run_cell(cell: Cell, tmp_path: Path) -> tuple[str, str]:
             raise
         assert "\n" not in str(reason), f"{cell.label}: a refusal must be one line: {reason}"
         return "refused", str(reason)
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer = build_trainer(cfg, logger=False, enable_checkpointing=False)
     trainer.fit(module)
     row = module.recorder.rows[-1]
     if row["clients/dropped"] or row["clients/nonfinite"]:

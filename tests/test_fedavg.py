@@ -1,9 +1,8 @@
 """fedavg: every parameter is shared and the new global model is the sample-weighted mean."""
 
 import torch
-from hydra.utils import instantiate
 
-from src.run import build_module
+from src.run import build_module, build_trainer
 from tests.conftest import RecordingMean
 
 
@@ -11,7 +10,7 @@ def test_round_result_is_the_sample_weighted_mean_of_the_uploads(make_digits_con
     cfg = make_digits_config("alg=fedavg", "fl.rounds=1", "fl.clients_per_round=4")
     module = build_module(cfg, tmp_path)
     module.aggregator = RecordingMean()
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer = build_trainer(cfg, logger=False, enable_checkpointing=False)
     trainer.fit(module)
 
     uploads, weights = module.aggregator.uploads, module.aggregator.weights

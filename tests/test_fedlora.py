@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from src.aggregators import ZeroPadAggregator
-from src.run import build_module
+from src.run import build_module, build_trainer
 from tests.conftest import RecordingMean
 
 
@@ -15,7 +14,7 @@ def one_round(make_digits_config, tmp_path):
     module = build_module(cfg, tmp_path)
     module.aggregator = RecordingMean()
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer = build_trainer(cfg, logger=False, enable_checkpointing=False)
     trainer.fit(module)
     return module, before
 
@@ -78,7 +77,7 @@ def test_a_rank_rk_client_trains_and_uploads_exactly_rank_rk(make_digits_config,
     module = build_module(cfg, tmp_path)
     module.aggregator = RecordingZeroPad(name="zeropad")
     module.aggregator.model, module.aggregator.seen = module.model, []
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer = build_trainer(cfg, logger=False, enable_checkpointing=False)
     trainer.fit(module)
 
     alg = module.algorithm

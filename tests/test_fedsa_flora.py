@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from src.aggregators import MeanAggregator
 from src.aggregators.clustering import cluster_rows, elbow
@@ -14,7 +13,7 @@ from src.algorithms import FedSAFLoRA
 from src.errors import ConfigError, user_error
 from src.federated.contract import Role, SharedSpec
 from src.federated.server import Server
-from src.run import build_base_model, build_module, train
+from src.run import build_base_model, build_module, build_trainer, train
 from tests.conftest import RecordingMean
 
 
@@ -29,7 +28,7 @@ class RecordingFedSA(FedSAFLoRA):
 
 
 def _fit(cfg, module):
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer = build_trainer(cfg, logger=False, enable_checkpointing=False)
     trainer.fit(module)
     return module
 
