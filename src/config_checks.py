@@ -26,7 +26,7 @@ _FRACTION = (lambda v, c: 0 <= v <= 1, "in [0, 1]")
 _BELOW_ONE = (lambda v, c: 0 <= v < 1, "in [0, 1)")
 _ANY = (None, "")
 _FL_COUNTS = ("rounds", "num_clients", "local_epochs", "batch_size", "eval_every")
-_FL_COUNTS += ("eval_batch_size", "checkpoint_every")
+_FL_COUNTS += ("eval_batch_size", "checkpoint_every", "parallel_clients")
 
 # (key, type, test of the value, what is allowed; "{c.x}" reads the config). Absent keys pass.
 RULES = (

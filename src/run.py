@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 
@@ -125,6 +125,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         transforms=TransformChain([faults, attack]),
         malicious=attack.malicious,
         drop_client_errors=faults.on_error == "drop",
+        parallel_clients=cfg.fl.get("parallel_clients", 1),
     )
 
 
@@ -145,9 +146,8 @@ def writable_output_dir(cfg: DictConfig) -> Path:
 
 def build_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
     """The Lightning Trainer of `cfg.trainer` (less `threads`, which is fedsweep's own key)."""
-    node = OmegaConf.masked_copy(cfg, ["trainer"]).trainer
-    with open_dict(node):
-        node.pop("threads", None)
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    node.pop("threads", None)
     return instantiate(node, **kwargs)
 
 

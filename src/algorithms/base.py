@@ -218,6 +218,33 @@ class Algorithm:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Hook after optimizer step number `step` (1-based) of the client's round."""
 
+    # ------------------------------------------------------------------ clients trained together
+    def vectorised_blocker(self, model: nn.Module) -> str:
+        """Why clients of this algorithm cannot train together in one batched computation
+        (`fl.parallel_clients`, src/federated/vectorised.py), or '' when they can: the plain
+        local loop, with gradient hooks that have a stacked form."""
+        own, base = type(self), Algorithm
+        if own.local_update is not base.local_update or own.train is not base.train:
+            return f"alg={self.name} has its own local update"
+        if own.after_step is not base.after_step:
+            return f"alg={self.name} acts after every optimizer step"
+        stacked_hook = own.adjust_stacked_gradients is not base.adjust_stacked_gradients
+        if own.adjust_gradients is not base.adjust_gradients and not stacked_hook:
+            return f"alg={self.name}'s gradient hook has no stacked form"
+        if self.buffer_names(model):
+            return "the model has BatchNorm statistics (buffers), which one batched forward mixes"
+        return ""
+
+    def group_key(self, client_id: int) -> object:
+        """Clients with equal keys can train together (e.g. they use the same LoRA scale)."""
+        return None
+
+    def adjust_stacked_gradients(
+        self, params: TensorDict, grads: TensorDict, start: TensorDict
+    ) -> None:
+        """`adjust_gradients` for clients trained together: every tensor has a leading client
+        dimension; `start` is what each client started the round from."""
+
     def upload(self, model: nn.Module, client_id: int) -> TensorDict:
         """What the client sends back: views of its shared parameters (read before the next
         client overwrites the resident model)."""

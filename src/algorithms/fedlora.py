@@ -71,6 +71,9 @@ class FedLoRA(Algorithm):
         """r_k: `alg.client_ranks` cycled over client ids; the global model uses r_max."""
         return self.lora_ranks.rank(client_id)
 
+    def group_key(self, client_id: int) -> object:
+        return self.client_rank(client_id)  # one scale s_k = alpha / r_k per batched group
+
     def client_view(self, name: str, tensor: torch.Tensor, client_id: int | None) -> torch.Tensor:
         """The r_k-sized part of a tensor: rows of an A, columns of a B, else the tensor."""
         if name in self._a_names:

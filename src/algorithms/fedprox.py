@@ -52,3 +52,8 @@ class FedProx(FedLoRA):
     def adjust_gradients(self, model: nn.Module) -> None:
         """grad += mu (w - w_t) on every shared parameter."""
         add_proximal_gradient(model, self.anchor, self.mu)
+
+    def adjust_stacked_gradients(self, params, grads, start) -> None:
+        """The same for clients trained together (every trained tensor is shared here)."""
+        for name, grad in grads.items():
+            grad.add_(params[name] - start[name], alpha=self.mu)

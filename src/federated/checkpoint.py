@@ -20,6 +20,7 @@ from src.errors import ConfigError
 # Keys that may change between a run and its resumption: where things go, how they are shown,
 # how often checkpoints are written, and how many rounds to run in total.
 RESUMABLE_CHANGES = ("resume", "paths.", "trainer.", "logger.", "fl.rounds", "fl.checkpoint_every")
+RESUMABLE_CHANGES += ("fl.parallel_clients",)  # the same results up to float summation order
 
 
 class LastRoundCheckpoint(pl.Callback):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ from src.federated.distributed import RoundExchange
 from src.federated.sampling import client_generator, client_seed
 from src.federated.server import Server
 from src.federated.transforms import InjectedFault, TransformChain
+from src.federated.vectorised import ClientStart, train_together
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class RoundTotals:
     up_bytes: int = 0
     down_bytes: int = 0
     dropped: list[dict] = field(default_factory=list)  # round, client, reason
+    failed_ids: set[int] = field(default_factory=set)
 
     def counts(self) -> list[float]:
         return [
@@ -53,6 +56,15 @@ class RoundTotals:
             self.up_bytes,
             self.down_bytes,
         ]
+
+    def drop(self, client_id: int, round_idx: int, reason: str, nonfinite: bool = False) -> None:
+        if nonfinite:
+            self.nonfinite += 1
+        else:
+            self.failed += 1
+            self.failed_ids.add(client_id)
+        self.dropped.append({"round": round_idx + 1, "client": client_id, "reason": reason})
+        log.warning("round %d: client %d %s; dropped", round_idx + 1, client_id, reason)
 
 
 @dataclass
@@ -69,6 +81,9 @@ class ClientLoop:
     seed: int
     drop_client_errors: bool  # fault.on_error=drop
 
+    parallel_clients: int = 1  # fl.parallel_clients: up to this many clients train together
+    _blocker: str | None = None  # why they cannot (found once), '' when they can
+
     def train_round(
         self,
         clients: list[int],
@@ -77,45 +92,51 @@ class ClientLoop:
         backward: Callable[[torch.Tensor], None],
         check_interrupt: Callable[[], None],
     ) -> RoundTotals:
-        """Train `clients` one after the other, handing each upload to `exchange`;
-        `check_interrupt` runs before each client (it raises when a stop was asked for)."""
+        """Train `clients` (alone, or in groups trained together), handing each upload to
+        `exchange`; `check_interrupt` runs before each client or group (it raises when a stop
+        was asked for)."""
         totals = RoundTotals()
-
-        def drop(client_id: int, reason: str) -> None:
-            totals.dropped.append({"round": round_idx + 1, "client": client_id, "reason": reason})
-            log.warning("round %d: client %d %s; dropped", round_idx + 1, client_id, reason)
-
-        for client_id in clients:
+        for group in self.groups(clients):
             check_interrupt()
-            payload = self.server.payload(client_id)
-            totals.down_bytes += self.server.download_bytes(client_id, payload)
-            try:
-                upload, loss_sum, seen = self.run_client(client_id, round_idx, payload, backward)
-            except InjectedFault as fault:
-                totals.failed += 1
-                drop(client_id, f"raised {fault}")
-                continue
-            except Exception as error:  # a bug: stop, unless the user asked for tolerance
-                if not self.drop_client_errors:
-                    raise ClientError(
-                        f"round {round_idx + 1}: client {client_id} raised "
-                        f"{type(error).__name__}: {error} (fault.on_error=drop drops such "
-                        "clients instead)"
-                    ) from error
-                totals.failed += 1
-                drop(client_id, f"raised {type(error).__name__}: {error}")
-                continue
-            totals.up_bytes += nbytes(upload)  # sent, even if the server then rejects it
-            if not torch.stack([torch.isfinite(t).all() for t in upload.values()]).all():
-                totals.nonfinite += 1
-                drop(client_id, "uploaded non-finite values")
-                continue
-            private = self.algorithm.private_state(self.model, client_id) or None
-            weight = float(len(self.federation.clients[client_id].train))
-            exchange.add(client_id, upload, weight, private)
-            totals.loss_sum += loss_sum
-            totals.seen += seen
+            if len(group) == 1:
+                self.train_alone(group[0], round_idx, exchange, backward, totals)
+            else:
+                self.train_group(group, round_idx, exchange, backward, totals)
         return totals
+
+    def groups(self, clients: list[int]) -> list[list[int]]:
+        """Clients trained together: up to `parallel_clients` of equal `Algorithm.group_key`
+        (e.g. LoRA rank), in the given order within a group; one by one when they cannot."""
+        if self.parallel_clients == 1 or self.blocker():
+            return [[c] for c in clients]
+        by_key: dict[object, list[int]] = {}
+        for client_id in clients:
+            by_key.setdefault(self.algorithm.group_key(client_id), []).append(client_id)
+        k = self.parallel_clients
+        return [ids[i : i + k] for ids in by_key.values() for i in range(0, len(ids), k)]
+
+    def blocker(self) -> str:
+        if self._blocker is None:
+            self._blocker = self.algorithm.vectorised_blocker(self.model)
+            if not self._blocker and self.federation.is_text:
+                self._blocker = "text batches are not trained together yet"
+            if self._blocker:
+                log.info(
+                    "fl.parallel_clients=%d: clients train one after the other (%s)",
+                    self.parallel_clients,
+                    self._blocker,
+                )
+        return self._blocker
+
+    # ------------------------------------------------------------------ one client
+    def train_alone(self, client_id, round_idx, exchange, backward, totals: RoundTotals) -> None:
+        payload = self.server.payload(client_id)
+        totals.down_bytes += self.server.download_bytes(client_id, payload)
+        with self.client_errors(client_id, round_idx, totals):
+            upload, loss_sum, seen = self.run_client(client_id, round_idx, payload, backward)
+        if client_id in totals.failed_ids:
+            return
+        self.hand_in(client_id, round_idx, upload, loss_sum, seen, exchange, totals)
 
     def run_client(
         self,
@@ -127,6 +148,13 @@ class ClientLoop:
         """Load the payload and private state into the resident model, train locally; returns
         (upload, loss sum, targets seen). The upload may hold views of the resident model: the
         server reads (or copies) them before the next client overwrites the model."""
+        generator, origin, run = self.start_client(client_id, round_idx, payload, backward)
+        loss_sum, seen = self.algorithm.local_update(self.model, run)
+        upload = self.algorithm.upload(self.model, client_id)
+        return self.transforms.apply(client_id, upload, origin, generator), loss_sum, seen
+
+    def start_client(self, client_id, round_idx, payload, backward):
+        """(generator, origin, ClientRun) of a client whose state is now in the resident model."""
         # Seeded first: everything random on the client (a fresh LoRA init, batch order, dropout)
         # depends only on (seed, round, client), not on which clients ran before.
         device = next(self.model.parameters()).device
@@ -147,6 +175,78 @@ class ClientLoop:
         run = ClientRun(
             client_id, round_idx, self.local_epochs, self.make_optimizer, backward, one_pass
         )
-        loss_sum, seen = self.algorithm.local_update(self.model, run)
-        upload = self.algorithm.upload(self.model, client_id)
-        return self.transforms.apply(client_id, upload, origin, generator), loss_sum, seen
+        return generator, origin, run
+
+    # ------------------------------------------------------------------ clients together
+    def train_group(self, group, round_idx, exchange, backward, totals: RoundTotals) -> None:
+        """Load each client's state in turn and keep a copy of its trained tensors, train them
+        all together (src/federated/vectorised.py), then hand in each client's upload."""
+        starts, started = [], []
+        for client_id in group:
+            payload = self.server.payload(client_id)
+            totals.down_bytes += self.server.download_bytes(client_id, payload)
+            with self.client_errors(client_id, round_idx, totals):
+                generator, origin, run = self.start_client(client_id, round_idx, payload, backward)
+            if client_id in totals.failed_ids:
+                continue
+            trained = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
+            starts.append(ClientStart(client_id, trained, run.batches()))
+            started.append((client_id, generator, origin))
+        if not starts:
+            return
+        try:
+            results = train_together(
+                self.model,
+                starts,
+                self.make_optimizer,
+                backward,
+                self.algorithm.adjust_stacked_gradients,
+            )
+        except Exception as error:  # a bug; which client's is unknown here
+            raise ClientError(
+                f"round {round_idx + 1}: clients {[s.client_id for s in starts]} trained together "
+                f"raised {type(error).__name__}: {error} (fl.parallel_clients=1 trains them one "
+                "by one)"
+            ) from error
+        params = dict(self.model.named_parameters())
+        for (client_id, generator, origin), result in zip(started, results, strict=True):
+            with torch.no_grad():
+                for name, tensor in result.trained.items():
+                    params[name].copy_(tensor)
+            upload = self.algorithm.upload(self.model, client_id)
+            upload = self.transforms.apply(client_id, upload, origin, generator)
+            self.hand_in(
+                client_id, round_idx, upload, result.loss_sum, result.seen, exchange, totals
+            )
+
+    # ------------------------------------------------------------------ shared
+    @contextmanager
+    def client_errors(self, client_id: int, round_idx: int, totals: RoundTotals):
+        """An injected fault (or any error, with fault.on_error=drop) drops the client; any other
+        error stops the run."""
+        try:
+            yield
+        except InjectedFault as fault:
+            totals.drop(client_id, round_idx, f"raised {fault}")
+        except Exception as error:  # a bug: stop, unless the user asked for tolerance
+            if not self.drop_client_errors:
+                raise ClientError(
+                    f"round {round_idx + 1}: client {client_id} raised "
+                    f"{type(error).__name__}: {error} (fault.on_error=drop drops such "
+                    "clients instead)"
+                ) from error
+            totals.drop(client_id, round_idx, f"raised {type(error).__name__}: {error}")
+
+    def hand_in(self, client_id, round_idx, upload, loss_sum, seen, exchange, totals) -> None:
+        """A trained client's upload to the round's exchange, unless it is not finite."""
+        totals.up_bytes += nbytes(upload)  # sent, even if the server then rejects it
+        if not torch.stack([torch.isfinite(t).all() for t in upload.values()]).all():
+            totals.drop(client_id, round_idx, "uploaded non-finite values", nonfinite=True)
+            return
+        private = self.algorithm.private_state(self.model, client_id) or None
+        weight = float(len(self.federation.clients[client_id].train))
+        exchange.add(client_id, upload, weight, private)
+        totals.loss_sum += loss_sum
+        totals.seen += seen

@@ -48,8 +48,10 @@ class LoraRanks:
         return max(self.ranks) if self.ranks else 0
 
     def rank(self, client_id: int | None) -> int:
-        """r_k of client `client_id`; the global model (None) uses r_max."""
-        return self.r_max if client_id is None else self.ranks[client_id % len(self.ranks)]
+        """r_k of client `client_id`; the global model (None) uses r_max; 0 without LoRA."""
+        if client_id is None or not self.ranks:
+            return self.r_max
+        return self.ranks[client_id % len(self.ranks)]
 
     def scale(self, rank: int) -> float:
         """peft's LoRA scale s = alpha / r."""

@@ -58,6 +58,7 @@ class FederatedModule(pl.LightningModule):
         transforms: TransformChain | None = None,
         malicious: set[int] | frozenset[int] = frozenset(),
         drop_client_errors: bool = False,
+        parallel_clients: int = 1,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -75,7 +76,7 @@ class FederatedModule(pl.LightningModule):
         self.store = ClientStateStore()  # private tensors per client (personalised algorithms)
         self.client_loop = ClientLoop(
             model, algorithm, server, federation, self.store, self.transforms,
-            optimizer, local_epochs, batch_size, seed, drop_client_errors,
+            optimizer, local_epochs, batch_size, seed, drop_client_errors, parallel_clients,
         )  # fmt: skip
         self.evaluator = Evaluator(self, eval_batch_size, malicious)
         self.dropped: list[dict] = []  # every dropped client: round, client, reason

@@ -1,0 +1,148 @@
+"""Clients trained together (`fl.parallel_clients=K`): the local updates of up to K clients of a
+round in one batched computation on the one resident model.
+
+Each client's trained tensors (what it received, its private state, as `Algorithm.download` left
+them in the model) are stacked along a leading client dimension; frozen tensors (a LoRA backbone)
+stay the model's own, shared by all. `torch.func.vmap` over `torch.func.functional_call` runs the
+real model code (timm, peft) once per step for all clients, each on its own batch. The loss is the
+sum of the clients' own mean losses, so each client's gradient is exactly its own, and an
+element-wise optimizer (SGD with momentum, Adam, AdamW) over the stacked tensors is K independent
+optimizers. Same results as one client after the other, up to float summation order:
+- clients have different numbers of batches: a client that has finished is frozen exactly (its
+  rows of the parameters and of the optimizer state are put back after each step, since momentum,
+  Adam and weight decay would move them even with a zero gradient);
+- a short batch is padded and masked (padding targets are ignored by the loss);
+- each client draws its batches from its own (seed, round, client) generator, as sequentially;
+- a gradient hook has a stacked form (`Algorithm.adjust_stacked_gradients`).
+What differs: dropout draws (one global stream for the group instead of one per client), so runs
+with dropout are equal in distribution, not number for number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from src.data.text import IGNORE_INDEX
+
+TensorDict = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ClientStart:
+    """One client of a group, ready to train: its trained tensors after `download`."""
+
+    client_id: int
+    start: TensorDict  # the trained tensors it starts from (copies)
+    batches: Iterator[Batch]  # its local batches, drawn from its own generator
+
+
+@dataclass
+class ClientResult:
+    trained: TensorDict  # its trained tensors after local training (rows of the stacked tensors)
+    loss_sum: float  # sum of per-target losses
+    seen: int  # targets trained on
+
+
+def _stack_batches(batches: list[Batch | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[K, B, ...] inputs and [K, B] targets; a short or missing batch is padded, its padding
+    targets IGNORE_INDEX (a finished client gets a batch of padding only)."""
+    present = [b for b in batches if b is not None]
+    width = max(len(b[0]) for b in present)
+    sample_shape, dtype = present[0][0].shape[1:], present[0][0].dtype
+    device = present[0][0].device
+    inputs = torch.zeros((len(batches), width, *sample_shape), dtype=dtype, device=device)
+    targets = torch.full((len(batches), width), IGNORE_INDEX, dtype=torch.long, device=device)
+    for k, batch in enumerate(batches):
+        if batch is not None:
+            inputs[k, : len(batch[0])] = batch[0]
+            targets[k, : len(batch[1])] = batch[1]
+    return inputs, targets
+
+
+class _FrozenRows:
+    """Puts back, after an optimizer step, the rows of finished clients in the stacked parameters
+    and in every per-parameter optimizer state of the same shape (momentum, Adam's moments)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rows):
+        self.rows = torch.tensor(rows, device=params[0].device)
+        self.saved = []
+        for p in params:
+            tensors = [p] + [
+                s for s in optimizer.state.get(p, {}).values()
+                if torch.is_tensor(s) and s.shape == p.shape
+            ]  # fmt: skip
+            self.saved += [(t, t.detach()[self.rows].clone()) for t in tensors]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for tensor, rows in self.saved:
+            tensor[self.rows] = rows
+
+
+def train_together(
+    model: nn.Module,
+    clients: list[ClientStart],
+    make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    backward: Callable[[torch.Tensor], None],
+    adjust: Callable[[TensorDict, TensorDict, TensorDict], None] | None = None,
+) -> list[ClientResult]:
+    """Train `clients` together (see the module docstring); the model's own trained tensors are
+    left as they were. `adjust(params, grads, start)` edits the stacked gradients in place."""
+    names = list(clients[0].start)
+    stacked = {
+        n: torch.stack([c.start[n] for c in clients]).requires_grad_(True) for n in names
+    }  # fmt: skip
+    start = {n: t.detach().clone() for n, t in stacked.items()} if adjust else {}
+    optimizer = make_optimizer(list(stacked.values()))
+
+    def forward(params: TensorDict, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, params, (inputs,), strict=False)
+
+    batched_forward = torch.func.vmap(forward, randomness="different")
+    model.train()
+    count = len(clients)
+    device = next(iter(stacked.values())).device
+    loss_sums = torch.zeros(count, dtype=torch.float64, device=device)  # read once, at the end
+    seen = torch.zeros(count, dtype=torch.long, device=device)
+    active = [True] * count
+    while True:
+        batches = [next(c.batches, None) if active[k] else None for k, c in enumerate(clients)]
+        active = [b is not None for b in batches]
+        if not any(active):
+            break
+        inputs, targets = _stack_batches(batches)
+        with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no batching rule
+            logits = batched_forward(stacked, inputs)
+        per_target = F.cross_entropy(
+            logits.flatten(0, -2).float(),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(count, -1)
+        counts = (targets != IGNORE_INDEX).view(count, -1).sum(1)
+        losses = per_target.sum(1) / counts.clamp(min=1)  # each client's own mean loss
+        optimizer.zero_grad(set_to_none=True)
+        backward(losses.sum())
+        if adjust is not None:
+            grads = {n: t.grad for n, t in stacked.items() if t.grad is not None}
+            with torch.no_grad():
+                adjust({n: t.detach() for n, t in stacked.items()}, grads, start)
+        finished = [k for k in range(count) if not active[k]]
+        frozen = _FrozenRows(optimizer, list(stacked.values()), finished) if finished else None
+        optimizer.step()
+        if frozen is not None:
+            frozen.restore()
+        loss_sums += losses.detach().double() * counts
+        seen += counts
+    loss_sums, seen = loss_sums.tolist(), seen.tolist()
+    return [
+        ClientResult({n: t.detach()[k] for n, t in stacked.items()}, loss_sums[k], seen[k])
+        for k in range(count)
+    ]
