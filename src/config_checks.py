@@ -25,8 +25,9 @@ def _above(low):
 _FRACTION = (lambda v, c: 0 <= v <= 1, "in [0, 1]")
 _BELOW_ONE = (lambda v, c: 0 <= v < 1, "in [0, 1)")
 _ANY = (None, "")
+_AUTO_OR_COUNT = (lambda v, c: v == "auto" or v >= 1, "auto or >= 1")
 _FL_COUNTS = ("rounds", "num_clients", "local_epochs", "batch_size", "eval_every")
-_FL_COUNTS += ("eval_batch_size", "checkpoint_every", "parallel_clients")
+_FL_COUNTS += ("eval_batch_size", "checkpoint_every")
 
 # (key, type, test of the value, what is allowed; "{c.x}" reads the config). Absent keys pass.
 RULES = (
@@ -59,7 +60,8 @@ RULES = (
         "two numbers in [0, 1)",
     ),
     ("optim.eps", float, *_above(0)),
-    ("trainer.threads", Literal["auto"] | int, lambda v, c: v == "auto" or v >= 1, "auto or >= 1"),
+    ("trainer.threads", Literal["auto"] | int, *_AUTO_OR_COUNT),
+    ("fl.parallel_clients", Literal["auto"] | int, *_AUTO_OR_COUNT),
 )
 WHY = {
     "partitioner.test_fraction": "0 leaves the clients without a local test split, on which "

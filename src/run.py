@@ -41,7 +41,7 @@ from src.federated.server import Server
 from src.federated.transforms import TransformChain
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
 from src.outputs import RoundRecorder, summarize, write_summary
-from src.threads import WAIT_POLICY, thread_count
+from src.threads import thread_count, wait_note
 
 log = logging.getLogger("fedsweep")
 
@@ -161,7 +161,7 @@ def set_threads(cfg: DictConfig) -> None:
         jobs *= cfg.trainer.devices  # trainer=ddp on CPU: one process per device
     threads, why = thread_count(setting, jobs)
     torch.set_num_threads(threads)
-    log.info("%d CPU threads (%s; %s=%s)", threads, why, WAIT_POLICY, os.environ.get(WAIT_POLICY))
+    log.info("%d CPU threads (%s; %s)", threads, why, wait_note())
 
 
 def train(cfg: DictConfig) -> dict:

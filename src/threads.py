@@ -13,13 +13,29 @@ vit_small32 with one busy process beside it took 2.2 x its quiet time on 2 cores
 from __future__ import annotations
 
 import os
+import sys
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
 
 
+_wait_note = "not set"
+
+
 def default_to_passive_wait() -> None:
     """Waiting OpenMP threads sleep instead of spinning (the user's own setting wins)."""
-    os.environ.setdefault(WAIT_POLICY, "PASSIVE")
+    global _wait_note
+    if WAIT_POLICY in os.environ:
+        _wait_note = f"{WAIT_POLICY}={os.environ[WAIT_POLICY]} (the environment's)"
+    elif "torch" in sys.modules:  # too late: its OpenMP runtime has read the policy
+        _wait_note = "torch was loaded before fedsweep: OpenMP's own wait policy"
+    else:
+        os.environ[WAIT_POLICY] = "PASSIVE"
+        _wait_note = f"{WAIT_POLICY}=PASSIVE"
+
+
+def wait_note() -> str:
+    """How waiting OpenMP threads behave in this process, for the log."""
+    return _wait_note
 
 
 def usable_cores() -> int:

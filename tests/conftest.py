@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# isort: off
+import src  # noqa: F401  (before torch: it sets the OpenMP wait policy, src/threads.py)
+
+# isort: on
+
 import os
 import subprocess
 import sys

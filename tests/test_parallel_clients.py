@@ -151,3 +151,10 @@ def test_an_algorithm_that_cannot_train_clients_together_says_why_and_runs_alone
         "fl.parallel_clients=4: clients train one after the other (alg=scaffold has its own "
         "local update)"
     ]
+
+
+def test_auto_logs_the_group_size_it_chose_and_why(make_digits_config, caplog):
+    with caplog.at_level(logging.INFO, logger="src.federated.client_loop"):
+        train(make_digits_config(*UNEVEN, "alg=fedavg", "fl.rounds=1", "fl.parallel_clients=auto"))
+    lines = [r.getMessage() for r in caplog.records if "parallel_clients=auto" in r.getMessage()]
+    assert len(lines) == 1 and "memory allows" in lines[0], lines

@@ -27,7 +27,7 @@ from src.federated.distributed import RoundExchange
 from src.federated.sampling import client_generator, client_seed
 from src.federated.server import Server
 from src.federated.transforms import InjectedFault, TransformChain
-from src.federated.vectorised import ClientStart, train_together
+from src.federated.vectorised import ClientStart, choose_group_size, train_together
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class ClientLoop:
     seed: int
     drop_client_errors: bool  # fault.on_error=drop
 
-    parallel_clients: int = 1  # fl.parallel_clients: up to this many clients train together
+    parallel_clients: int | str = 1  # fl.parallel_clients: up to this many train together, auto
     _blocker: str | None = None  # why they cannot (found once), '' when they can
 
     def train_round(
@@ -109,11 +109,27 @@ class ClientLoop:
         (e.g. LoRA rank), in the given order within a group; one by one when they cannot."""
         if self.parallel_clients == 1 or self.blocker():
             return [[c] for c in clients]
+        if self.parallel_clients == "auto":
+            self.parallel_clients, why = self.choose_group_size(clients)
+            log.info("fl.parallel_clients=auto: %d (%s)", self.parallel_clients, why)
+            if self.parallel_clients == 1:
+                return [[c] for c in clients]
         by_key: dict[object, list[int]] = {}
         for client_id in clients:
             by_key.setdefault(self.algorithm.group_key(client_id), []).append(client_id)
         k = self.parallel_clients
         return [ids[i : i + k] for ids in by_key.values() for i in range(0, len(ids), k)]
+
+    def choose_group_size(self, clients: list[int]) -> tuple[int, str]:
+        """auto: from memory and a short timing on the first client's first batch (a generator of
+        its own: the clients' batches, the model and the RNG streams are left as they were)."""
+        params = dict(self.model.named_parameters())
+        trained = {n: p for n, p in params.items() if p.requires_grad}
+        device = next(iter(trained.values())).device
+        index = self.federation.clients[clients[0]].train
+        generator = torch.Generator(device=device).manual_seed(0)
+        batch = next(self.federation.train.batches(index, self.batch_size, generator))
+        return choose_group_size(self.model, trained, batch, len(clients))
 
     def blocker(self) -> str:
         if self._blocker is None:

@@ -20,8 +20,13 @@ with dropout are equal in distribution, not number for number.
 
 from __future__ import annotations
 
+import os
+import statistics
+import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,7 @@ from src.data.text import IGNORE_INDEX
 
 TensorDict = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
+MATH = [SDPBackend.MATH]
 
 
 @dataclass
@@ -102,10 +108,7 @@ def train_together(
     start = {n: t.detach().clone() for n, t in stacked.items()} if adjust else {}
     optimizer = make_optimizer(list(stacked.values()))
 
-    def forward(params: TensorDict, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(model, params, (inputs,), strict=False)
-
-    batched_forward = torch.func.vmap(forward, randomness="different")
+    batched_forward = torch.func.vmap(partial(_call, model), randomness="different")
     model.train()
     count = len(clients)
     device = next(iter(stacked.values())).device
@@ -118,7 +121,7 @@ def train_together(
         if not any(active):
             break
         inputs, targets = _stack_batches(batches)
-        with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no batching rule
+        with sdpa_kernel(MATH):  # the fused attention kernels have no batching rule
             logits = batched_forward(stacked, inputs)
         per_target = F.cross_entropy(
             logits.flatten(0, -2).float(),
@@ -146,3 +149,93 @@ def train_together(
         ClientResult({n: t.detach()[k] for n, t in stacked.items()}, loss_sums[k], seen[k])
         for k in range(count)
     ]
+
+
+# ---------------------------------------------------------------------- fl.parallel_clients=auto
+def available_memory(device: torch.device) -> int:
+    """Bytes the stacked clients may use: half the free device memory on a GPU, a quarter of the
+    available RAM on the CPU (the rest is the model, the data and other processes' share)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
+def client_bytes(model: nn.Module, trained: TensorDict, inputs: torch.Tensor) -> int:
+    """Memory one more client in a group costs: its trained tensors five times (values, start,
+    gradient, two optimizer moments) and the activations one batch keeps for backward (counted
+    with saved-tensor hooks on one forward)."""
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with (
+        torch.random.fork_rng(devices=[]),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in trained.items()}
+        torch.func.functional_call(model, leaves, (inputs,), strict=False)
+    return 5 * sum(t.numel() * t.element_size() for t in trained.values()) + saved
+
+
+def _step_seconds(model, trained: TensorDict, batch: Batch, together: int, repeats: int = 3):
+    """Median time of one training step (forward, backward, SGD update) on copies of `trained`:
+    of one client as the sequential path runs it (together=1), or of `together` clients batched."""
+    inputs, targets = batch
+    if together == 1:
+        params = {n: t.detach().clone().requires_grad_(True) for n, t in trained.items()}
+        forward, many, kernels = partial(_call, model), inputs, nullcontext()
+    else:
+        params = {
+            n: t.detach().unsqueeze(0).repeat(together, *[1] * t.ndim).requires_grad_(True)
+            for n, t in trained.items()
+        }  # fmt: skip
+        forward = torch.func.vmap(partial(_call, model), randomness="different")
+        many, kernels = inputs.unsqueeze(0).expand(together, *inputs.shape), sdpa_kernel(MATH)
+    times = []
+    with torch.random.fork_rng(devices=[]), kernels:
+        for _ in range(repeats + 1):  # the first is a warm-up
+            started = time.perf_counter()
+            logits = forward(params, many)
+            F.cross_entropy(logits.flatten(0, -2).float(), targets.repeat(together)).backward()
+            with torch.no_grad():
+                for t in params.values():
+                    t.sub_(t.grad, alpha=1e-3)
+                    t.grad = None
+            if inputs.device.type == "cuda":
+                torch.cuda.synchronize(inputs.device)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def _call(model: nn.Module, params: TensorDict, inputs: torch.Tensor) -> torch.Tensor:
+    return torch.func.functional_call(model, params, (inputs,), strict=False)
+
+
+def choose_group_size(
+    model: nn.Module, trained: TensorDict, batch: Batch, clients: int
+) -> tuple[int, str]:
+    """`fl.parallel_clients=auto`: the largest group the memory allows, then the group size
+    (1, 2, 4, ... up to that) whose timed step costs least per client; 1 unless batching beats
+    one client after the other by more than 5 % (timing noise). Returns (K, why)."""
+    inputs = batch[0]
+    per_client = client_bytes(model, trained, inputs)
+    budget = available_memory(inputs.device)
+    fits = max(1, min(clients, budget // max(per_client, 1)))
+    memory = f"memory allows {fits} ({budget / 2**30:.1f} GiB / {per_client / 2**20:.0f} MiB)"
+    if fits == 1:
+        return 1, memory
+    alone = _step_seconds(model, trained, batch, 1)
+    sizes = sorted({k for k in (2, 4, 8, 16, 32, 64) if k < fits} | {fits})
+    per_step = {k: _step_seconds(model, trained, batch, k) / k for k in sizes}
+    best = min(per_step, key=per_step.get)
+    timing = (
+        f"one step per client: {alone * 1e3:.1f} ms alone, {per_step[best] * 1e3:.1f} ms "
+        f"with {best} together"
+    )
+    if per_step[best] < 0.95 * alone:
+        return best, f"{memory}; {timing}"
+    return 1, f"{memory}; {timing}: no faster"
