@@ -1,4 +1,4 @@
-"""Benchmarks (make bench). Importing src first lets it set the OpenMP wait policy before torch
+"""Benchmarks (make bench). Importing src first lets it bound OpenMP's spin-wait before torch
 loads (src/threads.py)."""
 
 import src  # noqa: F401

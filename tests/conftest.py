@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # isort: off
-import src  # noqa: F401  (before torch: it sets the OpenMP wait policy, src/threads.py)
+import src  # noqa: F401  (before torch: it bounds OpenMP's spin-wait, src/threads.py)
 
 # isort: on
 

@@ -1,14 +1,17 @@
-"""The benchmark harness (issue 7) runs in its quick mode and writes its results."""
+"""The benchmark harness runs in its quick mode and writes its results."""
 
 import json
 
 from benchmarks import bench
 
 
-def test_quick_benchmark_writes_round_times_and_their_ratio(tmp_path):
+def test_quick_benchmark_writes_round_times_ratios_and_flops(tmp_path):
     (result,) = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
-    written = json.loads((tmp_path / "fedavg_vit_small32_fmnist.json").read_text())
+    written = json.loads((tmp_path / "fedavg_vit_small32_28px.json").read_text())
     assert written["ratio"] == result["ratio"] > 0
     assert written["ratio"] == written["fedsweep_round_s"] / written["bare_round_s"]
+    assert written["speedup_over_bare"] == written["bare_round_s"] / written["vectorised_round_s"]
+    assert written["auto_k"] >= 1 and written["round_gflop"] > 0
     assert len(written["fedsweep_rounds_s"]) == len(written["bare_rounds_s"]) == 2
-    assert "| fedavg_vit_small32_fmnist | cpu |" in (tmp_path / "bench.md").read_text()
+    table = (tmp_path / "bench.md").read_text()
+    assert "| fedavg_vit_small32_28px | cpu |" in table and "GFLOP/s" in table

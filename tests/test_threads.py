@@ -1,26 +1,44 @@
-"""trainer.threads and the OpenMP wait policy (src/threads.py)."""
+"""trainer.threads and the OpenMP spin-wait (src/threads.py)."""
 
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from src import threads
 from src.config_checks import validate_config
 from src.errors import ConfigError
 from src.run import set_threads
-from src.threads import thread_count, usable_cores
+from src.threads import usable_cores
 from tests.conftest import ROOT, compose_config
 
 
-def test_auto_uses_the_cores_of_the_cpu_affinity_divided_among_parallel_jobs():
-    cores = len(os.sched_getaffinity(0))
-    assert usable_cores() == cores
-    assert thread_count("auto")[0] == cores
-    assert thread_count("auto", parallel_jobs=2)[0] == max(1, cores // 2)
-    assert thread_count("auto", parallel_jobs=10 * cores)[0] == 1
-    assert thread_count(3) == (3, "trainer.threads")
+def test_auto_uses_the_idle_cores_of_the_cpu_affinity_divided_among_parallel_jobs(monkeypatch):
+    assert usable_cores() == set(os.sched_getaffinity(0))
+    monkeypatch.setattr(threads, "usable_cores", lambda: {0, 1, 2, 3})
+    monkeypatch.setattr(threads, "busy_cores", lambda cores: set())
+    assert threads.thread_count("auto")[0] == 4
+    assert threads.thread_count("auto", parallel_jobs=2)[0] == 2
+    assert threads.thread_count("auto", parallel_jobs=10)[0] == 1
+    monkeypatch.setattr(threads, "busy_cores", lambda cores: {1})
+    count, why = threads.thread_count("auto")
+    assert count == 3 and "3 idle of the 4 cores" in why
+    assert threads.thread_count(3) == (3, "trainer.threads")
+
+
+def test_a_core_kept_busy_by_another_process_is_seen_as_busy():
+    core = min(os.sched_getaffinity(0))
+    spin = f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"
+    neighbour = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)  # it starts spinning
+        assert core in threads.busy_cores({core}, seconds=0.3)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
 
 
 def test_the_setting_reaches_torch():
@@ -39,12 +57,12 @@ def test_a_bad_thread_count_is_refused_naming_the_key(value):
     assert value in str(refused.value) and "auto" in str(refused.value)
 
 
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_threads_wait_passively_unless_the_environment_says_otherwise(given, expected):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+@pytest.mark.parametrize("given, expected", [(None, "10000"), ("300000", "300000")])
+def test_openmp_spin_wait_is_bounded_unless_the_environment_says_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k not in threads.WAIT_KEYS}
     if given:
-        env["OMP_WAIT_POLICY"] = given
-    probe = "import src, os; print(os.environ['OMP_WAIT_POLICY'])"
+        env["GOMP_SPINCOUNT"] = given
+    probe = "import src, os; print(os.environ['GOMP_SPINCOUNT'])"
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True
     )
