@@ -23,10 +23,12 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest
 
-# fedsweep vs a bare training loop (round time and ratio), then the client-count scaling table;
+# fedsweep vs a bare training loop vs clients trained together, the shared-machine row, then the
+# client-count scaling table;
 # results in benchmarks/results/ (json + markdown).
 bench: install
 	$(BIN)/python -m benchmarks.bench
+	$(BIN)/python -m benchmarks.shared_machine
 	$(BIN)/python -m benchmarks.scaling
 
 # The CPU-sized comparison of the four algorithms (3 seeds each), then its report.

@@ -43,7 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 COMMON = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-IMAGES_28 = ["model=vit_small32", "data=synthetic", "fl.batch_size=32"]  # Fashion-MNIST-shaped
+# Fashion-MNIST-shaped (12,000 of its 60,000 samples by default: --train-samples)
+IMAGES_28 = [
+    "model=vit_small32",
+    "data=synthetic",
+    "fl.batch_size=32",
+    "data.loader.num_train=12000",
+]
 # digits-shaped: 16 px, batch 16, about 1,800 samples: per step a few tiny kernels (overhead bound)
 IMAGES_16 = [
     "model=vit_small32",
@@ -269,12 +275,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in names:
-        sizes = QUICK if args.quick else FULL
+        overrides = CASES[name] + (QUICK if args.quick else FULL)
         if args.train_samples and "28px" in name:
-            sizes = [*sizes, f"data.loader.num_train={args.train_samples}"]
+            overrides.append(f"data.loader.num_train={args.train_samples}")
         if "departments" in name:  # text: the departments set has its own size keys
-            sizes = [s for s in sizes if not s.startswith("data.loader.num_")]
-        result = run_case(name, CASES[name] + sizes, rounds, device, args.out / "runs", repeats)
+            overrides = [o for o in overrides if not o.startswith("data.loader.num_")]
+        # the last value of a key wins (Hydra refuses a key given twice)
+        overrides = list({o.split("=", 1)[0]: o for o in overrides}.values())
+        result = run_case(name, overrides, rounds, device, args.out / "runs", repeats)
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
         print(
             f"{name}: bare loop {result['bare_round_s']:.3f} s/round, fedsweep "

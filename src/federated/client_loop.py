@@ -1,6 +1,9 @@
 """One round's client work on the one resident model: for each client of this DDP rank, load what
 the server sent and its private state (`Algorithm.download`), train (`Algorithm.local_update`),
-pass the upload through the transform chain and hand it to the round's exchange.
+pass the upload through the transform chain and hand it to the round's exchange. With
+fl.parallel_clients=K, up to K clients train together instead (src/federated/vectorised.py):
+each is loaded in turn and its trained tensors copied, they train in one batched computation,
+then each one's result goes back into the model for its upload.
 
 A client that raises an injected fault (or any error, with fault.on_error=drop) is dropped and
 counted; any other error is a bug and stops the run (`ClientError`). A non-finite upload is
@@ -146,8 +149,7 @@ class ClientLoop:
 
     # ------------------------------------------------------------------ one client
     def train_alone(self, client_id, round_idx, exchange, backward, totals: RoundTotals) -> None:
-        payload = self.server.payload(client_id)
-        totals.down_bytes += self.server.download_bytes(client_id, payload)
+        payload = self.receive(client_id, totals)
         with self.client_errors(client_id, round_idx, totals):
             upload, loss_sum, seen = self.run_client(client_id, round_idx, payload, backward)
         if client_id in totals.failed_ids:
@@ -199,8 +201,7 @@ class ClientLoop:
         all together (src/federated/vectorised.py), then hand in each client's upload."""
         starts, started = [], []
         for client_id in group:
-            payload = self.server.payload(client_id)
-            totals.down_bytes += self.server.download_bytes(client_id, payload)
+            payload = self.receive(client_id, totals)
             with self.client_errors(client_id, round_idx, totals):
                 generator, origin, run = self.start_client(client_id, round_idx, payload, backward)
             if client_id in totals.failed_ids:
@@ -238,6 +239,12 @@ class ClientLoop:
             )
 
     # ------------------------------------------------------------------ shared
+    def receive(self, client_id: int, totals: RoundTotals) -> TensorDict:
+        """What the server sends the client, counted in the round's download bytes."""
+        payload = self.server.payload(client_id)
+        totals.down_bytes += self.server.download_bytes(client_id, payload)
+        return payload
+
     @contextmanager
     def client_errors(self, client_id: int, round_idx: int, totals: RoundTotals):
         """An injected fault (or any error, with fault.on_error=drop) drops the client; any other

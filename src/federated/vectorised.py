@@ -56,19 +56,18 @@ class ClientResult:
     seen: int  # targets trained on
 
 
-def _stack_batches(batches: list[Batch | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[K, B, ...] inputs and [K, B] targets; a short or missing batch is padded, its padding
-    targets IGNORE_INDEX (a finished client gets a batch of padding only)."""
-    present = [b for b in batches if b is not None]
-    width = max(len(b[0]) for b in present)
-    sample_shape, dtype = present[0][0].shape[1:], present[0][0].dtype
-    device = present[0][0].device
+def _stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[K, B, ...] inputs and [K, B] targets; a short batch is padded, its padding targets
+    IGNORE_INDEX (the loss leaves them out)."""
+    width = max(len(b[0]) for b in batches)
+    if all(len(b[0]) == width for b in batches):
+        return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+    sample_shape, dtype, device = batches[0][0].shape[1:], batches[0][0].dtype, batches[0][0].device
     inputs = torch.zeros((len(batches), width, *sample_shape), dtype=dtype, device=device)
     targets = torch.full((len(batches), width), IGNORE_INDEX, dtype=torch.long, device=device)
-    for k, batch in enumerate(batches):
-        if batch is not None:
-            inputs[k, : len(batch[0])] = batch[0]
-            targets[k, : len(batch[1])] = batch[1]
+    for k, (batch_inputs, batch_targets) in enumerate(batches):
+        inputs[k, : len(batch_inputs)] = batch_inputs
+        targets[k, : len(batch_targets)] = batch_targets
     return inputs, targets
 
 
@@ -120,17 +119,26 @@ def train_together(
         active = [b is not None for b in batches]
         if not any(active):
             break
-        inputs, targets = _stack_batches(batches)
+        rows = [k for k in range(count) if active[k]]
+        inputs, targets = _stack_batches([batches[k] for k in rows])
+        # only the clients still training compute (clients of uneven sizes finish at different
+        # steps); the others' rows get a zero gradient and are frozen below
+        params = stacked
+        if len(rows) < count:
+            index = torch.tensor(rows, device=device)
+            params = {n: t.index_select(0, index) for n, t in stacked.items()}
         with sdpa_kernel(MATH):  # the fused attention kernels have no batching rule
-            logits = batched_forward(stacked, inputs)
+            logits = batched_forward(params, inputs)
         per_target = F.cross_entropy(
             logits.flatten(0, -2).float(),
             targets.flatten(),
             ignore_index=IGNORE_INDEX,
             reduction="none",
-        ).view(count, -1)
-        counts = (targets != IGNORE_INDEX).view(count, -1).sum(1)
-        losses = per_target.sum(1) / counts.clamp(min=1)  # each client's own mean loss
+        ).view(len(rows), -1)
+        counts = torch.zeros(count, dtype=torch.long, device=device)
+        counts[rows] = (targets != IGNORE_INDEX).view(len(rows), -1).sum(1)
+        losses = torch.zeros(count, dtype=per_target.dtype, device=device)
+        losses[rows] = per_target.sum(1) / counts[rows]  # each client's own mean loss
         optimizer.zero_grad(set_to_none=True)
         backward(losses.sum())
         if adjust is not None:
