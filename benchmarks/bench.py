@@ -216,14 +216,14 @@ def run_case(
 
 def k_scaling(device: str, out: Path, rounds: int, ks=(1, 2, 5, 10, 20)) -> dict:
     """Round time of the overhead-bound case with 20 clients per round trained K at a time."""
-    overrides = [*CASES["fedavg_vit_small32_16px"], "fl.num_clients=20", "fl.clients_per_round=20"]
+    overrides = [*CASES["fedlora_vit_small32_16px"], "fl.num_clients=20", "fl.clients_per_round=20"]
     cfg = compose_case(overrides, rounds, device, out / "k_scaling")
     steady = slice(1, None) if rounds > 2 else slice(None)
     times = {}
     for k in ks:
         measured = time_fedsweep(cfg, out / "k_scaling" / f"k{k}", k)[0][steady]
         times[k] = statistics.median(measured)
-    return {"case": "fedavg_vit_small32_16px, 20 clients per round", "round_s": times}
+    return {"case": "fedlora_vit_small32_16px, 20 clients per round", "round_s": times}
 
 
 def markdown(results: list[dict], peak: float, scaling: dict | None) -> str:

@@ -141,10 +141,11 @@ class ClientLoop:
                 self._blocker = "text batches are not trained together yet"
             if self._blocker:
                 log.info(
-                    "fl.parallel_clients=%d: clients train one after the other (%s)",
+                    "fl.parallel_clients=%s: clients train one after the other (%s)",
                     self.parallel_clients,
                     self._blocker,
                 )
+                self.parallel_clients = 1
         return self._blocker
 
     # ------------------------------------------------------------------ one client
