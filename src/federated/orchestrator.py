@@ -58,7 +58,7 @@ class FederatedModule(pl.LightningModule):
         transforms: TransformChain | None = None,
         malicious: set[int] | frozenset[int] = frozenset(),
         drop_client_errors: bool = False,
-        parallel_clients: int = 1,
+        parallel_clients: int | str = 1,  # fl.parallel_clients: a count or auto
     ):
         super().__init__()
         self.automatic_optimization = False
