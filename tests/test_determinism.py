@@ -2,9 +2,8 @@
 Same config + seed => same metrics.csv, across processes: tests/test_resume.py."""
 
 import torch
-from hydra.utils import instantiate
 
-from src.run import build_module
+from src.run import build_module, build_trainer
 from tests.conftest import RecordingMean
 
 
@@ -21,7 +20,7 @@ def test_a_clients_upload_does_not_depend_on_the_clients_before_it(
         cfg = make_digits_config("alg=fedavg", "fl.rounds=1", "fl.clients_per_round=3")
         module = build_module(cfg, tmp_path / order)
         module.aggregator = RecordingMean()
-        instantiate(cfg.trainer, logger=False, enable_checkpointing=False).fit(module)
+        build_trainer(cfg, logger=False, enable_checkpointing=False).fit(module)
         recorded = module.aggregator
         uploads[order] = dict(zip(recorded.client_ids, recorded.uploads, strict=True))
     assert list(uploads["forward"]) == list(uploads["reversed"])[::-1]

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from peft import PeftModel
 
 from src.config_checks import validate_config
@@ -27,7 +26,7 @@ from src.errors import ConfigError
 from src.federated.data import DeviceTokens
 from src.models.export import export_adapters
 from src.models.tokenizers import ByteTokenizer
-from src.run import build_base_model, build_module
+from src.run import build_base_model, build_module, build_trainer
 from tests.conftest import ROOT, RecordingMean, compose_config
 
 BYTES = ByteTokenizer()
@@ -132,7 +131,7 @@ def _fit_recording(tmp_path, *overrides):
     cfg = compose_config([*TEXT_RUN, *overrides], tmp_path)
     module = build_module(cfg, tmp_path)
     module.aggregator = RecordingMean()
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer = build_trainer(cfg, logger=False, enable_checkpointing=False)
     trainer.fit(module)
     return module
 
