@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for name, r in results.items():
         lines.append(
-            f"| {name} | {r['threads_quiet']} / {r['threads_busy']} | "
+            f"| {name} | {','.join(map(str, r['threads_quiet']))} / "
+            f"{','.join(map(str, r['threads_busy']))} | "
             f"{r['quiet_step_s'] * 1e3:.1f} | "
             f"{r['busy_step_s'] * 1e3:.1f} | {r['slowdown']:.2f} |"
         )
