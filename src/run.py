@@ -249,6 +249,7 @@ def train(cfg: DictConfig) -> dict:
             status="completed",
             rounds_done=module.current_epoch,
             wall_time_s=time.perf_counter() - started,
+            cpu_threads=torch.get_num_threads(),  # float results depend on it (trainer.threads)
             total_bytes=module.total_bytes,
             **summarize(module.recorder.rows),
             dropped_clients=module.dropped,

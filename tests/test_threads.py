@@ -11,7 +11,7 @@ import torch
 from src import threads
 from src.config_checks import validate_config
 from src.errors import ConfigError
-from src.run import set_threads
+from src.run import set_threads, train
 from src.threads import usable_cores
 from tests.conftest import ROOT, compose_config
 
@@ -67,3 +67,12 @@ def test_openmp_spin_wait_is_bounded_unless_the_environment_says_otherwise(given
         [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert out.stdout.strip() == expected, out.stderr
+
+
+def test_summary_records_the_thread_count_a_run_used(make_digits_config):
+    before = torch.get_num_threads()
+    try:
+        cfg = make_digits_config("fl.rounds=1", "model.depth=1", "trainer.threads=1")
+        assert train(cfg)["cpu_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
