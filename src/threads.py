@@ -3,11 +3,11 @@
 torch starts one OpenMP thread per core, and a thread that waits for the others spins on its core
 (libgomp: 300,000 iterations) before it sleeps. When another process holds one of those cores,
 every parallel step waits for the thread that shares it, and the spinning takes time from it:
-a vit_small32 training step took 7-10 x its quiet time with one busy process beside it on
+a vit_small32 training step took 7-13 x its quiet time with one busy process beside it on
 2 cores (benchmarks/shared_machine.py). So:
 - waiting threads spin at most `GOMP_SPINCOUNT=10000` iterations, then sleep: as fast as the
   default on a quiet machine (measured 61.8 ms per step either way) and about 3 x instead of
-  7-10 x when a neighbour arrives during the run. (OMP_WAIT_POLICY=PASSIVE, sleeping at once,
+  7-13 x when a neighbour arrives during the run. (OMP_WAIT_POLICY=PASSIVE, sleeping at once,
   was 1.3 x under a neighbour but 1.5 x slower on a quiet machine.) This must be in the
   environment before torch loads its OpenMP runtime, so `src/__init__.py` does it; a setting
   of the user's (GOMP_SPINCOUNT or OMP_WAIT_POLICY) wins;

@@ -37,8 +37,9 @@ def _client_batches(client_id):
 @pytest.mark.parametrize("make_optimizer", [_adamw, _sgd_momentum])
 @pytest.mark.parametrize("alg", [FedAvg("fedavg"), FedProx("fedprox", mu=0.5)])
 def test_training_together_equals_training_one_after_the_other(alg, make_optimizer):
-    """A client that has finished is frozen exactly (momentum, Adam and weight decay would move
-    it), a short batch is masked, a gradient hook has its stacked form: float64, 1e-12."""
+    """A client that has finished keeps the tensors it finished with (momentum, Adam and weight
+    decay would move its rows further), a short batch is masked, a gradient hook has its stacked
+    form: float64, 1e-12."""
     model = alg.prepare_model(tiny_model())
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     alone = {}

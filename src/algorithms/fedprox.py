@@ -22,7 +22,7 @@ from torch import nn
 
 from src.algorithms.base import TensorDict
 from src.algorithms.fedlora import FedLoRA
-from src.algorithms.proximal import add_proximal_gradient, snapshot
+from src.algorithms.proximal import add_proximal, add_proximal_gradient, snapshot
 from src.errors import ConfigError
 
 
@@ -55,5 +55,4 @@ class FedProx(FedLoRA):
 
     def adjust_stacked_gradients(self, params, grads, start) -> None:
         """The same for clients trained together (every trained tensor is shared here)."""
-        for name, grad in grads.items():
-            grad.add_(params[name] - start[name], alpha=self.mu)
+        add_proximal(grads, params, start, self.mu)

@@ -6,21 +6,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TensorDict = dict[str, torch.Tensor]
+from src.algorithms.base import Algorithm, TensorDict
 
 
 @torch.no_grad()
 def snapshot(model: nn.Module, names: list[str]) -> TensorDict:
     """Copies of the named parameters (and buffers) as they are now."""
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    tensors = Algorithm.tensors(model)
     return {name: tensors[name].detach().clone() for name in names}
 
 
 @torch.no_grad()
-def add_proximal_gradient(model: nn.Module, anchor: TensorDict, coef: float) -> None:
-    """grad += coef (w - w_anchor) on every parameter of `anchor` that has a gradient."""
+def add_proximal(grads: TensorDict, params: TensorDict, anchor: TensorDict, coef: float) -> None:
+    """grads[n] += coef (params[n] - anchor[n]) for every gradient whose name `anchor` has (also
+    for tensors stacked along a client dimension)."""
     if coef == 0:
         return
-    for name, p in model.named_parameters():
-        if name in anchor and p.grad is not None:
-            p.grad.add_(p.detach() - anchor[name], alpha=coef)
+    for name, grad in grads.items():
+        if name in anchor:
+            grad.add_(params[name] - anchor[name], alpha=coef)
+
+
+def add_proximal_gradient(model: nn.Module, anchor: TensorDict, coef: float) -> None:
+    """The proximal gradient on the model's own parameters (those with a gradient)."""
+    params = {n: p for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad for n, p in params.items()}
+    add_proximal(grads, {n: p.detach() for n, p in params.items()}, anchor, coef)

@@ -126,8 +126,7 @@ class ClientLoop:
     def choose_group_size(self, clients: list[int]) -> tuple[int, str]:
         """auto: from memory and a short timing on the first client's first batch (a generator of
         its own: the clients' batches, the model and the RNG streams are left as they were)."""
-        params = dict(self.model.named_parameters())
-        trained = {n: p for n, p in params.items() if p.requires_grad}
+        trained = self.trained_tensors()
         device = next(iter(trained.values())).device
         index = self.federation.clients[clients[0]].train
         generator = torch.Generator(device=device).manual_seed(0)
@@ -207,9 +206,7 @@ class ClientLoop:
                 generator, origin, run = self.start_client(client_id, round_idx, payload, backward)
             if client_id in totals.failed_ids:
                 continue
-            trained = {
-                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
-            }
+            trained = {n: t.detach().clone() for n, t in self.trained_tensors().items()}
             starts.append(ClientStart(client_id, trained, run.batches()))
             started.append((client_id, generator, origin))
         if not starts:
@@ -240,6 +237,10 @@ class ClientLoop:
             )
 
     # ------------------------------------------------------------------ shared
+    def trained_tensors(self) -> TensorDict:
+        """The resident model's trained parameters (what a batched group stacks)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
     def receive(self, client_id: int, totals: RoundTotals) -> TensorDict:
         """What the server sends the client, counted in the round's download bytes."""
         payload = self.server.payload(client_id)

@@ -8,9 +8,10 @@ real model code (timm, peft) once per step for all clients, each on its own batc
 sum of the clients' own mean losses, so each client's gradient is exactly its own, and an
 element-wise optimizer (SGD with momentum, Adam, AdamW) over the stacked tensors is K independent
 optimizers. Same results as one client after the other, up to float summation order:
-- clients have different numbers of batches: a client that has finished is frozen exactly (its
-  rows of the parameters and of the optimizer state are put back after each step, since momentum,
-  Adam and weight decay would move them even with a zero gradient);
+- clients have different numbers of batches: a client's result is taken the moment it has no
+  batch left, and its rows then stop computing. Momentum, Adam and weight decay still move those
+  rows with a zero gradient, but nothing reads them again: each client's update is element-wise
+  in its own rows, and the round's optimizer (its state included) is discarded afterwards;
 - a short batch is padded and masked (padding targets are ignored by the loss);
 - each client draws its batches from its own (seed, round, client) generator, as sequentially;
 - a gradient hook has a stacked form (`Algorithm.adjust_stacked_gradients`).
@@ -71,26 +72,6 @@ def _stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
-class _FrozenRows:
-    """Puts back, after an optimizer step, the rows of finished clients in the stacked parameters
-    and in every per-parameter optimizer state of the same shape (momentum, Adam's moments)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], rows):
-        self.rows = torch.tensor(rows, device=params[0].device)
-        self.saved = []
-        for p in params:
-            tensors = [p] + [
-                s for s in optimizer.state.get(p, {}).values()
-                if torch.is_tensor(s) and s.shape == p.shape
-            ]  # fmt: skip
-            self.saved += [(t, t.detach()[self.rows].clone()) for t in tensors]
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for tensor, rows in self.saved:
-            tensor[self.rows] = rows
-
-
 def train_together(
     model: nn.Module,
     clients: list[ClientStart],
@@ -113,16 +94,18 @@ def train_together(
     device = next(iter(stacked.values())).device
     loss_sums = torch.zeros(count, dtype=torch.float64, device=device)  # read once, at the end
     seen = torch.zeros(count, dtype=torch.long, device=device)
-    active = [True] * count
+    finals: dict[int, TensorDict] = {}  # each client's trained tensors, taken when it finishes
     while True:
-        batches = [next(c.batches, None) if active[k] else None for k, c in enumerate(clients)]
-        active = [b is not None for b in batches]
-        if not any(active):
+        batches = [None if k in finals else next(c.batches, None) for k, c in enumerate(clients)]
+        for k, batch in enumerate(batches):
+            if batch is None and k not in finals:
+                finals[k] = {n: t.detach()[k].clone() for n, t in stacked.items()}
+        rows = [k for k in range(count) if k not in finals]
+        if not rows:
             break
-        rows = [k for k in range(count) if active[k]]
         inputs, targets = _stack_batches([batches[k] for k in rows])
         # only the clients still training compute (clients of uneven sizes finish at different
-        # steps); the others' rows get a zero gradient and are frozen below
+        # steps); the others' rows get a zero gradient and are never read again
         params = stacked
         if len(rows) < count:
             index = torch.tensor(rows, device=device)
@@ -145,18 +128,11 @@ def train_together(
             grads = {n: t.grad for n, t in stacked.items() if t.grad is not None}
             with torch.no_grad():
                 adjust({n: t.detach() for n, t in stacked.items()}, grads, start)
-        finished = [k for k in range(count) if not active[k]]
-        frozen = _FrozenRows(optimizer, list(stacked.values()), finished) if finished else None
         optimizer.step()
-        if frozen is not None:
-            frozen.restore()
         loss_sums += losses.detach().double() * counts
         seen += counts
     loss_sums, seen = loss_sums.tolist(), seen.tolist()
-    return [
-        ClientResult({n: t.detach()[k] for n, t in stacked.items()}, loss_sums[k], seen[k])
-        for k in range(count)
-    ]
+    return [ClientResult(finals[k], loss_sums[k], seen[k]) for k in range(count)]
 
 
 # ---------------------------------------------------------------------- fl.parallel_clients=auto
@@ -185,7 +161,7 @@ def client_bytes(model: nn.Module, trained: TensorDict, inputs: torch.Tensor) ->
         torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
     ):
         leaves = {n: t.detach().clone().requires_grad_(True) for n, t in trained.items()}
-        torch.func.functional_call(model, leaves, (inputs,), strict=False)
+        _call(model, leaves, inputs)
     return 5 * sum(t.numel() * t.element_size() for t in trained.values()) + saved
 
 
