@@ -44,11 +44,8 @@ def measure(num_clients: int, out: Path) -> dict:
     module = build_module(cfg, out)
     algorithm = module.algorithm
 
-    def five_steps(model, run):  # the same work per sampled client, whatever its data size
-        optimizer = run.make_optimizer([p for p in model.parameters() if p.requires_grad])
-        return algorithm.train(model, optimizer, run.batches(steps=5), run.backward)
-
-    algorithm.local_update = five_steps
+    # the same work per sampled client, whatever its data size
+    algorithm.local_batches = lambda run: run.batches(steps=5)
     rounds = RoundTimes()
     trainer = build_trainer(cfg, logger=False, callbacks=[rounds], enable_checkpointing=False)
     trainer.fit(module)

@@ -4,6 +4,8 @@ summation order."""
 
 import csv
 import logging
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ import torch
 from src.algorithms import FedAvg
 from src.algorithms.base import ClientRun
 from src.algorithms.fedprox import FedProx
+from src.algorithms.perfed import PerFed
+from src.algorithms.scaffold import Scaffold
 from src.federated.vectorised import ClientStart, train_together
 from src.run import train
 from tests.algorithm_harness import tiny_batches, tiny_model
@@ -34,48 +38,89 @@ def _client_batches(client_id):
     return batches[:-1] + [(inputs[:5], labels[:5])]
 
 
+def _scaffold():
+    alg = Scaffold("scaffold")
+    alg.configure(SimpleNamespace(num_clients=6), None, 0)
+    return alg
+
+
+ALGORITHMS = {
+    "fedavg": lambda: FedAvg("fedavg"),
+    "fedprox": lambda: FedProx("fedprox", mu=0.5),
+    "scaffold": _scaffold,
+    # 2 rounds of 2 steps: x_k moves after steps 2 and 4; clients cycle through their batches
+    "perfed": lambda: PerFed("perfed", d=4, lam=2.0, local_rounds=2, steps=2),
+}
+
+
+def _received(alg, model, client_id):
+    """What client `client_id` downloads (payload, private state): the algorithm's own initial
+    state plus client-specific noise, so the clients start apart and SCAFFOLD's control variates
+    and perfed's x are not zero."""
+    gen = torch.Generator().manual_seed(100 + client_id)
+
+    def moved(tensors):
+        return {
+            n: t.detach() + 0.1 * torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            for n, t in tensors.items()
+        }  # fmt: skip
+
+    return moved(alg.server_state(model)), moved(alg.initial_private_state(model))
+
+
+def _run(client_id, make_optimizer):
+    batches = _client_batches(client_id)
+    backward = lambda loss: loss.backward()  # noqa: E731
+    return ClientRun(client_id, 0, 1, make_optimizer, backward, lambda b=batches: iter(b))
+
+
+def _copies(tensors):
+    return {n: t.detach().clone() for n, t in tensors.items()}
+
+
 @pytest.mark.parametrize("make_optimizer", [_adamw, _sgd_momentum])
-@pytest.mark.parametrize("alg", [FedAvg("fedavg"), FedProx("fedprox", mu=0.5)])
-def test_training_together_equals_training_one_after_the_other(alg, make_optimizer):
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_training_together_equals_training_one_after_the_other(name, make_optimizer):
     """A client that has finished keeps the tensors it finished with (momentum, Adam and weight
-    decay would move its rows further), a short batch is masked, a gradient hook has its stacked
-    form: float64, 1e-12."""
+    decay would move its rows further), a short batch is masked, and the algorithm's hooks
+    (FedProx's proximal gradient, SCAFFOLD's correction and c_i+, perfed's pull and x_k step) have
+    stacked forms: uploads, private states and losses as one client after the other, float64,
+    1e-12."""
+    alg = ALGORITHMS[name]()
     model = alg.prepare_model(tiny_model())
-    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    received = {client_id: _received(alg, model, client_id) for client_id in SIZES}
     alone = {}
     for client_id in SIZES:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(start[n] + 0.01 * client_id)  # each client starts from its own point
-        alg.download(model, {}, {}, client_id)
-        batches = _client_batches(client_id)
-        run = ClientRun(
-            client_id, 0, 1, make_optimizer, lambda loss: loss.backward(), lambda b=batches: iter(b)
-        )
-        loss_sum, seen = alg.local_update(model, run)
-        alone[client_id] = (
-            {n: p.detach().clone() for n, p in model.named_parameters()},
-            loss_sum,
-            seen,
-        )
+        alg.download(model, *received[client_id], client_id)
+        loss_sum, seen = alg.local_update(model, _run(client_id, make_optimizer))
+        upload = _copies(alg.upload(model, client_id))
+        alone[client_id] = (upload, _copies(alg.private_state(model, client_id)), loss_sum, seen)
 
     starts = []
     for client_id in SIZES:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(start[n] + 0.01 * client_id)
-        alg.download(model, {}, {}, client_id)
-        trained = {n: p.detach().clone() for n, p in model.named_parameters()}
-        starts.append(ClientStart(client_id, trained, iter(_client_batches(client_id))))
-    results = train_together(
-        model, starts, make_optimizer, lambda loss: loss.backward(), alg.adjust_stacked_gradients
-    )
+        alg.download(model, *received[client_id], client_id)
+        trained = _copies({n: p for n, p in model.named_parameters() if p.requires_grad})
+        context = _copies(alg.stacked_context(model))
+        batches = alg.local_batches(_run(client_id, make_optimizer))
+        starts.append(ClientStart(client_id, trained, batches, context))
+    make = partial(alg.local_optimizer, _run(0, make_optimizer))
+    results = train_together(model, starts, make, lambda loss: loss.backward(), alg)
+    params = dict(model.named_parameters())
     for client_id, result in zip(SIZES, results, strict=True):
-        params, loss_sum, seen = alone[client_id]
+        with torch.no_grad():
+            for n, tensor in result.trained.items():
+                params[n].copy_(tensor)
+        alg.end_stacked(model, result)
+        upload, private, loss_sum, seen = alone[client_id]
         assert result.seen == seen
         assert result.loss_sum == pytest.approx(loss_sum, rel=1e-6)  # the loss is float32
-        for name, tensor in params.items():
-            torch.testing.assert_close(result.trained[name], tensor, rtol=0, atol=1e-12)
+        for mine, theirs in (
+            (alg.upload(model, client_id), upload),
+            (alg.private_state(model, client_id), private),
+        ):
+            assert mine.keys() == theirs.keys()
+            for n, tensor in theirs.items():
+                torch.testing.assert_close(mine[n], tensor, rtol=0, atol=1e-12)
 
 
 def _metrics(path):
@@ -114,22 +159,28 @@ UNEVEN = [
         ["alg=fedlora", "alg.client_ranks=[2,4,8]", "aggregator=svd"],
         ["alg=fedsa-flora", "alg.client_ranks=[2,4]"],
         ["alg=fedprox", "alg.mu=0.1"],
+        ["alg=scaffold"],
+        ["alg=perfed", "alg.local_rounds=2", "alg.steps=3"],
         ["alg=fedlora", "attack=label_flip", "attack.fraction=0.34"],
     ],
     ids=lambda o: " ".join(o),
 )
-def test_metrics_equal_one_client_after_the_other(overrides, make_digits_config, tmp_path_factory):
+def test_metrics_equal_one_client_after_the_other(
+    overrides, make_digits_config, tmp_path_factory, caplog
+):
     """Tolerances: the batched kernels sum in another order than the sequential ones, a relative
     1e-7 per operation that a few dozen steps grow to at most 1.3e-6 on the losses here (1e-5
     allowed); accuracies count the same predictions unless two logits are that close, so they
-    may differ by one evaluated sample."""
+    may differ by one evaluated sample. K=3 really trains clients together (no fallback line)."""
     rows = {}
     for k in (1, 3):
         out = tmp_path_factory.mktemp(f"k{k}")
         cfg = make_digits_config(*UNEVEN, *overrides, f"fl.parallel_clients={k}")
         cfg.paths.output_dir = str(out / "run")
-        train(cfg)
+        with caplog.at_level(logging.INFO, logger="src.federated.client_loop"):
+            train(cfg)
         rows[k] = _metrics(out)
+    assert not [r for r in caplog.records if "one after the other" in r.getMessage()]
     assert len(rows[1]) == len(rows[3]) == 2
     for one, together in zip(rows[1], rows[3], strict=True):
         for key in one:
@@ -146,10 +197,10 @@ def test_an_algorithm_that_cannot_train_clients_together_says_why_and_runs_alone
     make_digits_config, caplog
 ):
     with caplog.at_level(logging.INFO, logger="src.federated.client_loop"):
-        train(make_digits_config("alg=scaffold", "fl.rounds=1", "fl.parallel_clients=4"))
+        train(make_digits_config("alg=ditto", "fl.rounds=1", "fl.parallel_clients=4"))
     lines = [r.getMessage() for r in caplog.records if "parallel_clients" in r.getMessage()]
     assert lines == [
-        "fl.parallel_clients=4: clients train one after the other (alg=scaffold has its own "
+        "fl.parallel_clients=4: clients train one after the other (alg=ditto has its own "
         "local update)"
     ]
 

@@ -186,10 +186,21 @@ class Algorithm:
         self.download(model, payload, private, client_id)
 
     def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
-        """Train on the client's batches with the configured client optimizer; returns (sum of
-        per-target losses, targets seen): samples for images, response tokens for text."""
-        optimizer = run.make_optimizer([p for p in model.parameters() if p.requires_grad])
-        return self.train(model, optimizer, run.batches(), run.backward)
+        """Train on the client's batches (`local_batches`) with its optimizer (`local_optimizer`),
+        then `end_local_update`; returns (sum of per-target losses, targets seen): samples for
+        images, response tokens for text."""
+        optimizer = self.local_optimizer(run, [p for p in model.parameters() if p.requires_grad])
+        loss_sum, seen, steps = self.train(model, optimizer, self.local_batches(run), run.backward)
+        self.end_local_update(model, steps, optimizer.param_groups[0]["lr"])
+        return loss_sum, seen
+
+    def local_optimizer(self, run: ClientRun, params: list) -> torch.optim.Optimizer:
+        """The client's optimizer: the configured one (optim.*) by default."""
+        return run.make_optimizer(params)
+
+    def local_batches(self, run: ClientRun) -> Iterator[Batch]:
+        """The client's batches: fl.local_epochs passes over its data by default."""
+        return run.batches()
 
     def train(
         self,
@@ -197,10 +208,11 @@ class Algorithm:
         optimizer: torch.optim.Optimizer,
         batches,
         backward: Callable[[torch.Tensor], None],
-    ) -> tuple[float, int]:
-        """The local loop: forward, backward, `adjust_gradients`, step, `after_step`."""
+    ) -> tuple[float, int, int]:
+        """The local loop: forward, backward, `adjust_gradients`, step, `after_step`. Returns
+        (sum of per-target losses, targets seen, optimizer steps)."""
         model.train()
-        loss_sum, seen = 0.0, 0  # become device tensors: read once per client, not per step
+        loss_sum, seen, step = 0.0, 0, 0  # device tensors: read once per client, not per step
         for step, (inputs, targets) in enumerate(batches, start=1):
             loss, count = mean_loss(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -210,7 +222,7 @@ class Algorithm:
             self.after_step(model, step)
             loss_sum = loss_sum + loss.detach() * count
             seen = seen + count
-        return float(loss_sum), int(seen)
+        return float(loss_sum), int(seen), step
 
     def adjust_gradients(self, model: nn.Module) -> None:
         """Hook between backward and the optimizer step (e.g. a regulariser's gradient)."""
@@ -218,19 +230,31 @@ class Algorithm:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Hook after optimizer step number `step` (1-based) of the client's round."""
 
+    def end_local_update(self, model: nn.Module, steps: int, lr: float) -> None:
+        """Hook after the client's last step (`steps` taken, at learning rate `lr`), before its
+        upload is read."""
+
     # ------------------------------------------------------------------ clients trained together
+    # The stacked forms of the client hooks, for clients trained together in one batched
+    # computation (fl.parallel_clients, src/federated/vectorised.py). Every tensor has a leading
+    # client dimension: `params` the trained tensors, `start` what each client started the round
+    # from, `context` the per-client tensors `stacked_context` read right after each download.
     def vectorised_blocker(self, model: nn.Module) -> str:
-        """Why clients of this algorithm cannot train together in one batched computation
-        (`fl.parallel_clients`, src/federated/vectorised.py), or '' when they can: the plain
-        local loop, with gradient hooks that have a stacked form."""
+        """Why clients of this algorithm cannot train together, or '' when they can: the plain
+        local loop (its optimizer and batches may be the algorithm's own), with hooks that have
+        stacked forms."""
         own, base = type(self), Algorithm
         if own.local_update is not base.local_update or own.train is not base.train:
             return f"alg={self.name} has its own local update"
-        if own.after_step is not base.after_step:
-            return f"alg={self.name} acts after every optimizer step"
-        stacked_hook = own.adjust_stacked_gradients is not base.adjust_stacked_gradients
-        if own.adjust_gradients is not base.adjust_gradients and not stacked_hook:
-            return f"alg={self.name}'s gradient hook has no stacked form"
+        for hook, stacked in (
+            ("after_step", "after_stacked_step"),
+            ("adjust_gradients", "adjust_stacked_gradients"),
+            ("end_local_update", "end_stacked"),
+        ):
+            if getattr(own, hook) is not getattr(base, hook) and (
+                getattr(own, stacked) is getattr(base, stacked)
+            ):
+                return f"alg={self.name}'s {hook} has no stacked form"
         if self.buffer_names(model):
             return "the model has BatchNorm statistics (buffers), which one batched forward mixes"
         return ""
@@ -239,11 +263,25 @@ class Algorithm:
         """Clients with equal keys can train together (e.g. they use the same LoRA scale)."""
         return None
 
+    def stacked_context(self, model: nn.Module) -> TensorDict:
+        """Per-client tensors the stacked hooks need, read right after `download` (e.g. a
+        client's control variate); stacked along the client dimension."""
+        return {}
+
     def adjust_stacked_gradients(
-        self, params: TensorDict, grads: TensorDict, start: TensorDict
+        self, params: TensorDict, grads: TensorDict, start: TensorDict, context: TensorDict
     ) -> None:
-        """`adjust_gradients` for clients trained together: every tensor has a leading client
-        dimension; `start` is what each client started the round from."""
+        """`adjust_gradients` for clients trained together: edit `grads` in place."""
+
+    def after_stacked_step(self, params: TensorDict, context: TensorDict, step: int) -> None:
+        """`after_step` for clients trained together (every client still training has taken
+        `step` steps; `context` may be changed in place)."""
+
+    def end_stacked(self, model: nn.Module, result) -> None:
+        """`end_local_update` for one client of a group, its trained tensors loaded in `model`;
+        `result` (a `ClientResult`) holds its start, context, steps and lr. An algorithm that
+        keeps the running client's state in attributes restores them here first."""
+        self.end_local_update(model, result.steps, result.lr)
 
     def upload(self, model: nn.Module, client_id: int) -> TensorDict:
         """What the client sends back: views of its shared parameters (read before the next

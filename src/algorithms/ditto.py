@@ -74,7 +74,9 @@ class Ditto(FedLoRA):
 
     def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
         trained = [p for p in model.parameters() if p.requires_grad]
-        loss_sum, seen = self.train(model, run.make_optimizer(trained), run.batches(), run.backward)
+        loss_sum, seen, _ = self.train(
+            model, run.make_optimizer(trained), run.batches(), run.backward
+        )
         self.trained_global = snapshot(model, self.shared_names(model))
         tensors = self.tensors(model)
         with torch.no_grad():

@@ -53,6 +53,6 @@ class FedProx(FedLoRA):
         """grad += mu (w - w_t) on every shared parameter."""
         add_proximal_gradient(model, self.anchor, self.mu)
 
-    def adjust_stacked_gradients(self, params, grads, start) -> None:
+    def adjust_stacked_gradients(self, params, grads, start, context) -> None:
         """The same for clients trained together (every trained tensor is shared here)."""
         add_proximal(grads, params, start, self.mu)

@@ -125,31 +125,28 @@ class PerFed(Algorithm):
     ) -> None:
         """The personal model into the resident model; the server's x into x_k."""
         super().download(model, {}, private, client_id)
-        self.x_k = payload["x"].detach().float().clone()
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._ensure_projection(self._params)
+        self.x_k = payload["x"].detach().float().clone().to(self._params[0].device)
 
     def coupling_grad(self, z: torch.Tensor) -> torch.Tensor:
         """grad R(z): z for l2 (R = 1/2 |z|^2), sign(z) for l1 (R = |z|_1)."""
         return z if self.coupling == "l2" else torch.sign(z)
 
-    def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
-        """R rounds of tau personal SGD steps (counted in batches, not fl.local_epochs), each
-        followed by a step on x_k. Plain SGD with `person_lr` (the configured client optimizer
-        is not used: the rule fixes it)."""
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._ensure_projection(self._params)
-        self.x_k = self.x_k.to(self._params[0].device)
-        sgd = torch.optim.SGD(self._params, lr=self.person_lr)
-        batches = run.batches(steps=self.local_rounds * self.steps)
-        return self.train(model, sgd, batches, run.backward)
+    # The local update: R rounds of tau personal SGD steps (counted in batches, not
+    # fl.local_epochs), each followed by a step on x_k. Plain SGD with `person_lr` (the configured
+    # client optimizer is not used: the rule fixes it).
+    def local_optimizer(self, run: ClientRun, params: list) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.person_lr)
 
-    def _flat_w(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self._params])
+    def local_batches(self, run: ClientRun):
+        return run.batches(steps=self.local_rounds * self.steps)
 
     @torch.no_grad()
     def adjust_gradients(self, model: nn.Module) -> None:
         """grad += lam * P^T grad R(P w - x_k)."""
-        residual = self.projection.matvec(self._flat_w()) - self.x_k
-        pull = self.projection.rmatvec(self.coupling_grad(residual))
+        flat_w = torch.cat([p.detach().reshape(-1) for p in self._params])
+        pull = self._pull(flat_w, self.x_k)
         for p, g in zip(self._params, pull.split([p.numel() for p in self._params]), strict=True):
             p.grad.add_(g.view_as(p), alpha=self.lam)
 
@@ -157,8 +154,37 @@ class PerFed(Algorithm):
     def after_step(self, model: nn.Module, step: int) -> None:
         """Every tau steps: x_k <- x_k - local_lr * lam * grad R(x_k - P w)."""
         if step % self.steps == 0:
-            residual = self.x_k - self.projection.matvec(self._flat_w())
-            self.x_k -= self.local_lr * self.lam * self.coupling_grad(residual)
+            flat_w = torch.cat([p.detach().reshape(-1) for p in self._params])
+            self._step_x(flat_w, self.x_k)
+
+    def _pull(self, flat_w: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
+        """P^T grad R(P w - x_k), for one client ([D], [d]) or stacked ([K, D], [K, d])."""
+        return self.projection.rmatvec(self.coupling_grad(self.projection.matvec(flat_w) - x_k))
+
+    def _step_x(self, flat_w: torch.Tensor, x_k: torch.Tensor) -> None:
+        """x_k <- x_k - local_lr * lam * grad R(x_k - P w), in place."""
+        residual = x_k - self.projection.matvec(flat_w)
+        x_k -= self.local_lr * self.lam * self.coupling_grad(residual)
+
+    # ------------------------------------------------------------------ clients trained together
+    # The trained tensors come in `model.parameters()` order, as `_params` (flattened the same).
+    def stacked_context(self, model: nn.Module) -> TensorDict:
+        return {"x_k": self.x_k}
+
+    def adjust_stacked_gradients(self, params, grads, start, context) -> None:
+        flat_w = torch.cat([t.reshape(len(t), -1) for t in params.values()], dim=1)
+        pull = self._pull(flat_w, context["x_k"])
+        sizes = [t[0].numel() for t in params.values()]
+        for name, g in zip(params, pull.split(sizes, dim=1), strict=True):
+            grads[name].add_(g.view_as(grads[name]), alpha=self.lam)
+
+    def after_stacked_step(self, params, context, step: int) -> None:
+        if step % self.steps == 0:
+            flat_w = torch.cat([t.reshape(len(t), -1) for t in params.values()], dim=1)
+            self._step_x(flat_w, context["x_k"])
+
+    def end_stacked(self, model: nn.Module, result) -> None:
+        self.x_k = result.context["x_k"]
 
     def upload(self, model: nn.Module, client_id: int) -> TensorDict:
         return {"x": self.x_k}

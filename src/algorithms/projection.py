@@ -62,21 +62,21 @@ class RandomProjection:
         return torch.randn(self.d, cols, generator=gen, device=self.device)
 
     def matvec(self, w: torch.Tensor) -> torch.Tensor:
-        """P w for w in R^D (in w's dtype)."""
+        """P w for w in R^D, or for each row of w in R^{K x D} (in w's dtype)."""
         if self._cache is not None:
-            raw = self._cache.to(w.dtype) @ w
+            raw = w @ self._cache.T.to(w.dtype)
         else:
-            raw = torch.zeros(self.d, dtype=w.dtype, device=w.device)
+            raw = torch.zeros((*w.shape[:-1], self.d), dtype=w.dtype, device=w.device)
             for b in range(self.num_blocks):
-                raw += self._gaussian(b).to(w.dtype) @ w[self.edges[b] : self.edges[b + 1]]
-        return (self.transform @ raw.double()).to(w.dtype)
+                raw += w[..., self.edges[b] : self.edges[b + 1]] @ self._gaussian(b).T.to(w.dtype)
+        return (raw.double() @ self.transform.T).to(w.dtype)
 
     def rmatvec(self, v: torch.Tensor) -> torch.Tensor:
-        """P^T v for v in R^d."""
-        u = (self.transform.T @ v.double()).to(v.dtype)
+        """P^T v for v in R^d, or for each row of v in R^{K x d}."""
+        u = (v.double() @ self.transform).to(v.dtype)
         if self._cache is not None:
-            return self._cache.T.to(v.dtype) @ u
-        return torch.cat([self._gaussian(b).T.to(v.dtype) @ u for b in range(self.num_blocks)])
+            return u @ self._cache.to(v.dtype)
+        return torch.cat([u @ self._gaussian(b).to(v.dtype) for b in range(self.num_blocks)], -1)
 
     def dense(self) -> torch.Tensor:
         """The whole P in float64 (for tests on small D)."""

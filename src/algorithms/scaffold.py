@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from src.algorithms.base import ClientRun, TensorDict
+from src.algorithms.base import TensorDict
 from src.algorithms.fedlora import FedLoRA
 from src.errors import ConfigError
 from src.federated.contract import Role, SharedSpec
@@ -45,7 +45,6 @@ class Scaffold(FedLoRA):
         self.c: TensorDict = {}  # the server's control variate, as received
         self.c_i: TensorDict = {}  # the running client's control variate
         self.c_i_new: TensorDict = {}
-        self.steps = 0
 
     # ------------------------------------------------------------------ set-up
     def configure(self, federation, output_dir, seed: int) -> None:
@@ -87,22 +86,16 @@ class Scaffold(FedLoRA):
         device = next(model.parameters()).device  # the store keeps c_i on the host
         self.c_i = {n.removeprefix(CONTROL): t.to(device) for n, t in private.items()}
 
-    def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
-        optimizer = run.make_optimizer([p for p in model.parameters() if p.requires_grad])
-        self.lr = optimizer.param_groups[0]["lr"]
-        self.steps = 0
-        result = self.train(model, optimizer, run.batches(), run.backward)
-        if self.steps == 0:  # an empty client: c_i stays
-            raise ConfigError(f"alg={self.name}: client {run.client_id} has no training data")
+    def end_local_update(self, model: nn.Module, steps: int, lr: float) -> None:
+        """Option II: c_i+ = c_i - c + (x - y_i) / (K eta_l)."""
+        if steps == 0:  # an empty client: c_i would divide by zero
+            raise ConfigError(f"alg={self.name}: a sampled client has no training data")
         params = dict(model.named_parameters())
-        with torch.no_grad():  # option II: c_i+ = c_i - c + (x - y_i) / (K eta_l)
+        with torch.no_grad():
             self.c_i_new = {
-                CONTROL + n: self.c_i[n]
-                - self.c[n]
-                + (self.x[n] - params[n]) / (self.steps * self.lr)
+                CONTROL + n: self.c_i[n] - self.c[n] + (self.x[n] - params[n]) / (steps * lr)
                 for n in self.c
             }
-        return result
 
     @torch.no_grad()
     def adjust_gradients(self, model: nn.Module) -> None:
@@ -111,8 +104,23 @@ class Scaffold(FedLoRA):
             if name in self.c and p.grad is not None:
                 p.grad.add_(self.c[name] - self.c_i[name])
 
-    def after_step(self, model: nn.Module, step: int) -> None:
-        self.steps = step
+    # ------------------------------------------------------------------ clients trained together
+    def stacked_context(self, model: nn.Module) -> TensorDict:
+        """c and c_i of the client just downloaded."""
+        return {"c:" + n: c for n, c in self.c.items()} | {
+            "c_i:" + n: c for n, c in self.c_i.items()
+        }
+
+    def adjust_stacked_gradients(self, params, grads, start, context) -> None:
+        for name in self.c:
+            grads[name].add_(context["c:" + name] - context["c_i:" + name])
+
+    def end_stacked(self, model: nn.Module, result) -> None:
+        """This client's x, c and c_i, then c_i+ as sequentially."""
+        self.x = {n: result.start[n] for n in self.x}
+        self.c = {n: result.context["c:" + n] for n in self.c}
+        self.c_i = {n: result.context["c_i:" + n] for n in self.c}
+        super().end_stacked(model, result)
 
     def upload(self, model: nn.Module, client_id: int) -> TensorDict:
         """(dy_i, dc_i) = (y_i - x, c_i+ - c_i)."""

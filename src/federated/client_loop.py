@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -207,17 +208,19 @@ class ClientLoop:
             if client_id in totals.failed_ids:
                 continue
             trained = {n: t.detach().clone() for n, t in self.trained_tensors().items()}
-            starts.append(ClientStart(client_id, trained, run.batches()))
-            started.append((client_id, generator, origin))
+            context = {n: t.clone() for n, t in self.algorithm.stacked_context(self.model).items()}
+            batches = self.algorithm.local_batches(run)
+            starts.append(ClientStart(client_id, trained, batches, context))
+            started.append((client_id, generator, origin, run))
         if not starts:
             return
         try:
             results = train_together(
                 self.model,
                 starts,
-                self.make_optimizer,
+                partial(self.algorithm.local_optimizer, started[0][3]),  # the same for all
                 backward,
-                self.algorithm.adjust_stacked_gradients,
+                self.algorithm,
             )
         except Exception as error:  # a bug; which client's is unknown here
             raise ClientError(
@@ -226,12 +229,16 @@ class ClientLoop:
                 "by one)"
             ) from error
         params = dict(self.model.named_parameters())
-        for (client_id, generator, origin), result in zip(started, results, strict=True):
-            with torch.no_grad():
-                for name, tensor in result.trained.items():
-                    params[name].copy_(tensor)
-            upload = self.algorithm.upload(self.model, client_id)
-            upload = self.transforms.apply(client_id, upload, origin, generator)
+        for (client_id, generator, origin, _), result in zip(started, results, strict=True):
+            with self.client_errors(client_id, round_idx, totals):
+                with torch.no_grad():
+                    for name, tensor in result.trained.items():
+                        params[name].copy_(tensor)
+                self.algorithm.end_stacked(self.model, result)
+                upload = self.algorithm.upload(self.model, client_id)
+                upload = self.transforms.apply(client_id, upload, origin, generator)
+            if client_id in totals.failed_ids:
+                continue
             self.hand_in(
                 client_id, round_idx, upload, result.loss_sum, result.seen, exchange, totals
             )

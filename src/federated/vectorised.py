@@ -14,7 +14,8 @@ optimizers. Same results as one client after the other, up to float summation or
   in its own rows, and the round's optimizer (its state included) is discarded afterwards;
 - a short batch is padded and masked (padding targets are ignored by the loss);
 - each client draws its batches from its own (seed, round, client) generator, as sequentially;
-- a gradient hook has a stacked form (`Algorithm.adjust_stacked_gradients`).
+- the algorithm's hooks have stacked forms (`Algorithm.adjust_stacked_gradients`,
+  `after_stacked_step`, `end_stacked`), with per-client tensors in a stacked context.
 What differs: dropout draws (one global stream for the group instead of one per client), so runs
 with dropout are equal in distribution, not number for number.
 """
@@ -26,8 +27,9 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from src.data.text import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from src.algorithms.base import Algorithm
 
 TensorDict = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -48,13 +53,18 @@ class ClientStart:
     client_id: int
     start: TensorDict  # the trained tensors it starts from (copies)
     batches: Iterator[Batch]  # its local batches, drawn from its own generator
+    context: TensorDict = field(default_factory=dict)  # `Algorithm.stacked_context` (copies)
 
 
 @dataclass
 class ClientResult:
+    start: TensorDict  # what it started from
     trained: TensorDict  # its trained tensors after local training (rows of the stacked tensors)
+    context: TensorDict  # its context as the stacked hooks left it
     loss_sum: float  # sum of per-target losses
     seen: int  # targets trained on
+    steps: int  # optimizer steps taken
+    lr: float  # the optimizer's learning rate
 
 
 def _stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,21 +82,29 @@ def _stack_batches(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
+def _stack(dicts: list[TensorDict]) -> TensorDict:
+    return {n: torch.stack([d[n] for d in dicts]) for n in dicts[0]}
+
+
+def _row(tensors: TensorDict, k: int) -> TensorDict:
+    return {n: t.detach()[k].clone() for n, t in tensors.items()}
+
+
 def train_together(
     model: nn.Module,
     clients: list[ClientStart],
     make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
     backward: Callable[[torch.Tensor], None],
-    adjust: Callable[[TensorDict, TensorDict, TensorDict], None] | None = None,
+    algorithm: Algorithm | None = None,
 ) -> list[ClientResult]:
     """Train `clients` together (see the module docstring); the model's own trained tensors are
-    left as they were. `adjust(params, grads, start)` edits the stacked gradients in place."""
-    names = list(clients[0].start)
-    stacked = {
-        n: torch.stack([c.start[n] for c in clients]).requires_grad_(True) for n in names
-    }  # fmt: skip
-    start = {n: t.detach().clone() for n, t in stacked.items()} if adjust else {}
+    left as they were. `algorithm`'s stacked hooks (`adjust_stacked_gradients`,
+    `after_stacked_step`) run around each optimizer step."""
+    stacked = {n: t.requires_grad_(True) for n, t in _stack([c.start for c in clients]).items()}
+    start = {n: t.detach().clone() for n, t in stacked.items()}
+    context = _stack([c.context for c in clients]) if clients[0].context else {}
     optimizer = make_optimizer(list(stacked.values()))
+    lr = float(optimizer.param_groups[0]["lr"])
 
     batched_forward = torch.func.vmap(partial(_call, model), randomness="different")
     model.train()
@@ -94,15 +112,18 @@ def train_together(
     device = next(iter(stacked.values())).device
     loss_sums = torch.zeros(count, dtype=torch.float64, device=device)  # read once, at the end
     seen = torch.zeros(count, dtype=torch.long, device=device)
-    finals: dict[int, TensorDict] = {}  # each client's trained tensors, taken when it finishes
+    steps = [0] * count
+    finals: dict[int, tuple[TensorDict, TensorDict]] = {}  # trained, context: taken at the end
+    step = 0
     while True:
         batches = [None if k in finals else next(c.batches, None) for k, c in enumerate(clients)]
         for k, batch in enumerate(batches):
             if batch is None and k not in finals:
-                finals[k] = {n: t.detach()[k].clone() for n, t in stacked.items()}
+                finals[k] = (_row(stacked, k), _row(context, k))
         rows = [k for k in range(count) if k not in finals]
         if not rows:
             break
+        step += 1
         inputs, targets = _stack_batches([batches[k] for k in rows])
         # only the clients still training compute (clients of uneven sizes finish at different
         # steps); the others' rows get a zero gradient and are never read again
@@ -124,15 +145,24 @@ def train_together(
         losses[rows] = per_target.sum(1) / counts[rows]  # each client's own mean loss
         optimizer.zero_grad(set_to_none=True)
         backward(losses.sum())
-        if adjust is not None:
+        values = {n: t.detach() for n, t in stacked.items()}
+        if algorithm is not None:
             grads = {n: t.grad for n, t in stacked.items() if t.grad is not None}
             with torch.no_grad():
-                adjust({n: t.detach() for n, t in stacked.items()}, grads, start)
+                algorithm.adjust_stacked_gradients(values, grads, start, context)
         optimizer.step()
+        if algorithm is not None:
+            with torch.no_grad():
+                algorithm.after_stacked_step(values, context, step)
         loss_sums += losses.detach().double() * counts
         seen += counts
+        for k in rows:
+            steps[k] += 1
     loss_sums, seen = loss_sums.tolist(), seen.tolist()
-    return [ClientResult(finals[k], loss_sums[k], seen[k]) for k in range(count)]
+    return [
+        ClientResult(c.start, *finals[k], loss_sums[k], seen[k], steps[k], lr)
+        for k, c in enumerate(clients)
+    ]
 
 
 # ---------------------------------------------------------------------- fl.parallel_clients=auto
