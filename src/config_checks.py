@@ -98,6 +98,30 @@ def check_optimizer(cfg: DictConfig) -> None:
         ) from error
 
 
+# trainer.precision: what works with per-client optimizers and float32 LoRA factors
+PRECISIONS = ("32-true", "32", "bf16-mixed")
+FP16_SCALER = (
+    "fp16 needs a loss scaler, and Lightning's GradScaler does not reach the per-client "
+    "optimizers fedsweep creates; use bf16-mixed"
+)
+PRECISION_WHY = {
+    "16-mixed": FP16_SCALER,
+    "16": FP16_SCALER,
+    "bf16-true": "it casts every parameter, the trained LoRA factors included, to bf16; use "
+    "bf16-mixed, or model.dtype=bf16 for Qwen (its LoRA factors stay float32)",
+}
+PRECISION_WHY["16-true"] = PRECISION_WHY["bf16-true"].replace("bf16", "fp16", 1)
+PRECISION_WHY["bf16"] = PRECISION_WHY["bf16-true"]
+
+
+def check_precision(cfg: DictConfig) -> None:
+    value = OmegaConf.select(cfg, "trainer.precision", default=None)
+    if value is None or str(value) in PRECISIONS:
+        return
+    why = PRECISION_WHY.get(str(value), "the others are not supported")
+    raise ConfigError(f"trainer.precision must be 32-true or bf16-mixed, got {value}: {why}")
+
+
 def validate_config(cfg: DictConfig) -> None:
     text_data, language_model = "tokenizer" in cfg.data.loader, "tokenizer" in cfg.model
     _require(
@@ -107,6 +131,7 @@ def validate_config(cfg: DictConfig) -> None:
         + f", got model={cfg.model.name}",
     )
     check_rules(cfg)
+    check_precision(cfg)
     check_targets(cfg)
     check_optimizer(cfg)
 

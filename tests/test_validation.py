@@ -36,6 +36,11 @@ BAD_VALUES = [
     ),
     (["optim.eps=0"], ["optim.eps must be > 0, got 0"]),
     (
+        ["trainer.precision=16-mixed"],
+        ["trainer.precision must be 32-true or bf16-mixed, got 16-mixed", "loss scaler"],
+    ),
+    (["trainer.precision=bf16-true"], ["got bf16-true: it casts every parameter", "LoRA"]),
+    (
         ["optim=sgd", "optim.momentum=0", "+optim.nesterov=true"],
         ["optim=sgd: torch.optim.SGD refuses these settings: Nesterov momentum"],
     ),

@@ -22,9 +22,25 @@ TensorDict = dict[str, torch.Tensor]
 ServerUpdate = Callable[[TensorDict, TensorDict, Callable[[TensorDict, TensorDict], None]], None]
 
 
-def nbytes(tensors: TensorDict) -> int:
-    """Bytes on the wire for a dict of tensors (numel x element size)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def nbytes(tensors: TensorDict, wire: dict[str, torch.dtype] | None = None) -> int:
+    """Bytes on the wire for a dict of tensors (numel x element size, of the `wire` dtype where
+    given: the server's float32 master copy of a bf16 tensor is sent as bf16)."""
+    wire = wire or {}
+    return sum(
+        t.numel() * (wire[n].itemsize if n in wire else t.element_size())
+        for n, t in tensors.items()
+    )
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def master_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """The server's copy of a model tensor: float32 for a bf16/fp16 one, so that the weighted sums
+    of uploads and the server steps never accumulate in low precision (mixed-precision practice:
+    fp32 master weights)."""
+    copy = tensor.detach().clone()
+    return copy.float() if copy.dtype in LOW_PRECISION else copy
 
 
 def default_update(state: TensorDict, aggregate: TensorDict, step) -> None:
@@ -53,6 +69,7 @@ class Aggregator:
         )
         self.state: TensorDict | None = None
         self.bases: TensorDict = {}  # frozen base weights the server may change (LoRA layers)
+        self.wire: dict[str, torch.dtype] = {}  # the model's dtype of each tensor sent
         self.num_added = 0
         self.round_idx = 0
 
@@ -66,7 +83,8 @@ class Aggregator:
         """The initial server state: copies of the `shared` tensors (and of the LoRA layers'
         frozen `bases`, for rules that change them)."""
         self.spec = spec
-        self.state = {name: t.detach().clone() for name, t in shared.items()}
+        self.state = {name: master_copy(t) for name, t in shared.items()}
+        self.wire = {n: t.dtype for n, t in (shared | (bases or {})).items()}
 
     def broadcast(self, client_id: int | None) -> TensorDict:
         """What client `client_id` receives at the start of a round (None: the global model)."""
@@ -79,7 +97,7 @@ class Aggregator:
     def download_bytes(self, client_id: int, payload: TensorDict) -> int:
         """Bytes actually sent to the client: the payload without the base weights, which every
         client computes itself from what it received."""
-        return nbytes({n: t for n, t in payload.items() if n not in self.bases})
+        return nbytes({n: t for n, t in payload.items() if n not in self.bases}, self.wire)
 
     # ------------------------------------------------------------------ aggregation
     def begin(self, round_idx: int = 0) -> None:

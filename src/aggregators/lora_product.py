@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from src.aggregators.base import Aggregator, TensorDict, nbytes
+from src.aggregators.base import Aggregator, TensorDict, master_copy, nbytes
 from src.aggregators.lora_math import factors_from_svd, stack_factors
 from src.aggregators.mean import MeanAggregator
 from src.errors import ConfigError
@@ -42,8 +42,9 @@ class StackAggregator(Aggregator):
     def setup(self, spec: SharedSpec, shared: TensorDict, bases: TensorDict | None = None) -> None:
         self.spec = spec
         self.others = [n for n, role in spec.roles.items() if role is Role.OTHER]  # e.g. the head
-        self.state = {name: shared[name].detach().clone() for name in self.others}
-        self.bases = {name: t.detach().clone() for name, t in (bases or {}).items()}
+        self.state = {name: master_copy(shared[name]) for name in self.others}
+        self.bases = {name: master_copy(t) for name, t in (bases or {}).items()}
+        self.wire = {n: t.dtype for n, t in (shared | (bases or {})).items()}
         for layer in spec.layers:
             if self.mode == "merge":  # the server state is the base weight itself
                 self.state[layer.base] = self.bases[layer.base]
@@ -87,7 +88,7 @@ class StackAggregator(Aggregator):
         if self.mode == "svd":
             return super().download_bytes(client_id, payload)
         sent = sum(nbytes({"A": a, "B": b}) for a, b in self.stacked.values())
-        return sent + nbytes({name: payload[name] for name in self.others})
+        return sent + nbytes({name: payload[name] for name in self.others}, self.wire)
 
     def _svd(self, layer, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Client factors (A_k, B_k) with s_k B_k A_k = the rank-r_k truncated SVD of dW."""

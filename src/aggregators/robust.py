@@ -39,7 +39,10 @@ class BufferedAggregator(Aggregator):
         self._weights: list[float] = []
 
     def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
-        self._uploads.append({name: upload[name].detach().clone() for name in self.state})
+        # copies in the state's dtype: float32 for a bf16 model, so the rules sum in float32
+        self._uploads.append(
+            {name: upload[name].detach().to(t.dtype, copy=True) for name, t in self.state.items()}
+        )
         self._weights.append(weight)
 
     def _stacked(self, name: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import cast_adapter_dtype
 from torch import nn
 
 from src.errors import ConfigError
@@ -92,6 +93,9 @@ def add_lora(
         init_lora_weights=True,
     )
     model = inject_adapter_in_model(config, model)
+    # the LoRA factors in float32 on a bf16/fp16 base (peft's own upcast, as get_peft_model does):
+    # the optimizer then updates float32 factors and peft casts the input of each adapter
+    cast_adapter_dtype(model, adapter_name="default", autocast_adapter_dtype=True)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name or any(_under(name, p) for p in trainable))
     return model
