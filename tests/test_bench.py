@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import bench
+from benchmarks import bench, gpu_check
 
 
 def test_quick_benchmark_writes_round_times_ratios_and_flops(tmp_path):
@@ -15,3 +15,18 @@ def test_quick_benchmark_writes_round_times_ratios_and_flops(tmp_path):
     assert len(written["fedsweep_rounds_s"]) == len(written["bare_rounds_s"]) == 2
     table = (tmp_path / "bench.md").read_text()
     assert "| fedavg_vit_small32_28px | cpu |" in table and "GFLOP/s" in table
+
+
+def test_gpu_check_runs_its_cases_and_writes_the_table(tmp_path):
+    """The GPU check's code path, in its quick CPU form (on a GPU: `make gpu-check`)."""
+    picked = ["fedlora_vit_tiny_224px", "fedlora_qwen_bf16"]
+    report = gpu_check.main(
+        ["--quick", "--device", "cpu", "--no-tests", "--cases", *picked, "--out", str(tmp_path)]
+    )
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(written["cases"]) == picked == list(report["cases"])
+    for result in written["cases"].values():
+        assert result["fedsweep_round_s"] > 0 and result["vectorised_round_s"] > 0
+        assert result["gpu_util"] is None  # no nvidia-smi samples on the CPU
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert all(f"| {name} |" in table for name in picked)
