@@ -145,8 +145,7 @@ class PerFed(Algorithm):
     @torch.no_grad()
     def adjust_gradients(self, model: nn.Module) -> None:
         """grad += lam * P^T grad R(P w - x_k)."""
-        flat_w = torch.cat([p.detach().reshape(-1) for p in self._params])
-        pull = self._pull(flat_w, self.x_k)
+        pull = self._pull(self._flat_w(), self.x_k)
         for p, g in zip(self._params, pull.split([p.numel() for p in self._params]), strict=True):
             p.grad.add_(g.view_as(p), alpha=self.lam)
 
@@ -154,8 +153,16 @@ class PerFed(Algorithm):
     def after_step(self, model: nn.Module, step: int) -> None:
         """Every tau steps: x_k <- x_k - local_lr * lam * grad R(x_k - P w)."""
         if step % self.steps == 0:
-            flat_w = torch.cat([p.detach().reshape(-1) for p in self._params])
-            self._step_x(flat_w, self.x_k)
+            self._step_x(self._flat_w(), self.x_k)
+
+    def _flat_w(self) -> torch.Tensor:
+        """w of the running client: its trained tensors flattened into one vector [D]."""
+        return torch.cat([p.detach().reshape(-1) for p in self._params])
+
+    @staticmethod
+    def _flat_rows(params: TensorDict) -> torch.Tensor:
+        """w of every client trained together: [K, D], flattened in the same order."""
+        return torch.cat([t.reshape(len(t), -1) for t in params.values()], dim=1)
 
     def _pull(self, flat_w: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
         """P^T grad R(P w - x_k), for one client ([D], [d]) or stacked ([K, D], [K, d])."""
@@ -172,16 +179,14 @@ class PerFed(Algorithm):
         return {"x_k": self.x_k}
 
     def adjust_stacked_gradients(self, params, grads, start, context) -> None:
-        flat_w = torch.cat([t.reshape(len(t), -1) for t in params.values()], dim=1)
-        pull = self._pull(flat_w, context["x_k"])
+        pull = self._pull(self._flat_rows(params), context["x_k"])
         sizes = [t[0].numel() for t in params.values()]
         for name, g in zip(params, pull.split(sizes, dim=1), strict=True):
             grads[name].add_(g.view_as(grads[name]), alpha=self.lam)
 
     def after_stacked_step(self, params, context, step: int) -> None:
         if step % self.steps == 0:
-            flat_w = torch.cat([t.reshape(len(t), -1) for t in params.values()], dim=1)
-            self._step_x(flat_w, context["x_k"])
+            self._step_x(self._flat_rows(params), context["x_k"])
 
     def end_stacked(self, model: nn.Module, result) -> None:
         self.x_k = result.context["x_k"]
