@@ -1,8 +1,10 @@
 """The mean aggregator and the server optimiser, exactly (float64)."""
 
+import pytest
 import torch
 
 from src.aggregators import MeanAggregator, ServerOptimizer
+from src.errors import ConfigError
 
 
 def _random_uploads(num_clients: int, seed: int = 0):
@@ -71,3 +73,72 @@ def test_fedadam_step_matches_the_formula():
     expected = theta["w"] + 0.1 * m / (v.sqrt() + 1e-3)
     opt.step(theta, {"w": target})
     torch.testing.assert_close(theta["w"], expected, rtol=1e-14, atol=1e-14)
+
+
+def _reddi_algorithm_2(opt, deltas, lr, b1, b2, tau, bias_correction=False):
+    """Reddi et al. (2021), Algorithm 2, written out for a sequence of pseudo-gradients
+    (m, v start at 0); returns the total movement of theta."""
+    m = v = torch.zeros_like(deltas[0])
+    theta = torch.zeros_like(deltas[0])
+    for t, delta in enumerate(deltas, start=1):
+        m = b1 * m + (1 - b1) * delta
+        if opt == "adagrad":
+            v = v + delta**2
+        elif opt == "yogi":
+            v = v - (1 - b2) * delta**2 * torch.sign(v - delta**2)
+        else:
+            v = b2 * v + (1 - b2) * delta**2
+        m_hat, v_hat = m, v
+        if bias_correction:
+            m_hat = m / (1 - b1**t)
+            v_hat = v if opt == "adagrad" else v / (1 - b2**t)
+        theta = theta + lr * m_hat / (v_hat.sqrt() + tau)
+    return theta
+
+
+@pytest.mark.parametrize("opt", ["adam", "yogi", "adagrad"])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_adaptive_server_optimisers_follow_reddi_et_al(opt, bias_correction):
+    gen = torch.Generator().manual_seed(7)
+    lr, b1, b2, tau = 0.03, 0.9, 0.99, 1e-3
+    server = ServerOptimizer(lr, 0.0, opt, (b1, b2), tau, bias_correction)
+    theta = {"w": torch.randn(6, generator=gen, dtype=torch.float64)}
+    start = theta["w"].clone()
+    deltas = []
+    for _ in range(4):  # the pseudo-gradient is aggregate - theta at each step
+        aggregate = theta["w"] + torch.randn(6, generator=gen, dtype=torch.float64)
+        deltas.append(aggregate - theta["w"])
+        server.step(theta, {"w": aggregate})
+    expected = start + _reddi_algorithm_2(opt, deltas, lr, b1, b2, tau, bias_correction)
+    torch.testing.assert_close(theta["w"], expected, rtol=1e-13, atol=1e-13)
+
+
+def test_yogi_and_adagrad_differ_from_adam():
+    """The three second-moment rules give different steps on the same deltas."""
+    moved = {}
+    for opt in ("adam", "yogi", "adagrad"):
+        theta = {"w": torch.zeros(3, dtype=torch.float64)}
+        server = ServerOptimizer(0.1, 0.0, opt)
+        for target in (1.0, -2.0, 0.5):
+            server.step(theta, {"w": torch.full((3,), target, dtype=torch.float64)})
+        moved[opt] = theta["w"][0].item()
+    assert len({round(v, 12) for v in moved.values()}) == 3
+
+
+def test_server_optimiser_refusals_name_the_key():
+    with pytest.raises(ConfigError, match="aggregator.server_opt must be one of sgd, adam, yogi"):
+        ServerOptimizer(opt="rmsprop")
+    with pytest.raises(ConfigError, match="aggregator.server_momentum=0.9 is for server_opt=sgd"):
+        ServerOptimizer(momentum=0.9, opt="yogi")
+    with pytest.raises(ConfigError, match="aggregator.server_bias_correction=true"):
+        ServerOptimizer(bias_correction=True)
+
+
+def test_uniform_weighting_ignores_sample_counts():
+    uploads = _random_uploads(3, seed=4)
+    result = aggregate(MeanAggregator("mean", weighting="uniform"), uploads[0], uploads, [1, 50, 7])
+    for name in uploads[0]:
+        expected = (uploads[0][name] + uploads[1][name] + uploads[2][name]) / 3
+        torch.testing.assert_close(result[name], expected, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ConfigError, match="aggregator.weighting must be one of samples, uniform"):
+        MeanAggregator("mean", weighting="equal")

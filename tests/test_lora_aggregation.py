@@ -247,7 +247,7 @@ def test_svd_aggregator_sends_each_client_its_rank_of_the_global_update():
     assert torch.equal(model.proj.base_layer.weight, W0)  # restored afterwards
 
 
-# ---------------------------------------------------------------------------- zeropad (HetLoRA)
+# ---------------------------------------------------------------------------- zeropad (HetLoRA-style zero-padding)
 
 
 def test_zeropad_with_equal_ranks_and_weights_is_the_mean():
@@ -324,6 +324,39 @@ def test_exact_folds_the_residual_so_the_global_model_is_the_exact_average():
     assert set(payload) == set(sent) | {pair.base}
     residual = D_OUT * D_IN * 8
     assert exact.download_bytes(0, payload) == sum(t.numel() * 8 for t in sent.values()) + residual
+
+
+@pytest.mark.parametrize("server_lr", [0.5, 1.0])
+def test_exact_takes_the_server_step_on_the_effective_weights(server_lr):
+    """W' + s B'A' = (1 - lr)(W + s B A) + lr (W + sum_k p_k s B_k A_k), round after round (the
+    clients of a round all start from W + s B A); the head takes the same step."""
+    ranks = [8] * 4
+    exact = ExactAggregator("exact", server_lr=server_lr)
+    model, alg = _federated(ranks, exact)
+    pair, s = alg.pairs[0], ALPHA / 8
+
+    def effective(payload):
+        return payload[pair.base] + s * payload[pair.b] @ payload[pair.a]
+
+    for round_idx in range(3):  # round 0 starts from B = 0, the later ones from B A != 0
+        before = {n: t.clone() for n, t in exact.global_payload().items()}
+        uploads, weights, As, Bs = _uploads(alg, ranks, seed=round_idx)
+        _round(exact, uploads, weights, range(4))
+        after = exact.global_payload()
+        average = before[pair.base] + _explicit_delta(As, Bs, weights, ranks)
+        expected = (1 - server_lr) * effective(before) + server_lr * average
+        assert (effective(after) - expected).abs().max() < 1e-10
+        p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        head = sum(p[k] * uploads[k]["head.bias"] for k in range(4))
+        expected_head = before["head.bias"] + server_lr * (head - before["head.bias"])
+        torch.testing.assert_close(after["head.bias"], expected_head, rtol=0, atol=1e-12)
+
+
+def test_exact_refuses_server_optimisers_without_an_effective_weight_step():
+    with pytest.raises(ConfigError, match="aggregator=exact takes server_opt=sgd"):
+        ExactAggregator("exact", server_opt="adam")
+    with pytest.raises(ConfigError, match="server_momentum=0.9"):
+        ExactAggregator("exact", server_momentum=0.9)
 
 
 def test_ffa_lora_freezes_a_and_shares_only_b_and_the_head():

@@ -72,12 +72,34 @@ def test_krum_picks_the_upload_closest_to_its_neighbours():
     assert krum.scores()[:4].tolist() == pytest.approx(expected)
 
 
-def test_multi_krum_averages_the_m_best_with_their_sample_weights():
+def test_multi_krum_averages_the_m_best_uniformly_as_blanchard_et_al():
     values = [0.0, 0.1, -0.1, 0.05, 100.0]
-    krum = KrumAggregator("krum", num_byzantine=1, m=3)
+    krum = KrumAggregator("krum", num_byzantine=1, m=3)  # the paper's rule: weighting=uniform
     state = _run(krum, values, weights=[1.0, 2.0, 3.0, 4.0, 5.0])
     assert sorted(krum.selected) == [0, 1, 3]
-    assert _value(state) == pytest.approx((1 * 0.0 + 2 * 0.1 + 4 * 0.05) / 7)
+    assert _value(state) == pytest.approx((0.0 + 0.1 + 0.05) / 3, rel=1e-12)
+
+
+def test_multi_krum_with_weighting_samples_averages_by_sample_counts():
+    values = [0.0, 0.1, -0.1, 0.05, 100.0]
+    krum = KrumAggregator("krum", num_byzantine=1, m=3, weighting="samples")
+    state = _run(krum, values, weights=[1.0, 2.0, 3.0, 4.0, 5.0])
+    assert sorted(krum.selected) == [0, 1, 3]
+    assert _value(state) == pytest.approx((1 * 0.0 + 2 * 0.1 + 4 * 0.05) / 7, rel=1e-12)
+
+
+def test_trimmed_mean_default_trim_is_the_configs_0_2():
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    configured = instantiate(compose_config(["aggregator=trimmed_mean"]).aggregator)
+    assert configured.trim == TrimmedMeanAggregator("trimmed_mean").trim == 0.2
+
+
+def test_coordinate_wise_rules_refuse_sample_weighting():
+    with pytest.raises(ConfigError, match="aggregator.weighting=samples: aggregator=median"):
+        MedianAggregator("median", weighting="samples")
 
 
 def test_robust_aggregators_refuse_mixed_ranks():

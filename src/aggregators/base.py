@@ -11,15 +11,29 @@ checked before training (src/federated/compatibility.py).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from src.aggregators.server_opt import ServerOptimizer
+from src.errors import ConfigError
 from src.federated.contract import Needs, SharedSpec
 
 TensorDict = dict[str, torch.Tensor]
 # (server state, aggregate, server optimiser step) -> None: moves the state in place
 ServerUpdate = Callable[[TensorDict, TensorDict, Callable[[TensorDict, TensorDict], None]], None]
+
+
+# samples: client k weighs n_k (its train samples; FedAvg); uniform: every upload weighs 1
+WEIGHTINGS = ("samples", "uniform")
+
+
+class AggregatePostprocessor(Protocol):
+    """Changes the round's aggregate in place before the server step (e.g. adds DP noise)."""
+
+    def postprocess(
+        self, aggregate: TensorDict, state: TensorDict, num_uploads: int, round_idx: int
+    ) -> None: ...
 
 
 def nbytes(tensors: TensorDict, wire: dict[str, torch.dtype] | None = None) -> int:
@@ -62,11 +76,20 @@ class Aggregator:
         server_opt: str = "sgd",
         server_betas: tuple[float, float] = (0.9, 0.99),
         server_eps: float = 1e-3,
+        server_bias_correction: bool = False,
+        weighting: str = "samples",
     ):
         self.name = name
         self.server = ServerOptimizer(
-            server_lr, server_momentum, server_opt, server_betas, server_eps
+            server_lr, server_momentum, server_opt, server_betas, server_eps, server_bias_correction
         )
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(
+                f"aggregator.weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}"
+            )
+        self.weighting = weighting
+        # applied to the aggregate before the server step, in order (e.g. central DP noise)
+        self.postprocessors: list[AggregatePostprocessor] = []
         self.state: TensorDict | None = None
         self.bases: TensorDict = {}  # frozen base weights the server may change (LoRA layers)
         self.wire: dict[str, torch.dtype] = {}  # the model's dtype of each tensor sent
@@ -107,14 +130,17 @@ class Aggregator:
         self._begin()
 
     def add(self, upload: TensorDict, weight: float, client_id: int) -> None:
+        """One client's upload with its sample count `weight` (weighting=uniform: 1 each)."""
         self.num_added += 1
-        self._add(upload, weight, client_id)
+        self._add(upload, 1.0 if self.weighting == "uniform" else weight, client_id)
 
     def finish(self, update: ServerUpdate = default_update) -> None:
         """Aggregate and let `update` (the algorithm's server rule; by default the server
         optimiser on every tensor) move the state; a round without uploads changes nothing."""
         if self.num_added:
             aggregate = self._result()
+            for postprocessor in self.postprocessors:
+                postprocessor.postprocess(aggregate, self.state, self.num_added, self.round_idx)
             update(self.state, aggregate, self.server.step)
             self._after_step(aggregate)
 

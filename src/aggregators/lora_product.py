@@ -138,13 +138,26 @@ class SvdAggregator(StackAggregator):
 
 
 class ExactAggregator(MeanAggregator):
-    """FedEx-LoRA (Singhal et al., 2025): A and B are averaged as in FedIT, and the residual
-    R = sum_k p_k s B_k A_k - s B_bar A_bar is folded into the frozen base weights, so that
-    W + R + s B_bar A_bar is exactly the average of the client models. Equal ranks only.
-    Clients receive A_bar, B_bar, the head and R (d_out x d_in per layer: dense, so costly).
-    With a server optimiser the residual of the plain average is folded."""
+    """FedEx-LoRA (Singhal et al., 2025): A and B are averaged as in FedIT, and the residual is
+    folded into the frozen base weights, so that the global model W + s B A is exactly
+        (1 - lr) (W_old + s B_old A_old) + lr (W_old + sum_k p_k s B_k A_k),
+    i.e. the server step theta + lr (average - theta) on the effective weights (lr = server_lr;
+    lr = 1: the exact average of the client models, the paper's rule). With A and B moved by the
+    same step, the residual is R = (1 - lr) s B_old A_old + lr sum_k p_k s B_k A_k - s B A.
+    Equal ranks only; momentum and adaptive server optimisers are refused (their state lives on A
+    and B, so no step of the effective weights corresponds). Clients receive A, B, the head and R
+    (d_out x d_in per layer: dense, so costly)."""
 
     checkpointed = ("residuals",)
+
+    def __init__(self, name: str, **server):
+        super().__init__(name, **server)
+        if self.server.opt != "sgd" or self.server.momentum:
+            raise ConfigError(
+                f"aggregator=exact takes server_opt=sgd with server_momentum=0 (a step on the "
+                f"effective weights); got server_opt={self.server.opt}, "
+                f"server_momentum={self.server.momentum}"
+            )
 
     @property
     def needs(self) -> Needs:
@@ -161,10 +174,17 @@ class ExactAggregator(MeanAggregator):
     def download_bytes(self, client_id: int, payload: TensorDict) -> int:
         return super().download_bytes(client_id, payload) + nbytes(self.residuals)
 
+    def _product(self, layer, factors: TensorDict) -> torch.Tensor:
+        return self.spec.scale(self.spec.r_max) * factors[layer.b] @ factors[layer.a]
+
     def _begin(self) -> None:
         super()._begin()
         self._products = {
             layer.name: torch.zeros_like(self.bases[layer.base]) for layer in self.spec.layers
+        }
+        # s B_old A_old: the part of the effective weights the step moves away from
+        self._previous = {
+            layer.name: self._product(layer, self.state) for layer in self.spec.layers
         }
 
     def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
@@ -177,9 +197,10 @@ class ExactAggregator(MeanAggregator):
         return super()._partial_sums() + list(self._products.values())
 
     def _after_step(self, aggregate: TensorDict) -> None:
-        scale = self.spec.scale(self.spec.r_max)
+        lr = self.server.lr
         for layer in self.spec.layers:
-            exact = self._products[layer.name] / self._total_weight
-            residual = exact - scale * aggregate[layer.b] @ aggregate[layer.a]
+            average = self._products[layer.name] / self._total_weight
+            target = (1 - lr) * self._previous[layer.name] + lr * average
+            residual = target - self._product(layer, self.state)  # the state has taken the step
             self.bases[layer.base].add_(residual.to(self.bases[layer.base].dtype))
             self.residuals[layer.name] = residual

@@ -1,4 +1,5 @@
-"""Weighted means: FedAvg / FedIT (`mean`), `rank_aware` and HetLoRA's zero-padding (`zeropad`).
+"""Weighted means: FedAvg / FedIT (`mean`), `rank_aware` and HetLoRA-style
+zero-padding (`zeropad`).
 
 Uploads may be smaller than the server's tensors (a rank-r_k client sends the first r_k rows of A
 and the first r_k columns of B); such an upload fills the leading block of the server's shape.
@@ -10,7 +11,9 @@ mean:       theta = sum_k p_k x_k with p_k = n_k / sum n, where each entry is av
             sum p_k (B_k - B_bar)(A_k - A_bar)), so mixed ranks are refused when the server sees
             both factors; when it sees A only (fedsa-flora) this is the rank-aware mean.
 rank_aware: the same owner-weighted mean, allowed for any algorithm and any mix of ranks.
-zeropad:    every upload is padded with zeros to the server's shape before the mean (HetLoRA):
+zeropad:    every upload is padded with zeros to the server's shape before the mean (the padding
+            half of HetLoRA, Cho et al. 2024; HetLoRA's norm-weighted average and rank
+            self-pruning are not implemented):
             rows only some clients own are diluted by the others' zeros.
 """
 

@@ -3,10 +3,12 @@ and Krum: they see all of a round's uploads at once, so these buffer them.
 
 median:       coordinate-wise median of the uploads (the mean of the two middle values for an
               even count); sample counts are ignored, as in the textbook rule.
-trimmed_mean: coordinate-wise, drop the floor(trim * K) smallest and largest values, average the rest.
+trimmed_mean: coordinate-wise, drop the floor(trim * K) smallest and largest values, average the
+              rest (trim 0.2 by default; sample counts are ignored, as in Yin et al. 2018).
 krum:         Blanchard et al. (2017): each upload's score is the sum of squared distances to its
               K - f - 2 nearest other uploads (f = num_byzantine; at least 1); the m uploads with
-              the lowest scores are averaged with their sample weights (m = 1: Krum, m > 1: multi-Krum).
+              the lowest scores are averaged (m = 1: Krum, m > 1: multi-Krum), uniformly as in the
+              paper (weighting=uniform, the default) or by sample counts (weighting=samples).
 Then the server step, as for every aggregator. Uploads must have the server's shapes (equal ranks).
 """
 
@@ -25,6 +27,15 @@ class BufferedAggregator(Aggregator):
     """Keeps a copy of every upload of the round (they are views of the resident model)."""
 
     robust = True
+    weighted = False  # True: the rule uses the uploads' weights (krum's average)
+
+    def __init__(self, name: str, weighting: str = "uniform", **server):
+        super().__init__(name, weighting=weighting, **server)
+        if not self.weighted and weighting != "uniform":
+            raise ConfigError(
+                f"aggregator.weighting={weighting}: aggregator={name} is coordinate-wise and "
+                "ignores sample counts; use aggregator.weighting=uniform"
+            )
 
     @property
     def needs(self) -> Needs:
@@ -61,7 +72,7 @@ class MedianAggregator(BufferedAggregator):
 
 
 class TrimmedMeanAggregator(BufferedAggregator):
-    def __init__(self, name: str, trim: float = 0.1, **server):
+    def __init__(self, name: str, trim: float = 0.2, **server):
         super().__init__(name, **server)
         if not 0.0 <= trim < 0.5:
             raise ConfigError(f"aggregator.trim must be in [0, 0.5), got {trim}")
@@ -84,6 +95,8 @@ class TrimmedMeanAggregator(BufferedAggregator):
 
 
 class KrumAggregator(BufferedAggregator):
+    weighted = True
+
     def __init__(self, name: str, num_byzantine: int = 1, m: int = 1, **server):
         super().__init__(name, **server)
         if num_byzantine < 0:
