@@ -50,6 +50,10 @@ ALGORITHMS = {
     "scaffold": _scaffold,
     # 2 rounds of 2 steps: x_k moves after steps 2 and 4; clients cycle through their batches
     "perfed": lambda: PerFed("perfed", d=4, lam=2.0, local_rounds=2, steps=2),
+    # grad f clipped per client (a bound every client's gradient exceeds) and weight decay
+    "perfed-clipped": lambda: PerFed(
+        "perfed", d=4, lam=2.0, local_rounds=2, steps=2, grad_clip=0.01, weight_decay=0.1
+    ),
 }
 
 

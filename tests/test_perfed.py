@@ -11,7 +11,8 @@ from torch import nn
 from src.algorithms import PerFed
 from src.algorithms.base import ClientRun
 from src.algorithms.projection import RandomProjection
-from src.run import train
+from src.run import build_module, build_trainer, train
+from tests.conftest import RecordingMean
 
 
 def test_same_seed_gives_a_bit_identical_projection():
@@ -118,7 +119,7 @@ def test_one_local_step_and_the_x_step_match_the_formulas(coupling):
     images = torch.randn(4, 3, dtype=torch.float64)
     labels = torch.tensor([0, 1, 1, 0])
     alg.download(model, {"x": x}, {}, 0)
-    alg.x_k = alg.x_k.double()
+    assert alg.x_k.dtype == torch.float64  # x_k in the personal model's precision
 
     # by hand: grad f(w0), then w1 = w0 - lr (grad f + lam P^T grad R(P w0 - x))
     loss = nn.functional.cross_entropy(model(images), labels)
@@ -131,6 +132,87 @@ def test_one_local_step_and_the_x_step_match_the_formulas(coupling):
     alg.local_update(model, _client_run([(images, labels)]))  # R = tau = 1: one step
     torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in params]), w1)
     torch.testing.assert_close(alg.upload(model, 0)["x"], x1)
+
+
+@pytest.mark.parametrize("grad_clip", [60.0, None])
+def test_grad_f_is_clipped_before_the_regulariser_and_weight_decay_acts(grad_clip):
+    """The reference: clip_grad_norm_(grad f, 60), then w <- w - lr (grad f + wd w + lam P^T ...)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    alg = PerFed(
+        "perfed", d=2, lam=2.0, coupling="l1", person_lr=0.1, local_lr=0.05, local_rounds=1,
+        steps=1, projection_seed=5, grad_clip=grad_clip, weight_decay=0.01,
+    )  # fmt: skip
+    model = alg.prepare_model(model)
+    params = list(model.parameters())
+    w0 = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    x = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    images = 1000.0 * torch.randn(4, 3, dtype=torch.float64)  # a gradient far above 60
+    labels = torch.tensor([0, 1, 1, 0])
+    alg.download(model, {"x": x}, {}, 0)
+
+    loss = nn.functional.cross_entropy(model(images), labels)
+    grad_f = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    assert grad_f.norm() > 60
+    if grad_clip is not None:
+        grad_f = grad_f * (60.0 / (grad_f.norm() + 1e-6))
+    P = RandomProjection(2, w0.numel(), 5).dense()
+    w1 = w0 - 0.1 * (grad_f + 0.01 * w0 + 2.0 * P.T @ torch.sign(P @ w0 - x))
+
+    alg.local_update(model, _client_run([(images, labels)]))
+    torch.testing.assert_close(
+        torch.cat([p.detach().reshape(-1) for p in params]), w1, rtol=0, atol=1e-12
+    )
+
+
+def test_a_trained_tensor_without_a_gradient_takes_no_step():
+    class PartlyUsed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    alg = PerFed("perfed", d=2, local_rounds=1, steps=2)
+    model = alg.prepare_model(PartlyUsed().double())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    alg.download(model, {"x": torch.zeros(2, dtype=torch.float64)}, {}, 0)
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+    alg.local_update(model, _client_run([batch]))
+    after = dict(model.named_parameters())
+    assert torch.equal(after["unused.weight"], before["unused.weight"])
+    assert not torch.equal(after["used.weight"], before["used.weight"])
+
+
+@pytest.mark.parametrize("train_all_clients", [True, False])
+def test_all_clients_train_and_the_sampled_x_k_are_simply_averaged(
+    train_all_clients, make_digits_config, tmp_path
+):
+    """The reference trains every client each round and averages the sampled clients' x_k
+    uniformly (its `simpleaverage` default); train_all_clients=false trains the sampled only."""
+    cfg = make_digits_config(
+        "alg=perfed", "alg.d=8", "alg.steps=1", "alg.local_rounds=1", "fl.rounds=1",
+        "fl.num_clients=6", "fl.clients_per_round=3", "model.depth=1", "model.embed_dim=32",
+        "model.num_heads=2", f"alg.train_all_clients={train_all_clients}",
+    )  # fmt: skip
+    module = build_module(cfg, tmp_path)
+    module.aggregator = RecordingMean(weighting=cfg.aggregator.weighting)
+    trainer = build_trainer(cfg, logger=False, enable_checkpointing=False)
+    trainer.fit(module)
+    recorded = module.aggregator
+    assert len(recorded.uploads) == 3 and set(recorded.weights) == {1.0}
+    mean = sum(u["x"] for u in recorded.uploads) / 3
+    torch.testing.assert_close(module.server.state["x"], mean, rtol=0, atol=1e-6)
+    store = module.store
+    moved = {
+        c
+        for c, saved in store.saved.items()
+        if any(not torch.equal(t, store.initial[n]) for n, t in saved.items())
+    }
+    expected = set(range(6)) if train_all_clients else set(recorded.client_ids)
+    assert moved == expected
 
 
 def test_with_lora_the_personal_model_is_the_adapters_and_head_only():
@@ -159,9 +241,11 @@ def test_perfed_sends_d_floats_each_way(make_digits_config):
         "alg=perfed", "alg.d=16", "alg.steps=2", "alg.local_rounds=1", "fl.rounds=1"
     )
     summary = train(cfg)
-    clients = cfg.fl.clients_per_round
-    assert summary["final"]["comm/up_bytes"] == clients * 4 * 16
-    assert summary["final"]["comm/down_bytes"] == clients * 4 * 16
+    # every client receives x and trains (alg.train_all_clients, the reference); the sampled
+    # ones send x_k
+    assert cfg.fl.clients_per_round < cfg.fl.num_clients
+    assert summary["final"]["comm/up_bytes"] == cfg.fl.clients_per_round * 4 * 16
+    assert summary["final"]["comm/down_bytes"] == cfg.fl.num_clients * 4 * 16
 
 
 # A two-block ViT (fast on CPU), label skew alpha=0.1, all ten clients each round, the reference

@@ -302,6 +302,12 @@ class Algorithm:
         return aggregator.broadcast(client_id)
 
     @property
+    def trains_unsampled(self) -> bool:
+        """True: every client trains every round (its private state moves on) and only the
+        sampled clients' uploads are aggregated (perfed's reference); False: only the sampled."""
+        return False
+
+    @property
     def streams_uploads(self) -> bool:
         """True: uploads go straight into the aggregator; False: the algorithm needs the whole
         round's uploads (under DDP they are then gathered, not summed)."""

@@ -10,6 +10,21 @@ sent. A sampled client sets x_k <- x, then `local_rounds` (R) times:
 with R = 1/2 |.|^2 (coupling=l2) or |.|_1 (coupling=l1, the robust choice), and uploads x_k:
 d numbers each way. Server: x <- (1 - beta) x + beta * agg(x_k), i.e. any aggregator with
 server_lr = beta. The client optimizer config (optim.*) is not used: the rule is plain SGD.
+
+Defaults and options follow the reference code (github.com/desternylin/perfed, lp_proj), each
+pinned by tests/test_perfed.py (the table is in docs/fidelity.md):
+- `grad_clip=60`: grad f is clipped to L2 norm 60 (over all trained tensors) before the
+  regulariser's gradient is added (null: no clipping);
+- `train_all_clients=true`: every client trains every round (its w_k moves); only the sampled
+  clients' x_k are aggregated (false: only the sampled clients train, as usual in fedsweep);
+- `weighting=uniform`: agg is the simple mean of the x_k (the reference's `simpleaverage`);
+- `weight_decay=0`: the reference passes wd=1e-3, but its optimizer adds it out of place
+  (`d_p.add(...)`), so it never acts; a value > 0 here does act (SGD's weight decay on w_k);
+- a trained tensor without a gradient (unused in the forward) takes no step, as in the reference;
+- x_k is kept in the personal model's precision (float32 for bf16/fp16 models).
+Known differences: for coupling=l2 the reference's x step divides by |x_k - P w|_2 (the gradient
+of |z|_2) while its w step uses the gradient of 1/2 |z|^2; here both use 1/2 |z|^2 (one
+objective). The reference stops a local round early when the loss stops changing (< 1e-20).
 """
 
 from __future__ import annotations
@@ -44,7 +59,11 @@ class PerFed(Algorithm):
         lora: dict | None = None,
         use_lora: bool = False,
         trainable: Sequence[str] = ("head",),
-        server_lr: float | None = None,
+        grad_clip: float | None = 60.0,
+        weight_decay: float = 0.0,
+        train_all_clients: bool = True,
+        server_lr: float | None = None,  # read by the aggregator (aggregator.server_lr)
+        weighting: str = "uniform",  # read by the aggregator (aggregator.weighting)
     ):
         super().__init__(name)
         if coupling not in COUPLINGS:
@@ -55,6 +74,10 @@ class PerFed(Algorithm):
         for key, value in (("lam", lam), ("person_lr", person_lr), ("local_lr", local_lr)):
             if value < 0:
                 raise ConfigError(f"alg.{key} must be >= 0, got {value}")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ConfigError(f"alg.grad_clip must be > 0 or null (no clipping), got {grad_clip}")
+        if weight_decay < 0:
+            raise ConfigError(f"alg.weight_decay must be >= 0, got {weight_decay}")
         if not 0 < beta <= 1:
             raise ConfigError(f"alg.beta must be in (0, 1], got {beta}")
         self.d, self.lam, self.coupling = int(d), float(lam), coupling
@@ -65,6 +88,8 @@ class PerFed(Algorithm):
             raise ConfigError("alg.use_lora=true needs alg.lora {r, alpha, target_modules}")
         self.lora = lora if use_lora else None
         self.trainable = list(trainable)
+        self.grad_clip = None if grad_clip is None else float(grad_clip)
+        self.weight_decay, self.train_all_clients = float(weight_decay), bool(train_all_clients)
         self.projection: RandomProjection | None = None
         self.x_k: torch.Tensor | None = None  # the running client's copy of x
 
@@ -72,6 +97,10 @@ class PerFed(Algorithm):
     @property
     def personalized(self) -> bool:
         return True
+
+    @property
+    def trains_unsampled(self) -> bool:
+        return self.train_all_clients
 
     def is_private(self, name: str) -> bool:
         return True  # every trained tensor is part of the personal model w_k
@@ -107,9 +136,15 @@ class PerFed(Algorithm):
             options=f"alg={self.name}",
         )
 
+    @staticmethod
+    def x_dtype(model: nn.Module) -> torch.dtype:
+        """x is kept in the personal model's precision, at least float32."""
+        trained = next(p for p in model.parameters() if p.requires_grad)
+        return torch.promote_types(trained.dtype, torch.float32)
+
     def server_state(self, model: nn.Module) -> TensorDict:
         device = next(model.parameters()).device
-        return {"x": torch.zeros(self.d, device=device)}
+        return {"x": torch.zeros(self.d, device=device, dtype=self.x_dtype(model))}
 
     def _ensure_projection(self, params: list[torch.Tensor]) -> None:
         """Build P once, on the device of the parameters (again only if that device changes)."""
@@ -127,7 +162,7 @@ class PerFed(Algorithm):
         super().download(model, {}, private, client_id)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._ensure_projection(self._params)
-        self.x_k = payload["x"].detach().float().clone().to(self._params[0].device)
+        self.x_k = payload["x"].detach().to(self._params[0].device, self.x_dtype(model), copy=True)
 
     def coupling_grad(self, z: torch.Tensor) -> torch.Tensor:
         """grad R(z): z for l2 (R = 1/2 |z|^2), sign(z) for l1 (R = |z|_1)."""
@@ -137,17 +172,20 @@ class PerFed(Algorithm):
     # fl.local_epochs), each followed by a step on x_k. Plain SGD with `person_lr` (the configured
     # client optimizer is not used: the rule fixes it).
     def local_optimizer(self, run: ClientRun, params: list) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.person_lr)
+        return torch.optim.SGD(params, lr=self.person_lr, weight_decay=self.weight_decay)
 
     def local_batches(self, run: ClientRun):
         return run.batches(steps=self.local_rounds * self.steps)
 
     @torch.no_grad()
     def adjust_gradients(self, model: nn.Module) -> None:
-        """grad += lam * P^T grad R(P w - x_k)."""
+        """grad = clip(grad f) + lam * P^T grad R(P w - x_k), for tensors that have a gradient."""
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         pull = self._pull(self._flat_w(), self.x_k)
         for p, g in zip(self._params, pull.split([p.numel() for p in self._params]), strict=True):
-            p.grad.add_(g.view_as(p), alpha=self.lam)
+            if p.grad is not None:
+                p.grad.add_(g.view_as(p), alpha=self.lam)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int) -> None:
@@ -179,10 +217,16 @@ class PerFed(Algorithm):
         return {"x_k": self.x_k}
 
     def adjust_stacked_gradients(self, params, grads, start, context) -> None:
+        if self.grad_clip is not None:  # clip_grad_norm_ of each client (row)
+            norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads.values()])
+            coef = (self.grad_clip / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)
+            for g in grads.values():
+                g.mul_(coef.view(-1, *[1] * (g.ndim - 1)).to(g.dtype))
         pull = self._pull(self._flat_rows(params), context["x_k"])
         sizes = [t[0].numel() for t in params.values()]
         for name, g in zip(params, pull.split(sizes, dim=1), strict=True):
-            grads[name].add_(g.view_as(grads[name]), alpha=self.lam)
+            if name in grads:
+                grads[name].add_(g.view_as(grads[name]), alpha=self.lam)
 
     def after_stacked_step(self, params, context, step: int) -> None:
         if step % self.steps == 0:

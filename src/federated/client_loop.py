@@ -273,7 +273,8 @@ class ClientLoop:
 
     def hand_in(self, client_id, round_idx, upload, loss_sum, seen, exchange, totals) -> None:
         """A trained client's upload to the round's exchange, unless it is not finite."""
-        totals.up_bytes += nbytes(upload)  # sent, even if the server then rejects it
+        if exchange.takes_upload(client_id):
+            totals.up_bytes += nbytes(upload)  # sent, even if the server then rejects it
         if not torch.stack([torch.isfinite(t).all() for t in upload.values()]).all():
             totals.drop(client_id, round_idx, "uploaded non-finite values", nonfinite=True)
             return

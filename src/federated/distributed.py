@@ -143,17 +143,24 @@ class RoundExchange:
     median, krum, clustering) get every rank's uploads by `all_gather`, added in sampled order on
     every rank; the private states are gathered too, so every rank's store holds every client."""
 
-    def __init__(self, server, store, ranks: Ranks, device: torch.device):
+    def __init__(self, server, store, ranks: Ranks, device: torch.device, sampled: list[int]):
         self.server, self.store, self.ranks, self.device = server, store, ranks, device
+        self.sampled = set(sampled)  # the clients whose uploads are aggregated
         self.gather_uploads = ranks.distributed and not server.sums_uploads
         self.uploads: list[tuple[int, float, dict]] = []
         self.private: list[tuple[int, dict]] = []
 
+    def takes_upload(self, client_id: int) -> bool:
+        """False for a client that trained without being sampled (Algorithm.trains_unsampled):
+        it keeps its private state and sends nothing."""
+        return client_id in self.sampled
+
     def add(self, client_id: int, upload: dict, weight: float, private: dict | None) -> None:
-        if self.gather_uploads:  # the upload views the resident model: copy it out now
-            self.uploads.append((client_id, weight, _to_cpu(upload)))
-        else:
-            self.server.add(upload, weight, client_id)
+        if self.takes_upload(client_id):
+            if self.gather_uploads:  # the upload views the resident model: copy it out now
+                self.uploads.append((client_id, weight, _to_cpu(upload)))
+            else:
+                self.server.add(upload, weight, client_id)
         if private is None:
             return
         if self.ranks.distributed:

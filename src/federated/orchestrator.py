@@ -158,12 +158,16 @@ class FederatedModule(pl.LightningModule):
         sampled = sample_clients(
             self.federation.num_clients, self.clients_per_round, self.seed, round_idx
         )
+        training = list(sampled)
+        if self.algorithm.trains_unsampled:  # all train; the sampled ones are aggregated
+            chosen = set(sampled)
+            training += [c for c in range(self.federation.num_clients) if c not in chosen]
         # under DDP each rank trains its share of the clients (all of them in one process)
         clients = self.federation.clients
-        shard = self.ranks.shard(sampled, [len(clients[c].train) for c in sampled])
+        shard = self.ranks.shard(training, [len(clients[c].train) for c in training])
         self.server.begin(round_idx)
-        exchange = RoundExchange(self.server, self.store, self.ranks, self.device)
-        self.transforms.begin_round(sampled, self.seed, round_idx)
+        exchange = RoundExchange(self.server, self.store, self.ranks, self.device, sampled)
+        self.transforms.begin_round(training, self.seed, round_idx)
         tokens_before = self.federation.train.served_tokens
         # under DDP every rank stops at the round's end, not between its clients
         check = (lambda: None) if self.ranks.distributed else self._check_interrupt
@@ -175,9 +179,9 @@ class FederatedModule(pl.LightningModule):
         failed, nonfinite, up_bytes, down_bytes, served = (int(n) for n in counts)
         dropped = self.ranks.gather(done.dropped)
         self.dropped += dropped
-        if failed + nonfinite == len(sampled):
+        if failed + nonfinite == len(training):
             raise AllClientsFailedError(
-                f"round {round_idx + 1}: all {len(sampled)} sampled clients failed (e.g. "
+                f"round {round_idx + 1}: all {len(training)} clients failed (e.g. "
                 f"client {dropped[0]['client']}: {dropped[0]['reason']}); the run stops, "
                 "checkpoints/last.ckpt holds the last completed round"
             )
