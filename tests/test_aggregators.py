@@ -142,3 +142,23 @@ def test_uniform_weighting_ignores_sample_counts():
         torch.testing.assert_close(result[name], expected, rtol=1e-14, atol=1e-14)
     with pytest.raises(ConfigError, match="aggregator.weighting must be one of samples, uniform"):
         MeanAggregator("mean", weighting="equal")
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["alg=fedavg"], "samples"),  # McMahan et al.: p_k = n_k / n
+        (["alg=fedavg", "aggregator=krum"], "uniform"),  # Blanchard et al.
+        (["alg=scaffold"], "uniform"),  # Karimireddy et al.: mean over S
+        (["alg=perfed"], "uniform"),  # the lp-proj reference's simpleaverage
+        (["alg=perfed", "aggregator=krum"], "uniform"),
+        (["alg=fedavg", "aggregator.weighting=uniform"], "uniform"),
+    ],
+)
+def test_each_papers_weighting_is_the_configured_default(overrides, expected):
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config(overrides)
+    assert instantiate(cfg.aggregator).weighting == expected

@@ -9,7 +9,8 @@ and uploads (dy_i, dc_i) = (y_i - x, c_i+ - c_i): twice the bytes of FedAvg, eac
 Server, over the sampled set S of N clients:
     x <- x + eta_g mean(dy_i)        (the aggregator's server step: aggregator.server_lr = eta_g)
     c <- c + (|S| / N) mean(dc_i)
-The mean is the aggregator's (sample-weighted with aggregator=mean; the paper's is uniform).
+The mean is the aggregator's: uniform by default, as in the paper (alg.weighting=uniform sets
+aggregator.weighting; samples: weighted by n_i). The paper has no official code.
 Option II assumes plain SGD steps; with momentum or Adam, eta_l is the optimizer's lr and
 c_i+ is that same estimate of the client's average gradient. `use_lora=true` applies all of it
 to the LoRA factors and head (equal ranks).
@@ -38,6 +39,7 @@ class Scaffold(FedLoRA):
         use_lora: bool = False,
         lora: dict | None = None,
         trainable: Sequence[str] = ("head",),
+        weighting: str = "uniform",  # read by the aggregator (aggregator.weighting)
     ):
         super().__init__(name, lora if use_lora else None, trainable)
         self.sampling_rate = 1.0  # |S| / N, known once the federation is
