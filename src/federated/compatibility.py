@@ -22,6 +22,12 @@ def check_aggregator(spec: SharedSpec, aggregator) -> None:
             f"{agg} multiplies the uploaded LoRA factors, but {spec.options} uploads differences "
             "(updates), whose product means nothing; use aggregator=mean, rank_aware or zeropad"
         )
+    if needs.both_factors and spec.tensorwise:
+        raise ConfigError(
+            f"{agg} combines each upload's LoRA factors into products, but {spec.options} "
+            f"{spec.tensorwise}; use aggregator=mean, rank_aware, zeropad, median, trimmed_mean "
+            "or krum"
+        )
     if needs.both_factors and not spec.both_factors:
         missing = sorted(
             {

@@ -73,6 +73,8 @@ class SharedSpec(LoraRanks):
     `uploads_per_round`: how many uploads the aggregation rule receives in a round (the sampled
     clients, or the groups they form). `personalized`: each client deploys its own model.
     `updates`: the uploads are differences from what the client received, not tensor values.
+    `tensorwise`: why the algorithm's server rule needs every uploaded tensor reduced on its own
+    (e.g. it alternates or refines the means of A and B); '' when it does not.
     """
 
     roles: Mapping[str, Role]
@@ -81,6 +83,7 @@ class SharedSpec(LoraRanks):
     upload_unit: str = "client"  # what one upload of the rule stands for: a client or a group
     personalized: bool = False
     updates: bool = False  # uploads are differences (e.g. y - x), not values of the tensors
+    tensorwise: str = ""  # why rules that combine A and B into products cannot serve it
     options: str = ""  # the config options that decide the sharing, for error messages
 
     @property
