@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -28,6 +29,28 @@ _ANY = (None, "")
 _AUTO_OR_COUNT = (lambda v, c: v == "auto" or v >= 1, "auto or >= 1")
 _FL_COUNTS = ("rounds", "num_clients", "local_epochs", "batch_size", "eval_every")
 _FL_COUNTS += ("eval_batch_size", "checkpoint_every")
+
+
+def _finite(test, allowed):
+    """A range test that also refuses inf (and nan, which fails every comparison)."""
+    return lambda v, c: v is not None and math.isfinite(v) and test(v), allowed
+
+
+def _null_or(test, allowed):
+    return lambda v, c: v is None or (math.isfinite(v) and test(v)), f"null or {allowed}"
+
+
+# privacy=dp_fedavg (src/federated/privacy.py)
+_PRIVACY_RULES = (
+    ("privacy.clip", float, *_finite(lambda v: v > 0, "> 0 (finite)")),
+    ("privacy.noise_multiplier", float, *_finite(lambda v: v >= 0, ">= 0 (finite)")),
+    ("privacy.delta", float, lambda v, c: 0 < v < 1, "in (0, 1)"),
+    ("privacy.target_epsilon", float | None, *_null_or(lambda v: v > 0, "> 0")),
+    ("privacy.adaptive_clip", bool, None, ""),
+    ("privacy.target_quantile", float, lambda v, c: 0 < v < 1, "in (0, 1)"),
+    ("privacy.clip_lr", float, *_finite(lambda v: v > 0, "> 0 (finite)")),
+    ("privacy.clipped_count_stddev", float | None, *_null_or(lambda v: v > 0, "> 0")),
+)
 
 # (key, type, test of the value, what is allowed; "{c.x}" reads the config). Absent keys pass.
 RULES = (
@@ -62,6 +85,7 @@ RULES = (
     ("optim.eps", float, *_above(0)),
     ("trainer.threads", Literal["auto"] | int, *_AUTO_OR_COUNT),
     ("fl.parallel_clients", Literal["auto"] | int, *_AUTO_OR_COUNT),
+    *_PRIVACY_RULES,
 )
 WHY = {
     "partitioner.test_fraction": "0 leaves the clients without a local test split, on which "
@@ -122,6 +146,54 @@ def check_precision(cfg: DictConfig) -> None:
     raise ConfigError(f"trainer.precision must be 32-true or bf16-mixed, got {value}: {why}")
 
 
+# what privacy=dp_fedavg is defined for (README.md "Privacy")
+PRIVATE_ALGS = ("fedavg", "fedlora", "fedsa-flora")
+
+
+def check_privacy(cfg: DictConfig) -> None:
+    """privacy=dp_fedavg: the algorithms, aggregator and weighting its noise is calibrated for."""
+    node = cfg.get("privacy")
+    if node is None:
+        return
+    name = node.get("name")
+    if name == "none":
+        extra = [key for key in node if key != "name"]
+        _require(
+            not extra,
+            f"privacy.{extra[0] if extra else ''} is not an option of privacy=none; "
+            "use privacy=dp_fedavg",
+        )
+        return
+    option = f"privacy={name}"
+    _require(
+        cfg.alg.name in PRIVATE_ALGS,
+        f"{option} works with alg={', '.join(PRIVATE_ALGS)} only, got alg={cfg.alg.name}",
+    )
+    _require(
+        cfg.aggregator.name == "mean",
+        f"{option} works with aggregator=mean only (its noise is calibrated to the mean of "
+        f"clipped updates), got aggregator={cfg.aggregator.name}",
+    )
+    weighting = cfg.aggregator.get("weighting")
+    _require(
+        weighting == "uniform",
+        f"aggregator.weighting={weighting} with {option}: every clipped update must weigh 1/m "
+        "(m = fl.clients_per_round); use aggregator.weighting=uniform, which privacy=dp_fedavg "
+        "sets",
+    )
+    _require(
+        not OmegaConf.select(cfg, "alg.cluster.enabled", default=False),
+        f"alg.cluster.enabled=true with {option}: the cluster means are made of un-noised "
+        "uploads and sent to the clients; use alg.cluster.enabled=false",
+    )
+    groups = OmegaConf.select(cfg, "alg.groups", default="none")
+    _require(
+        groups == "none",
+        f"alg.groups={groups} with {option}: a group's mean weighs a client by one over its "
+        "group's sampled members, not 1/m, so the noise would not cover it; use alg.groups=none",
+    )
+
+
 def validate_config(cfg: DictConfig) -> None:
     text_data, language_model = "tokenizer" in cfg.data.loader, "tokenizer" in cfg.model
     _require(
@@ -133,6 +205,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_rules(cfg)
     check_precision(cfg)
     check_targets(cfg)
+    check_privacy(cfg)
     check_optimizer(cfg)
 
 

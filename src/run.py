@@ -32,11 +32,17 @@ from src.federated.checkpoint import (
     read_saved_run,
     resume_path,
 )
-from src.federated.compatibility import check_aggregator, check_attack, check_evaluable
+from src.federated.compatibility import (
+    check_aggregator,
+    check_attack,
+    check_evaluable,
+    check_privacy,
+)
 from src.federated.data import Federation
 from src.federated.distributed import end_process_group
 from src.federated.faults import ClientFaults
 from src.federated.orchestrator import FederatedModule
+from src.federated.privacy import DPFedAvg
 from src.federated.server import Server
 from src.federated.transforms import TransformChain
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
@@ -108,10 +114,13 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     if attack.malicious:
         log.info("attack=%s: malicious clients %s", attack.name, sorted(attack.malicious))
     faults = ClientFaults(**cfg.fault)
+    privacy = build_privacy(cfg, spec, federation.num_clients)
+    if privacy is not None:  # clips each upload (last transform), noises the aggregate
+        aggregator.postprocessors.append(privacy)
     return FederatedModule(
         model=model,
         algorithm=algorithm,
-        server=Server(algorithm, aggregator),
+        server=Server(algorithm, aggregator, reporters=[privacy] if privacy else []),
         federation=federation,
         optimizer=instantiate(cfg.optim),
         rounds=cfg.fl.rounds,
@@ -122,11 +131,28 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         eval_batch_size=cfg.fl.eval_batch_size,
         seed=cfg.seed,
         recorder=RoundRecorder(output_dir / "metrics.csv"),
-        transforms=TransformChain([faults, attack]),
+        transforms=TransformChain([faults, attack, *([privacy] if privacy else [])]),
         malicious=attack.malicious,
         drop_client_errors=faults.on_error == "drop",
         parallel_clients=cfg.fl.get("parallel_clients", 1),
     )
+
+
+def build_privacy(cfg: DictConfig, spec, num_clients: int) -> DPFedAvg | None:
+    """privacy=dp_fedavg (src/federated/privacy.py), planned for this run; None for privacy=none."""
+    node = cfg.get("privacy")
+    if node is None or node.name == "none":
+        return None
+    privacy = instantiate(node)
+    check_privacy(spec, privacy)
+    privacy.plan(cfg.seed, num_clients, cfg.fl.clients_per_round, cfg.fl.rounds, spec)
+    return privacy
+
+
+def privacy_fields(module: FederatedModule) -> dict:
+    """summary.json's `privacy`: the final epsilon and how it was reached (privacy=dp_fedavg)."""
+    found = [t for t in module.transforms.transforms if isinstance(t, DPFedAvg)]
+    return {"privacy": found[0].summary()} if found else {}
 
 
 def writable_output_dir(cfg: DictConfig) -> Path:
@@ -256,6 +282,7 @@ def train(cfg: DictConfig) -> dict:
             per_client=per_client,
             partition=fed.summary,
             malicious_clients=sorted(malicious),
+            **privacy_fields(module),
             **fields,
         )
     finally:

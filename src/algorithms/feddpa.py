@@ -39,8 +39,8 @@ Differences from the reference, and why:
   Text models are refused.
 - the ViT's classification head is new and must be trained: it belongs to the global part (trained
   in phase 2, averaged with G, frozen in phase 1); the reference's LM head stays frozen.
-- the server's mean uses the configured weighting (samples by default, FedIT); the reference's
-  FedAvg weighs clients uniformly (aggregator.weighting=uniform reproduces that).
+- none in the server's mean: uniform over the sampled clients, as the reference's FedAvg
+  (alg.weighting=uniform sets aggregator.weighting; samples: by n_k, FedIT's).
 - the configured optimizer and fl.local_epochs instead of AdamW at 3e-4 for 3 epochs of batch 128.
 - the anchors x_k come from a generator seeded by (seed, client) at every deployment, not from
   Python's global `random`; a client with fewer than K training samples uses all of them.
@@ -100,6 +100,7 @@ class FedDPA(FedLoRA):
         local_weight: float = 0.5,
         max_weight: float = 0.5,
         instance_num: int = 5,
+        weighting: str = "uniform",  # read by the aggregator (aggregator.weighting)
     ):
         if not lora:
             raise ConfigError(

@@ -108,3 +108,27 @@ def check_evaluable(federation, malicious: set[int]) -> None:
             "no honest client has a local test split (partitioner.test_fraction, attack.fraction):"
             " val/personal_acc could not be measured; raise partitioner.test_fraction"
         )
+
+
+def check_privacy(spec: SharedSpec, privacy) -> None:
+    """privacy=dp_fedavg calibrates its noise to a sum of clipped updates of equal shapes, one per
+    sampled client (the algorithm, aggregator and weighting are checked in src/config_checks.py)."""
+    if privacy is None:
+        return
+    name = f"privacy={privacy.name}"
+    if spec.heterogeneous:
+        raise ConfigError(
+            f"{name} needs uploads of equal shapes, but {spec.options} mixes ranks: a row of A "
+            "owned by fewer clients is their mean, which one client moves by more than C/m; use "
+            "equal ranks (alg.client_ranks=null)"
+        )
+    if spec.updates:
+        raise ConfigError(
+            f"{name} clips upload - received, but {spec.options} uploads differences; use "
+            "alg=fedavg, fedlora or fedsa-flora"
+        )
+    if spec.upload_unit != "client":
+        raise ConfigError(
+            f"{name} needs one upload per client, but {spec.options} uploads per "
+            f"{spec.upload_unit}; use alg.groups=none"
+        )

@@ -14,8 +14,10 @@ TensorDict = dict[str, torch.Tensor]
 
 
 class Server:
-    def __init__(self, algorithm, aggregator):
+    def __init__(self, algorithm, aggregator, reporters=()):
         self.algorithm, self.aggregator = algorithm, aggregator
+        # more per-round metrics, from objects with `round_metrics()` (privacy=dp_fedavg's epsilon)
+        self.reporters = list(reporters)
 
     @property
     def ready(self) -> bool:
@@ -55,7 +57,10 @@ class Server:
         self.algorithm.server_finish(self.aggregator)
 
     def round_metrics(self) -> dict[str, float]:
-        return self.aggregator.round_metrics() | self.algorithm.server_metrics()
+        metrics = self.aggregator.round_metrics() | self.algorithm.server_metrics()
+        for reporter in self.reporters:
+            metrics |= reporter.round_metrics()
+        return metrics
 
     def state_dict(self) -> dict:
         return {
