@@ -61,3 +61,32 @@ def loss_grad(model: nn.Module, params: dict[str, torch.Tensor], batch) -> dict[
 
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_together_equals_alone(alg, model, start, run, client_ids, make_optimizer) -> None:
+    """Every client of `client_ids` trained from `start` by `run(client_id)` (a ClientRun): the
+    uploads of clients trained together (src/federated/vectorised.py) equal those of the clients
+    trained one after the other (float64, 1e-12), and nothing blocks the batched path."""
+    from src.federated.vectorised import ClientStart, train_together
+
+    alone = {}
+    for client_id in client_ids:
+        alg.download(model, start, {}, client_id)
+        alg.local_update(model, run(client_id))
+        alone[client_id] = {n: t.clone() for n, t in alg.upload(model, client_id).items()}
+    starts = []
+    for client_id in client_ids:
+        alg.download(model, start, {}, client_id)
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        starts.append(ClientStart(client_id, trained, alg.local_batches(run(client_id))))
+    results = train_together(model, starts, make_optimizer, lambda loss: loss.backward(), alg)
+    params = dict(model.named_parameters())
+    for client_id, result in zip(client_ids, results, strict=True):
+        with torch.no_grad():
+            for n, tensor in result.trained.items():
+                params[n].copy_(tensor)
+        upload = alg.upload(model, client_id)
+        assert upload.keys() == alone[client_id].keys()
+        for n, tensor in alone[client_id].items():
+            torch.testing.assert_close(upload[n], tensor, rtol=0, atol=1e-12)
+    assert alg.vectorised_blocker(model) == ""

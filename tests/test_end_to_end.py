@@ -50,7 +50,11 @@ FAST = [
 ]
 
 
-@pytest.mark.parametrize("alg", ["fedavg", "fedlora", "ffa-lora"])
+# fedlora on six blocks takes about 40 s: slow; fedlora's learning check in make test is
+# test_heterogeneous_ranks_learn_with_each_aggregator[stack] (ranks [2, 4, 8], two blocks)
+@pytest.mark.parametrize(
+    "alg", ["fedavg", pytest.param("fedlora", marks=pytest.mark.slow), "ffa-lora"]
+)
 def test_learns_on_digits_and_writes_the_contract_outputs(alg, make_digits_config, tmp_path):
     cfg = make_digits_config(f"alg={alg}", *FAST, *MODEL[alg])
     summary = train(cfg)
@@ -105,6 +109,7 @@ SKEWED = [
 PERSONALISATION_MARGIN = 0.2
 
 
+@pytest.mark.slow  # two runs, about 70 s; fedsa-flora's runs in make test: test_fedsa_flora.py
 def test_fedsa_flora_beats_fedlora_on_personal_accuracy_under_label_skew(make_digits_config):
     personal = {}
     for alg in ("fedlora", "fedsa-flora"):

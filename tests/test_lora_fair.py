@@ -15,9 +15,8 @@ from src.algorithms.lora_fair import LoRAFAIR
 from src.errors import ConfigError
 from src.federated.compatibility import check_aggregator
 from src.federated.server import Server
-from src.federated.vectorised import ClientStart, train_together
 from src.run import train
-from tests.algorithm_harness import tiny_batches
+from tests.algorithm_harness import assert_together_equals_alone, tiny_batches
 
 D_IN, D_OUT, R, ALPHA, K = 12, 10, 3, 6.0, 4
 LAYERS = ["proj", "out"]
@@ -170,27 +169,7 @@ def test_clients_trained_together_equal_one_after_the_other():
         return ClientRun(client_id, 0, 1, make, lambda loss: loss.backward(),
                          lambda b=batches: iter(b))  # fmt: skip
 
-    alone = {}
-    for client_id in sizes:
-        alg.download(model, start, {}, client_id)
-        alg.local_update(model, run(client_id))
-        alone[client_id] = {n: t.clone() for n, t in alg.upload(model, client_id).items()}
-    starts = []
-    for client_id in sizes:
-        alg.download(model, start, {}, client_id)
-        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        starts.append(ClientStart(client_id, trained, alg.local_batches(run(client_id))))
-    results = train_together(model, starts, make, lambda loss: loss.backward(), alg)
-    params = dict(model.named_parameters())
-    for client_id, result in zip(sizes, results, strict=True):
-        with torch.no_grad():
-            for n, tensor in result.trained.items():
-                params[n].copy_(tensor)
-        upload = alg.upload(model, client_id)
-        assert upload.keys() == alone[client_id].keys()
-        for n, tensor in alone[client_id].items():
-            torch.testing.assert_close(upload[n], tensor, rtol=0, atol=1e-12)
-    assert alg.vectorised_blocker(model) == ""
+    assert_together_equals_alone(alg, model, start, run, list(sizes), make)
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,7 @@ def _metrics(out: Path) -> list[dict]:
 @pytest.mark.parametrize(
     "alg",
     [
-        "fedavg",
+        pytest.param("fedavg", marks=pytest.mark.slow),  # fedsa-flora's private states cover it
         "fedsa-flora",
         pytest.param("fedlora", marks=pytest.mark.slow),
         pytest.param("perfed", marks=pytest.mark.slow),

@@ -13,9 +13,13 @@ from src.algorithms.rolora import RoLoRA
 from src.errors import ConfigError
 from src.federated.compatibility import check_aggregator
 from src.federated.server import Server
-from src.federated.vectorised import ClientStart, train_together
 from src.run import train
-from tests.algorithm_harness import client_run, tiny_batches, tiny_model
+from tests.algorithm_harness import (
+    assert_together_equals_alone,
+    client_run,
+    tiny_batches,
+    tiny_model,
+)
 
 LR = 0.3
 R, ALPHA = 2, 4.0
@@ -108,28 +112,7 @@ def test_clients_trained_together_equal_one_after_the_other(round_idx):
         return ClientRun(client_id, round_idx, 1, make, lambda loss: loss.backward(),
                          lambda b=batches: iter(b))  # fmt: skip
 
-    alone = {}
-    for client_id in BATCHES:
-        alg.download(model, start, {}, client_id)
-        alg.local_update(model, run(client_id))
-        alone[client_id] = _copies(alg.upload(model, client_id))
-    starts = []
-    for client_id in BATCHES:
-        alg.download(model, start, {}, client_id)
-        trained = _copies({n: p for n, p in model.named_parameters() if p.requires_grad})
-        assert set(trained) == set(alone[client_id])  # one factor and the head
-        starts.append(ClientStart(client_id, trained, alg.local_batches(run(client_id))))
-    results = train_together(model, starts, make, lambda loss: loss.backward(), alg)
-    params = dict(model.named_parameters())
-    for client_id, result in zip(BATCHES, results, strict=True):
-        with torch.no_grad():
-            for n, tensor in result.trained.items():
-                params[n].copy_(tensor)
-        upload = alg.upload(model, client_id)
-        assert upload.keys() == alone[client_id].keys()
-        for n, tensor in alone[client_id].items():
-            torch.testing.assert_close(upload[n], tensor, rtol=0, atol=1e-12)
-    assert alg.vectorised_blocker(model) == ""
+    assert_together_equals_alone(alg, model, start, run, list(BATCHES), make)
 
 
 @pytest.mark.parametrize(

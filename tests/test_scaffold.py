@@ -83,14 +83,19 @@ def test_scaffold_learns_on_digits(make_digits_config):
     cfg = make_digits_config(
         "alg=scaffold",
         "optim=sgd",
-        "optim.lr=0.05",
-        "optim.momentum=0",
+        "optim.lr=0.1",
+        "optim.momentum=0",  # option II's plain SGD (momentum 0.9 diverges here)
         "partitioner=iid",
         "fl.num_clients=5",
         "fl.clients_per_round=5",
         "fl.local_epochs=2",
-        "fl.rounds=12",
-        "fl.eval_every=12",
+        "fl.rounds=20",
+        "fl.eval_every=20",
+        "model.depth=2",
+        "model.embed_dim=64",
+        "model.num_heads=2",
     )
     summary = train(cfg)
-    assert summary["final"]["val/global_acc"] > 0.3  # chance 0.10
+    # chance 0.10; measured 0.367 at seed 0 on the two-block ViT (2026-12-03, 22 s on 2 cores;
+    # plain SGD trains a from-scratch ViT slowly)
+    assert summary["final"]["val/global_acc"] > 0.3

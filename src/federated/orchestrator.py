@@ -180,8 +180,9 @@ class FederatedModule(pl.LightningModule):
         dropped = self.ranks.gather(done.dropped)
         self.dropped += dropped
         if failed + nonfinite == len(training):
+            who = "sampled clients" if len(training) == len(sampled) else "training clients"
             raise AllClientsFailedError(
-                f"round {round_idx + 1}: all {len(training)} clients failed (e.g. "
+                f"round {round_idx + 1}: all {len(training)} {who} failed (e.g. "
                 f"client {dropped[0]['client']}: {dropped[0]['reason']}); the run stops, "
                 "checkpoints/last.ckpt holds the last completed round"
             )
