@@ -91,7 +91,7 @@ class RoLoRA(FedLoRA):
 
     def trained_names(self, model: nn.Module) -> list[str]:
         """Both factors of every layer (one per round) and alg.trainable, whatever the round."""
-        factors = getattr(self, "_a_names", set()) | getattr(self, "_b_names", set())
+        factors = self._a_names | self._b_names
         return [n for n, p in model.named_parameters() if p.requires_grad or n in factors]
 
     def frozen_names(self) -> set[str]:
