@@ -29,6 +29,9 @@ def sweep(tmp_path_factory):
         "fl.rounds=2",
         "fl.eval_every=1",
         "fl.local_epochs=1",
+        "model.depth=1",  # a one-block ViT: the report, not the learning, is under test
+        "model.embed_dim=32",
+        "model.num_heads=2",
         "trainer.enable_progress_bar=false",
         "alg=fedavg,fedlora",
         "seed=0,1",
