@@ -45,6 +45,17 @@ def compose_config(
         return compose(config_name="config", overrides=base + list(overrides or []))
 
 
+# Five iid clients, all sampled every round, two local epochs: the smallest federation in which
+# the algorithms learn on digits; and a one-block ViT (about 10 k parameters), for fast runs.
+FIVE_IID_CLIENTS = [
+    "partitioner=iid",
+    "fl.num_clients=5",
+    "fl.clients_per_round=5",
+    "fl.local_epochs=2",
+]
+ONE_BLOCK_VIT = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2"]
+
+
 def digits_config(tmp_path: Path, *overrides: str):
     """A small, fast federation on scikit-learn's digits (offline)."""
     return compose_config(

@@ -17,6 +17,7 @@ from src.federated.compatibility import check_aggregator
 from src.federated.server import Server
 from src.run import train
 from tests.algorithm_harness import assert_together_equals_alone, tiny_batches
+from tests.conftest import FIVE_IID_CLIENTS, ONE_BLOCK_VIT
 
 D_IN, D_OUT, R, ALPHA, K = 12, 10, 3, 6.0, 4
 LAYERS = ["proj", "out"]
@@ -198,16 +199,7 @@ def test_rules_that_replace_the_factor_means_are_refused_before_training(aggrega
 
 def test_lora_fair_learns_on_digits(make_digits_config):
     cfg = make_digits_config(
-        "alg=lora-fair",
-        "partitioner=iid",
-        "fl.num_clients=5",
-        "fl.clients_per_round=5",
-        "fl.local_epochs=2",
-        "fl.rounds=12",
-        "fl.eval_every=12",
-        "model.depth=1",
-        "model.embed_dim=32",
-        "model.num_heads=2",
+        "alg=lora-fair", *FIVE_IID_CLIENTS, "fl.rounds=12", "fl.eval_every=12", *ONE_BLOCK_VIT
     )
     summary = train(cfg)
     # chance 0.10; LoRA + head on a random one-block ViT: measured 0.43 at seed 0 (fedlora 0.33

@@ -20,6 +20,7 @@ from tests.algorithm_harness import (
     tiny_batches,
     tiny_model,
 )
+from tests.conftest import FIVE_IID_CLIENTS, ONE_BLOCK_VIT
 
 LR = 0.3
 R, ALPHA = 2, 4.0
@@ -139,16 +140,7 @@ def test_rules_that_multiply_the_factors_are_refused_before_training(aggregator)
 
 def test_rolora_learns_on_digits(make_digits_config):
     cfg = make_digits_config(
-        "alg=rolora",
-        "partitioner=iid",
-        "fl.num_clients=5",
-        "fl.clients_per_round=5",
-        "fl.local_epochs=2",
-        "fl.rounds=12",
-        "fl.eval_every=12",
-        "model.depth=1",
-        "model.embed_dim=32",
-        "model.num_heads=2",
+        "alg=rolora", *FIVE_IID_CLIENTS, "fl.rounds=12", "fl.eval_every=12", *ONE_BLOCK_VIT
     )
     summary = train(cfg)
     # chance 0.10; LoRA + head on a random one-block ViT: measured 0.33 at seed 0 (fedlora 0.33,
