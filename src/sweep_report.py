@@ -1,16 +1,19 @@
-"""The end of a sweep: one line listing the jobs that failed, and a non-zero exit code.
+"""A sweep's progress and end: one line per finished job (job i/N, its overrides, its final
+metric, its time), then one line listing the jobs that failed and a non-zero exit code.
 
-Registered as a Hydra callback (conf/config.yaml, `hydra.callbacks`); a failed job has already
-written `"status": "failed"` and its error into its own summary.json (src/run.py).
+Registered as Hydra callbacks (conf/config.yaml, `hydra.callbacks`); every job has written its
+status, final metrics and wall time (or its error) into its own summary.json (src/run.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -40,3 +43,56 @@ class FailedJobsReport(Callback):
                 ", ".join(failed),
             )
             sys.exit(1)
+
+
+def sweep_plan(overrides: list[str]) -> tuple[int | None, set[str]]:
+    """(how many jobs the basic sweeper makes of these command-line overrides: the product of
+    the sweep lists' lengths, None where it cannot be counted (ranges, intervals); the keys that
+    vary across the sweep)."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    keys = {o.get_key_element() for o in sweeps}
+    if not all(o.is_discrete_sweep() for o in sweeps):
+        return None, keys
+    return math.prod(len(list(o.sweep_string_iterator())) for o in sweeps), keys
+
+
+def job_line(done: int, total: int | None, overrides: list[str], summary: dict, metric: str) -> str:
+    """One finished job: `job 3/8 alg=fedlora seed=1: val/personal_acc 0.812 in 12.3 s`."""
+    count = f"{done}/{total}" if total else str(done)
+    status = summary.get("status", "no summary.json")
+    if status == "completed":
+        value = summary.get("final", {}).get(metric)
+        outcome = f"{metric} {value:.4g}" if isinstance(value, int | float) else f"no {metric}"
+    else:  # the first line of the job's error (all of it is in its summary.json)
+        error = str(summary.get("error", "")).strip().splitlines()
+        outcome = f"{status.upper()}: {error[0][:160]}" if error else status.upper()
+    seconds = summary.get("wall_time_s")
+    took = f" in {seconds:.1f} s" if isinstance(seconds, int | float) else ""
+    return f"job {count} {' '.join(overrides)}: {outcome}{took}"
+
+
+class SweepProgress(Callback):
+    """Prints one line per finished job of a multirun, so a long sweep can be followed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.done = 0
+        # the command line's sweeps and a preset's hydra.sweeper.params (experiment=..._cpu)
+        params = config.hydra.sweeper.get("params") or {}
+        overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+        self.total, self.varying = sweep_plan(overrides)
+        if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+            self.total = None  # e.g. Optuna: as many jobs as its n_trials, not a product
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        if config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":
+            return
+        self.done = getattr(self, "done", 0) + 1
+        summary_path = Path(config.paths.output_dir) / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        varying = getattr(self, "varying", None)  # a sweeper's own (e.g. Optuna): all shown
+        shown = [o for o in job_return.overrides if not varying or o.split("=")[0] in varying]
+        line = job_line(
+            self.done, getattr(self, "total", None), shown, summary, config.optimized_metric
+        )
+        print(line, flush=True)  # stdout, whatever the job's logging settings

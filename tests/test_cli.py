@@ -34,6 +34,14 @@ def test_a_failing_job_does_not_stop_the_sweep_but_fails_its_exit_code(tmp_path)
     assert "fl.clients_per_round" in summaries[1]["error"]
     (report,) = [line for line in output.splitlines() if "job(s) of the sweep failed" in line]
     assert "2 job(s)" in report and report.endswith(f"{jobs[1].name}, {jobs[3].name}")
+    # one progress line per finished job: i/N, the overrides that vary, the final metric, the time
+    progress = [line for line in output.splitlines() if line.startswith("job ")]
+    assert [line.split()[1] for line in progress] == ["1/4", "2/4", "3/4", "4/4"], progress
+    assert progress[0].startswith("job 1/4 alg=fedavg fl.clients_per_round=2: ")
+    metric = summaries[0]["final"]["val/personal_acc"]
+    assert f"val/personal_acc {metric:.4g} in " in progress[0] and progress[0].endswith(" s")
+    assert ": FAILED: " in progress[1] and "fl.clients_per_round" in progress[1]
+    assert "experiment=" not in "".join(progress)  # fixed overrides are not repeated
 
 
 def test_bad_input_stops_with_one_clear_line_and_exit_code_2(tmp_path):
@@ -73,3 +81,14 @@ def test_rank_study_prints_its_four_parts():
     assert "capped" in out
     assert "zeropad 50% of c" in out and "rank_aware keeps 100%" in out
     assert "90 of 100 dimensions stay zero" in out
+
+
+def test_sweep_plan_counts_the_jobs_and_names_the_keys_that_vary():
+    from src.sweep_report import sweep_plan
+
+    assert sweep_plan(["experiment=quickstart", "alg=fedavg,fedlora", "seed=0,1,2"]) == (
+        6,
+        {"alg", "seed"},
+    )
+    assert sweep_plan(["alg=fedavg", "seed=range(3)"]) == (3, {"seed"})
+    assert sweep_plan(["optim.lr=interval(0.01,0.1)"]) == (None, {"optim.lr"})  # not countable
