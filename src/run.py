@@ -47,9 +47,11 @@ from src.federated.server import Server
 from src.federated.transforms import TransformChain
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
 from src.outputs import RoundRecorder, summarize, write_summary
+from src.run_names import current_run_name, register_resolver
 from src.threads import thread_count, wait_note
 
 log = logging.getLogger("fedsweep")
+register_resolver()  # conf/config.yaml names sweep folders with it
 
 # One batch per epoch and no workers are by design; Lightning's hints about them are noise here.
 for pattern in (
@@ -68,7 +70,7 @@ def hydra_names(cfg: DictConfig) -> tuple[str, str, bool]:
         return "run", Path(cfg.paths.output_dir).name, False
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    run_name = hc.job.override_dirname or "default"
+    run_name = current_run_name()  # src/run_names.py: the overrides that vary, no noise keys
     group = Path(hc.sweep.dir if multirun else hc.run.dir).name
     return run_name, group, multirun
 

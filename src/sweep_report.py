@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from src.run_names import SWEEP_KEYS_ENV
 
 log = logging.getLogger("fedsweep")
 
@@ -81,8 +84,13 @@ class SweepProgress(Callback):
         params = config.hydra.sweeper.get("params") or {}
         overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
         self.total, self.varying = sweep_plan(overrides)
+        # the jobs' folders and W&B names show these keys only (src/run_names.py)
+        os.environ[SWEEP_KEYS_ENV] = ",".join(sorted(self.varying))
         if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
             self.total = None  # e.g. Optuna: as many jobs as its n_trials, not a product
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        os.environ.pop(SWEEP_KEYS_ENV, None)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         if config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":

@@ -24,6 +24,13 @@ def test_a_failing_job_does_not_stop_the_sweep_but_fails_its_exit_code(tmp_path)
         tmp_path, "alg=fedavg,fedlora", "fl.clients_per_round=2,99", expect_failed=True
     )
     assert len(jobs) == 4
+    # folders named by the overrides that vary only (fl.rounds, trainer.* and logger are fixed)
+    assert [j.name for j in jobs] == [
+        "0_alg=fedavg,fl.clients_per_round=2",
+        "1_alg=fedavg,fl.clients_per_round=99",
+        "2_alg=fedlora,fl.clients_per_round=2",
+        "3_alg=fedlora,fl.clients_per_round=99",
+    ]
     summaries = [json.loads((job / "summary.json").read_text()) for job in jobs]
     assert [s["status"] for s in summaries] == ["completed", "failed", "completed", "failed"]
     for job, summary, alg in zip(jobs[::2], summaries[::2], ["fedavg", "fedlora"], strict=True):
@@ -92,3 +99,24 @@ def test_sweep_plan_counts_the_jobs_and_names_the_keys_that_vary():
     )
     assert sweep_plan(["alg=fedavg", "seed=range(3)"]) == (3, {"seed"})
     assert sweep_plan(["optim.lr=interval(0.01,0.1)"]) == (None, {"optim.lr"})  # not countable
+
+
+def test_run_names_keep_the_swept_keys_and_drop_the_noise_keys():
+    from src.run_names import run_name
+
+    job = [
+        "experiment=quickstart",
+        "alg=fedlora",
+        "seed=1",
+        "fl.rounds=5",
+        "aggregator=svd",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "+paths.data_dir=/d",
+        "hydra.sweep.dir=/s",
+    ]
+    # a 3-key sweep (alg, aggregator, seed): only those, sorted
+    assert run_name(job, {"alg", "aggregator", "seed"}) == "aggregator=svd,alg=fedlora,seed=1"
+    # outside a sweep: everything but the noise keys
+    assert run_name(job) == "aggregator=svd,alg=fedlora,fl.rounds=5,seed=1"
+    assert run_name(["trainer=cpu", "logger=none"]) == "default"
