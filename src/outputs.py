@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 # Metrics where lower is better; every other metric's best value is its maximum.
-_LOWER_IS_BETTER = ("loss", "ppl", "time/", "bytes", "dropped")
+LOWER_IS_BETTER = ("loss", "ppl", "time/", "bytes", "dropped")
 
 
 class RoundRecorder:
@@ -40,7 +40,7 @@ def summarize(rows: list[dict]) -> dict:
         if not values:
             continue
         final[key] = values[-1][1]
-        pick = min if any(tag in key for tag in _LOWER_IS_BETTER) else max
+        pick = min if any(tag in key for tag in LOWER_IS_BETTER) else max
         best_round, best_value = pick(values, key=lambda rv: rv[1])
         best[key] = {"value": best_value, "round": best_round}
     return {"final": final, "best": best}
