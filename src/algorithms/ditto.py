@@ -43,9 +43,7 @@ class Ditto(FedLoRA):
     ):
         if lam < 0:
             raise ConfigError(f"alg.lam must be >= 0, got {lam}")
-        super().__init__(name, lora if use_lora else None, trainable)
-        if self.heterogeneous:
-            raise ConfigError(f"alg={name} needs equal LoRA ranks, got {self.ranks}")
+        super().__init__(name, lora if use_lora else None, trainable)  # one rank: lora.r
         self.lam = float(lam)
         self.anchor: TensorDict = {}  # w_t, as loaded
         self.personal: TensorDict = {}  # v_k, as stored

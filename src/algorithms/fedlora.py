@@ -67,6 +67,14 @@ class FedLoRA(Algorithm):
     def heterogeneous(self) -> bool:
         return self.lora_ranks.heterogeneous
 
+    def require_equal_ranks(self, why: str) -> None:
+        """Refuse mixed client ranks, for a rule that holds only when all clients share a rank."""
+        if self.heterogeneous:
+            raise ConfigError(
+                f"alg.client_ranks={self.ranks}: alg={self.name} needs equal ranks ({why}); "
+                "use one rank"
+            )
+
     def client_rank(self, client_id: int | None) -> int:
         """r_k: `alg.client_ranks` cycled over client ids; the global model uses r_max."""
         return self.lora_ranks.rank(client_id)
@@ -193,8 +201,7 @@ class FFALoRA(FedLoRA):
     Then dW = s (sum_k p_k B_k) A, so averaging B is exact. Equal ranks only."""
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        if self.heterogeneous:
-            raise ConfigError(f"alg=ffa-lora needs equal ranks, got alg.client_ranks={self.ranks}")
+        self.require_equal_ranks("averaging B is exact only over one shared A")
         model = super().prepare_model(model)
         params = dict(model.named_parameters())
         for pair in self.pairs:

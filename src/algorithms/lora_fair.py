@@ -140,11 +140,7 @@ class LoRAFAIR(FedLoRA):
         if not lora:
             raise ConfigError(f"alg.lora={lora}: alg={name} refines LoRA factors; give alg.lora")
         super().__init__(name, lora, trainable, client_ranks, (), local_buffers)
-        if self.heterogeneous:
-            raise ConfigError(
-                f"alg.client_ranks={self.ranks}: alg={name} needs equal ranks (it averages A and "
-                "B as FedIT does); use one rank"
-            )
+        self.require_equal_ranks("it averages A and B as FedIT does")
         if not _finite(lam) or lam < 0:
             raise ConfigError(f"alg.lam must be a finite number >= 0, got {lam!r}")
         if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 1:

@@ -76,11 +76,7 @@ class RoLoRA(FedLoRA):
         if not lora:
             raise ConfigError(f"alg.lora={lora}: alg={name} alternates LoRA factors; give alg.lora")
         super().__init__(name, lora, trainable, client_ranks, (), local_buffers)
-        if self.heterogeneous:
-            raise ConfigError(
-                f"alg.client_ranks={self.ranks}: alg={name} needs equal ranks (every client must "
-                "start a round from the same frozen factor); use one rank"
-            )
+        self.require_equal_ranks("every client must start a round from the same frozen factor")
         self.round_idx = 0  # the running round (server_begin); round 0 trains B
 
     # ------------------------------------------------------------------ model

@@ -53,8 +53,6 @@ class Scaffold(FedLoRA):
         self.num_clients = federation.num_clients
 
     def shared_spec(self, model: nn.Module, clients_per_round: int) -> SharedSpec:
-        if self.heterogeneous:
-            raise ConfigError(f"alg={self.name} needs equal LoRA ranks, got {self.ranks}")
         self.sampling_rate = clients_per_round / self.num_clients
         spec = super().shared_spec(model, clients_per_round)
         roles = {name: Role.OTHER for name in spec.roles}  # updates, not factors to multiply
