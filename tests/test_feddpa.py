@@ -19,6 +19,7 @@ from src.federated.objective import mean_loss
 from src.federated.server import Server
 from src.run import build_module, train
 from tests.algorithm_harness import TinyNet, client_run, tiny_batches
+from tests.conftest import ONE_BLOCK_VIT
 
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["body", "mid"]}
 SCALE = 4 / 2  # alpha / r
@@ -259,9 +260,7 @@ def test_feddpa_personal_models_learn_on_digits(make_digits_config):
         "fl.local_epochs=2",
         "fl.rounds=8",
         "fl.eval_every=8",
-        "model.depth=1",
-        "model.embed_dim=32",
-        "model.num_heads=2",
+        *ONE_BLOCK_VIT,
     )
     summary = train(cfg)
     # chance 0.10; measured 0.45 at seed 0 (2026-12-03, 10 s on 2 CPU cores; fedlora's global

@@ -115,6 +115,10 @@ def test_every_option_passes_with_its_defaults(group, option, tmp_path):
     [
         (["seed=-1"], "seed must be >= 0, got -1"),
         (["+alg.foo=1"], "alg.foo is not an option of alg=fedavg"),
+        (
+            ["privacy=dp_fedavg", "aggregator=krum"],
+            "privacy=dp_fedavg works with aggregator=mean only",
+        ),
     ],
 )
 def test_cli_gives_one_line_and_exit_code_2(overrides, expected, tmp_path, monkeypatch, capfd):
