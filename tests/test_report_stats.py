@@ -15,6 +15,7 @@ from scipy import stats
 
 from src.report import (
     Target,
+    bootstrap_interval,
     curve_band,
     find_runs,
     group_colours,
@@ -99,6 +100,25 @@ def test_ci_band_is_the_seeded_bootstrap_interval_of_the_mean_and_reproducible(s
     assert band.low[-1] == pytest.approx(expected.low)
     assert band.high[-1] == pytest.approx(expected.high)
     assert np.all(band.low <= band.mean) and np.all(band.mean <= band.high)
+
+
+def test_ci_falls_back_to_the_percentile_interval_where_bca_is_undefined(monkeypatch):
+    values = np.array([0.2, 0.4, 0.5])
+    percentile = stats.bootstrap(
+        (values,), np.mean, n_resamples=2000, method="percentile", rng=np.random.default_rng(0)
+    ).confidence_interval
+    real_bootstrap = stats.bootstrap
+
+    def bca_undefined(*args, method="BCa", **kwargs):
+        result = real_bootstrap(*args, method=method, **kwargs)
+        if method == "BCa":  # what scipy returns when BCa's bias correction is infinite
+            result.confidence_interval = type(result.confidence_interval)(np.nan, np.nan)
+        return result
+
+    monkeypatch.setattr(stats, "bootstrap", bca_undefined)
+    low, high = bootstrap_interval(values)
+    assert (low, high) == (pytest.approx(percentile.low), pytest.approx(percentile.high))
+    assert low < values.mean() < high  # a band, not the mean alone
 
 
 def test_group_colours_come_from_the_sorted_names_whatever_the_order():
@@ -233,13 +253,13 @@ def test_figures_have_integer_round_ticks_a_log_mb_axis_and_fixed_group_colours(
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    import src.report as report
+    from src.report import figures as report_figures  # where plot_* look up save_figure
 
     figures = {}
     monkeypatch.setattr(
-        report, "save_figure", lambda figure, png: figures.update({png.stem: figure})
+        report_figures, "save_figure", lambda figure, png: figures.update({png.stem: figure})
     )
-    report.write_plots(groups_of(sweep), sweep)
+    report_figures.write_plots(groups_of(sweep), sweep)
     colours = group_colours(["alg=fedavg", "alg=fed_lora"])
     for stem in ("accuracy_vs_round", "accuracy_vs_mb"):
         for ax in figures[stem].axes:
