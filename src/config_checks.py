@@ -122,6 +122,23 @@ def check_optimizer(cfg: DictConfig) -> None:
         ) from error
 
 
+def check_scaffold_optimizer(cfg: DictConfig) -> None:
+    """alg=scaffold: option II's c_i+ = c_i - c + (x - y_i) / (K lr) is the client's mean gradient
+    only for plain SGD steps. With AdamW each coordinate moves about lr per step whatever its
+    gradient, so the correction outgrows the gradient and flips sign every round (measured on
+    digits: chance accuracy); with momentum it diverged."""
+    if cfg.alg.name != "scaffold":
+        return
+    optim = cfg.optim
+    momentum = optim.get("momentum", 0)
+    _require(
+        optim._target_ == "torch.optim.SGD" and momentum == 0,
+        "alg=scaffold needs plain SGD clients (its control variates assume them), got "
+        + (f"optim.momentum={momentum}" if optim._target_ == "torch.optim.SGD" else optim._target_)
+        + "; use optim=sgd optim.momentum=0",
+    )
+
+
 # trainer.precision: what works with per-client optimizers and float32 LoRA factors
 PRECISIONS = ("32-true", "32", "bf16-mixed")
 FP16_SCALER = (
@@ -207,6 +224,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_targets(cfg)
     check_privacy(cfg)
     check_optimizer(cfg)
+    check_scaffold_optimizer(cfg)
 
 
 def check_dataset_matches(cfg: DictConfig, dataset) -> None:

@@ -57,6 +57,40 @@ def test_data_shape_flows_into_the_model(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "model,optimizer,lr",
+    [
+        ("vit", "torch.optim.SGD", 0.05),
+        ("vit_small32", "torch.optim.AdamW", 0.001),
+        ("qwen", "torch.optim.AdamW", 0.0003),
+        ("qwen_tiny", "torch.optim.AdamW", 0.01),
+    ],
+)
+def test_each_model_picks_its_client_optimizer(model, optimizer, lr, tmp_path):
+    cfg = compose_config([f"model={model}"], tmp_path)
+    assert (cfg.optim._target_, cfg.optim.lr) == (optimizer, lr)
+
+
+@pytest.mark.parametrize(
+    "overrides,optimizer,lr",
+    [
+        (["optim=sgd"], "torch.optim.SGD", 0.05),  # sgd's own lr, not the model's AdamW lr
+        (["optim.lr=0.02"], "torch.optim.AdamW", 0.02),
+        (["experiment=quickstart"], "torch.optim.AdamW", 0.001),
+        (["experiment=quickstart", "optim=sgd", "optim.lr=0.1"], "torch.optim.SGD", 0.1),
+    ],
+)
+def test_the_command_line_overrides_the_models_optimizer(overrides, optimizer, lr, tmp_path):
+    cfg = compose_config(["model=vit_small32", *overrides], tmp_path)
+    assert (cfg.optim._target_, cfg.optim.lr) == (optimizer, lr)
+
+
+@pytest.mark.parametrize("model", ["vit", "vit_small32", "qwen_tiny"])
+def test_scaffold_picks_plain_sgd_over_the_models_optimizer(model, tmp_path):
+    cfg = compose_config([f"model={model}", "alg=scaffold"], tmp_path)
+    assert (cfg.optim._target_, cfg.optim.momentum) == ("torch.optim.SGD", 0.0)
+
+
+@pytest.mark.parametrize(
     "override,key",
     [
         ("fl.clients_per_round=50", "fl.clients_per_round"),

@@ -30,7 +30,7 @@ def params(model):
 @pytest.mark.parametrize("size,chans,classes", [(16, 1, 10), (32, 3, 7)])
 def test_vit_small32_config_output_shape(size, chans, classes):
     cfg = OmegaConf.merge(
-        {"model": OmegaConf.load(CONF / "vit_small32.yaml")},
+        {"model": OmegaConf.load(CONF / "vit_small32.yaml").model},
         {"data": {"image_size": size, "channels": chans, "num_classes": classes}, "seed": 0},
     )
     model = build_base_model(cfg)  # the model config minus its LoRA defaults
@@ -39,7 +39,7 @@ def test_vit_small32_config_output_shape(size, chans, classes):
 
 def test_vit_config_resolves_data_keys():
     cfg = OmegaConf.merge(
-        {"model": OmegaConf.load(CONF / "vit.yaml")},
+        {"model": OmegaConf.load(CONF / "vit.yaml").model},
         {"data": {"image_size": 32, "channels": 3, "num_classes": 10}},
     )
     net = OmegaConf.to_container(cfg.model, resolve=True)

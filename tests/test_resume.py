@@ -28,6 +28,7 @@ RUN = [
     "fl.local_epochs=1",
     "fl.num_clients=6",
     "fl.clients_per_round=3",
+    "trainer.threads=2",  # auto counts idle cores at start: under load two runs could differ
 ]
 
 

@@ -57,6 +57,11 @@ BAD_VALUES = [
     (["++fault.on_error=retry"], ["fault.on_error='retry' must be one of 'stop', 'drop'"]),
     (["fault.fail_fraction=1.5"], ["fault.fail_fraction must be in [0, 1], got 1.5"]),
     (["resume=null"], ["resume=null must be a string"]),
+    (
+        ["alg=scaffold", "optim=adamw"],
+        ["alg=scaffold needs plain SGD clients", "got torch.optim.AdamW", "optim.momentum=0"],
+    ),
+    (["alg=scaffold", "optim=sgd"], ["alg=scaffold needs plain SGD", "got optim.momentum=0.9"]),
 ]
 
 

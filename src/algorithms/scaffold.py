@@ -11,9 +11,9 @@ Server, over the sampled set S of N clients:
     c <- c + (|S| / N) mean(dc_i)
 The mean is the aggregator's: uniform by default, as in the paper (alg.weighting=uniform sets
 aggregator.weighting; samples: weighted by n_i). The paper has no official code.
-Option II assumes plain SGD steps; with momentum or Adam, eta_l is the optimizer's lr and
-c_i+ is that same estimate of the client's average gradient. `use_lora=true` applies all of it
-to the LoRA factors and head (equal ranks).
+Option II assumes plain SGD steps: conf/alg/scaffold.yaml picks optim=sgd_plain, and another
+client optimizer is refused before training (src/config_checks.py: check_scaffold_optimizer).
+`use_lora=true` applies all of it to the LoRA factors and head (equal ranks).
 """
 
 from __future__ import annotations
