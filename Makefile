@@ -37,11 +37,12 @@ bench: install
 gpu-check: install
 	$(BIN)/python -m benchmarks.gpu_check
 
-# The CPU-sized comparison of the four algorithms (3 seeds each), then its report.
+# The CPU-sized comparison of the four algorithms (3 seeds each), then its report against fedavg
+# with the rounds and MB to reach 0.5.
 SWEEP_DIR := outputs/multiruns/compare_algorithms_cpu
 sweep: install
 	$(BIN)/python -m src.run -m experiment=compare_algorithms_cpu hydra.sweep.dir=$(SWEEP_DIR) trainer.enable_progress_bar=false
-	$(BIN)/python -m src.report $(SWEEP_DIR)
+	$(BIN)/python -m src.report $(SWEEP_DIR) --baseline alg=fedavg --target 0.5
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
