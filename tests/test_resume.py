@@ -91,6 +91,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_identical_metrics(alg, tmp_pat
     assert resumed["per_client"] == uninterrupted["per_client"]
 
 
+@pytest.mark.slow  # the fedsa-flora resume case compares a subprocess with an in-process run too
 def test_same_config_and_seed_give_identical_metrics_in_two_processes(tmp_path):
     process = _start(tmp_path / "subprocess", "alg=fedsa-flora")
     assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
