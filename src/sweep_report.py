@@ -18,7 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from src.run_names import SWEEP_KEYS_ENV
+from src.run_names import SWEEP_KEYS_ENV, override_key
 
 log = logging.getLogger("fedsweep")
 
@@ -99,7 +99,7 @@ class SweepProgress(Callback):
         summary_path = Path(config.paths.output_dir) / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         varying = getattr(self, "varying", None)  # a sweeper's own (e.g. Optuna): all shown
-        shown = [o for o in job_return.overrides if not varying or o.split("=")[0] in varying]
+        shown = [o for o in job_return.overrides if not varying or override_key(o) in varying]
         line = job_line(
             self.done, getattr(self, "total", None), shown, summary, config.optimized_metric
         )

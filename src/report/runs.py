@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from src.outputs import summarize
+from src.run_names import override_key
 
 
 @dataclass
@@ -92,7 +93,7 @@ def read_run(folder: Path) -> Run:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     overrides_path = folder / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.exists() else []
-    kept = [o for o in overrides or [] if o.split("=")[0].lstrip("+~") != "seed"]
+    kept = [o for o in overrides or [] if override_key(o) != "seed"]
     return Run(folder, kept, rows, summary)
 
 
