@@ -85,6 +85,7 @@ RULES = (
     ("optim.eps", float, *_above(0)),
     ("trainer.threads", Literal["auto"] | int, *_AUTO_OR_COUNT),
     ("fl.parallel_clients", Literal["auto"] | int, *_AUTO_OR_COUNT),
+    ("fl.sampling", Literal["uniform", "by_samples"], *_ANY),
     *_PRIVACY_RULES,
 )
 WHY = {
@@ -191,6 +192,12 @@ def check_privacy(cfg: DictConfig) -> None:
         f"{option} works with aggregator=mean only (its noise is calibrated to the mean of "
         f"clipped updates), got aggregator={cfg.aggregator.name}",
     )
+    sampling = OmegaConf.select(cfg, "fl.sampling", default="uniform")
+    _require(
+        sampling == "uniform",
+        f"fl.sampling={sampling} with {option}: the accountant's sampling rate q = m / N holds "
+        "for uniform sampling only; use fl.sampling=uniform",
+    )
     weighting = cfg.aggregator.get("weighting")
     _require(
         weighting == "uniform",
@@ -250,4 +257,23 @@ def check_dataset_matches(cfg: DictConfig, dataset) -> None:
             top < data.num_classes,
             f"data.num_classes={data.num_classes} but data={data.name} has label {top}; "
             f"it needs data.num_classes >= {top + 1}",
+        )
+        # the model's own keys default to the data's (${data.image_size}), but can be set apart
+        for key, value in (("img_size", height), ("in_chans", channels)):
+            given = cfg.model.get(key)
+            _require(
+                given is None or given == value,
+                f"model.{key}={given} but data={data.name} has "
+                + (
+                    f"{height}x{width} images"
+                    if key == "img_size"
+                    else f"{channels}-channel images"
+                )
+                + f"; use model.{key}={value} (or leave it to follow data.*)",
+            )
+        classes = cfg.model.get("num_classes")
+        _require(
+            classes is None or classes > top,
+            f"model.num_classes={classes} but data={data.name} has label {top}; "
+            f"it needs model.num_classes >= {top + 1}",
         )

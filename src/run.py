@@ -137,6 +137,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         malicious=attack.malicious,
         drop_client_errors=faults.on_error == "drop",
         parallel_clients=cfg.fl.get("parallel_clients", 1),
+        sampling=cfg.fl.sampling,
     )
 
 
@@ -230,9 +231,9 @@ def train(cfg: DictConfig) -> dict:
             cfg.fl.rounds,
             trainer.strategy.root_device,
         )
-        # our own checkpoint (RNG states include numpy arrays): a full load, not weights only
+        # weights only: read_saved_run has already refused a checkpoint that holds anything else
         try:
-            trainer.fit(module, ckpt_path=resume_from, weights_only=False)
+            trainer.fit(module, ckpt_path=resume_from, weights_only=True)
         except (RunInterrupted, SIGTERMException) as stop:
             interrupted = (
                 stop if isinstance(stop, RunInterrupted) else RunInterrupted("SIGTERM", 143)

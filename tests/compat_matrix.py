@@ -86,25 +86,47 @@ def cells() -> list[Cell]:
     ]
 
 
-def run_cell(cell: Cell, tmp_path: Path) -> tuple[str, str]:
-    """("ok", "") after one round with no dropped client, or ("refused", the one-line reason).
-    Anything else raises: a cell must never fail during training."""
+def check_cell(cell: Cell, tmp_path: Path):
+    """What happens before training: ("refused", the one-line reason), or ("ok", the module)."""
     cfg = compose_config([*TINY, *cell.overrides], tmp_path)
     try:
         validate_config(cfg)
-        module = build_module(cfg, tmp_path / "run")
+        return "ok", (cfg, build_module(cfg, tmp_path / "run"))
     except Exception as error:
         reason = user_error(error)
         if reason is None:
             raise
         assert "\n" not in str(reason), f"{cell.label}: a refusal must be one line: {reason}"
         return "refused", str(reason)
+
+
+def run_cell(cell: Cell, tmp_path: Path) -> tuple[str, str]:
+    """("ok", "") after one round with no dropped client, or ("refused", the one-line reason).
+    Anything else raises: a cell must never fail during training."""
+    status, found = check_cell(cell, tmp_path)
+    if status == "refused":
+        return status, found
+    cfg, module = found
     trainer = build_trainer(cfg, logger=False, enable_checkpointing=False)
     trainer.fit(module)
     row = module.recorder.rows[-1]
     if row["clients/dropped"] or row["clients/nonfinite"]:
         raise AssertionError(f"{cell.label}: dropped clients {module.dropped}")
     return "ok", ""
+
+
+def read_table(path: Path) -> dict[str, tuple[str, str]]:
+    """The table `write_table` wrote: cell label -> ("ok", "") or (status, reason)."""
+    results = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("| ") or line.startswith("| algorithm |"):
+            continue
+        alg, aggregator, attack, shown = line[2:-2].split(" | ", 3)
+        status, _, reason = shown.partition(": ")
+        results[f"{alg} | {aggregator} | {attack}"] = (
+            ("ok", "") if shown == "✔" else (status, reason.replace("\\|", "|"))
+        )
+    return results
 
 
 def write_table(results: dict[str, tuple[str, str]], path: Path) -> None:

@@ -27,6 +27,30 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Measuring the learning tests' margins (benchmarks/learning_margins.py): extra overrides for
+# every composed config (e.g. "seed=1 trainer.threads=1") and a file that gets every evaluated
+# round of every run, with the test that ran it. Unset in make test.
+EXTRA_OVERRIDES = os.environ.get("FEDSWEEP_TEST_OVERRIDES", "").split()
+MARGINS_FILE = os.environ.get("FEDSWEEP_MARGINS_FILE")
+if MARGINS_FILE:
+    import itertools
+    import json
+
+    from src.outputs import RoundRecorder
+
+    _record, _runs = RoundRecorder.record, itertools.count()
+
+    def _record_for_margins(self, round_done, metrics):
+        _record(self, round_done, metrics)
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+        if not hasattr(self, "margins_run"):
+            self.margins_run = next(_runs)
+        row = {"test": test, "run": self.margins_run, "overrides": EXTRA_OVERRIDES, **self.rows[-1]}
+        with open(MARGINS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    RoundRecorder.record = _record_for_margins
+
 
 def compose_config(
     overrides: list[str] | None = None, tmp_path: Path | None = None, for_tests: bool = True
@@ -42,7 +66,9 @@ def compose_config(
     if tmp_path is not None:
         base += [f"paths.output_dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'data'}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=base + list(overrides or []))
+        return compose(
+            config_name="config", overrides=base + list(overrides or []) + EXTRA_OVERRIDES
+        )
 
 
 # Five iid clients, all sampled every round, two local epochs: the smallest federation in which
@@ -54,6 +80,14 @@ FIVE_IID_CLIENTS = [
     "fl.local_epochs=2",
 ]
 ONE_BLOCK_VIT = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2"]
+# A clearly separable task (generated class prototypes plus pixel noise, 16 px, 1,500 images):
+# for learning checks of settings that learn digits too slowly to test (plain SGD on a ViT).
+SEPARABLE = [
+    "data=synthetic",
+    "data.image_size=16",
+    "data.loader.num_train=1500",
+    "data.loader.num_test=300",
+]
 
 
 def digits_config(tmp_path: Path, *overrides: str):

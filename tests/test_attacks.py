@@ -89,6 +89,7 @@ ATTACKED = [
 
 
 @pytest.mark.slow  # three runs, 75 s on 2 CPU cores; the robust rules' math is in make test
+@pytest.mark.learning
 def test_sign_flip_breaks_the_mean_but_not_the_median(make_digits_config):
     acc = {}
     for label, overrides in {

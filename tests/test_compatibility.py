@@ -3,9 +3,11 @@ tiny round with no dropped client, or is refused before training with one line. 
 is slow; a representative subset (every refusal rule and the combinations that used to fail
 quietly) runs in `make test`."""
 
+from pathlib import Path
+
 import pytest
 
-from tests.compat_matrix import cells, run_cell
+from tests.compat_matrix import cells, check_cell, read_table, run_cell
 
 SUBSET = {
     # (cell label, expected status, a part of the reason)
@@ -27,6 +29,42 @@ SUBSET = {
     "fedprox (lora) | rank_aware | label_flip": ("ok", ""),
 }
 BY_LABEL = {cell.label: cell for cell in cells()}
+TABLE_PATH = Path(__file__).resolve().parents[1] / "docs" / "compatibility.md"
+TABLE = read_table(TABLE_PATH)
+REGENERATE = "regenerate it: python -m tests.compat_matrix docs/compatibility.md"
+
+
+def _agrees_with_the_checks(label: str, tmp_path: Path) -> None:
+    """docs/compatibility.md says what the checks say before training: the same refusal line,
+    or accepted."""
+    status, found = check_cell(BY_LABEL[label], tmp_path)
+    reason = found if status == "refused" else ""
+    assert TABLE[label] == (status, reason), (
+        f"docs/compatibility.md is stale for {label}: it says {TABLE[label]}, the checks say "
+        f"{(status, reason)}; {REGENERATE}"
+    )
+
+
+def test_the_table_lists_every_cell():
+    assert set(TABLE) == set(BY_LABEL), f"docs/compatibility.md lists other cells; {REGENERATE}"
+
+
+# Every (algorithm variant, aggregator) pair, with the attacks taken in turn: every refusal rule
+# is met, in about 20 s (the pre-training checks of all cells: slow, below).
+PAIRS = sorted({label.rsplit(" | ", 1)[0] for label in BY_LABEL})
+ATTACKS = sorted({label.rsplit(" | ", 1)[1] for label in BY_LABEL})
+ROTATION = [f"{pair} | {ATTACKS[i % len(ATTACKS)]}" for i, pair in enumerate(PAIRS)]
+
+
+@pytest.mark.parametrize("label", ROTATION)
+def test_the_table_agrees_with_the_checks(label, tmp_path):
+    _agrees_with_the_checks(label, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", sorted(set(BY_LABEL) - set(ROTATION)))
+def test_the_whole_table_agrees_with_the_checks(label, tmp_path):
+    _agrees_with_the_checks(label, tmp_path)
 
 
 def test_the_subset_names_existing_cells():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from src.data import (
+    DataFileError,
     DatasetNotFoundError,
     ImageDataset,
     load_cifar10,
@@ -108,6 +109,48 @@ def test_torchvision_cifar10_rejects_fake_pickles_hence_own_reader(tmp_path):
         CIFAR10(str(tmp_path), download=False)
 
 
+def test_cifar10_accepts_bytes_keys_as_python_2_era_pickles_have_them(tmp_path):
+    batches = _write_cifar(str(tmp_path))
+    folder = tmp_path / "cifar-10-batches-py"
+    for name, entry in batches.items():  # re-written with b"data", b"labels"
+        with open(folder / name, "wb") as f:
+            pickle.dump({k.encode(): v for k, v in entry.items()}, f, protocol=2)
+    ds = load_cifar10(str(tmp_path), download=False)
+    assert ds.test.labels.tolist() == batches["test_batch"]["labels"]
+    assert np.array_equal(ds.test.images.numpy().reshape(4, -1), batches["test_batch"]["data"])
+
+
+class _WritesAFile:
+    """A pickle that, when unpickled without restriction, creates a file (os.system would do
+    anything else just as well)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong keys", "runs code", "not a pickle"])
+def test_a_damaged_cifar_batch_is_refused_naming_the_file(tmp_path, damage):
+    _write_cifar(str(tmp_path))
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    planted = tmp_path / "planted"
+    if damage == "truncated":
+        batch.write_bytes(batch.read_bytes()[:100])
+    elif damage == "wrong keys":
+        batch.write_bytes(pickle.dumps({"pixels": np.zeros((1, 3072), np.uint8)}))
+    elif damage == "runs code":
+        batch.write_bytes(pickle.dumps({"data": _WritesAFile(planted), "labels": [0]}))
+    else:
+        batch.write_bytes(b"<html>mirror error page</html>")
+    with pytest.raises(DataFileError) as refused:
+        load_cifar10(str(tmp_path), download=False)
+    message = str(refused.value)
+    assert str(batch) in message and "\n" not in message
+    assert not planted.exists()
+
+
 def test_cifar10_missing_raises_with_folder(tmp_path):
     with pytest.raises(DatasetNotFoundError) as err:
         load_cifar10(str(tmp_path), download=False)
@@ -145,6 +188,46 @@ def test_mnist_family_reads_idx_files(tmp_path, loader, folder):
     assert ds.train.labels.tolist() == train_y.tolist()
     assert np.array_equal(ds.test.images[:, 0].numpy(), test_x)
     assert ds.test.labels.tolist() == test_y.tolist()
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("truncated", "needs 4720 (truncated?)"),
+        ("wrong magic", "magic number 0x00000802, expected 0x00000803"),
+        ("header only", "shorter than its header"),
+    ],
+)
+def test_a_damaged_idx_file_is_refused_naming_the_file(tmp_path, damage, expected):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _write_idx(str(raw), "train", 6, rng)
+    _write_idx(str(raw), "t10k", 3, rng)
+    images = raw / "train-images-idx3-ubyte"
+    data = images.read_bytes()
+    if damage == "truncated":
+        images.write_bytes(data[:-100])
+    elif damage == "wrong magic":
+        images.write_bytes(struct.pack(">I", 0x802) + data[4:])
+    else:
+        images.write_bytes(data[:6])
+    with pytest.raises(DataFileError) as refused:
+        load_fashion_mnist(str(tmp_path), download=False)
+    message = str(refused.value)
+    assert str(images) in message and expected in message and "\n" not in message
+
+
+def test_idx_files_with_different_sample_counts_are_refused(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _write_idx(str(raw), "train", 6, rng)
+    _write_idx(str(raw), "t10k", 3, rng)
+    labels = raw / "train-labels-idx1-ubyte"
+    labels.write_bytes(struct.pack(">II", 0x801, 5) + bytes(5))
+    with pytest.raises(DataFileError, match="hold different numbers of samples"):
+        load_mnist(str(tmp_path), download=False)
 
 
 def test_mnist_missing_raises_with_folder(tmp_path):

@@ -55,6 +55,7 @@ FAST = [
 @pytest.mark.parametrize(
     "alg", ["fedavg", pytest.param("fedlora", marks=pytest.mark.slow), "ffa-lora"]
 )
+@pytest.mark.learning
 def test_learns_on_digits_and_writes_the_contract_outputs(alg, make_digits_config, tmp_path):
     cfg = make_digits_config(f"alg={alg}", *FAST, *MODEL[alg])
     summary = train(cfg)
@@ -86,6 +87,7 @@ def test_learns_on_digits_and_writes_the_contract_outputs(alg, make_digits_confi
         pytest.param("zeropad", [], marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.learning
 def test_heterogeneous_ranks_learn_with_each_aggregator(aggregator, model, make_digits_config):
     cfg = make_digits_config(
         "alg=fedlora", "alg.client_ranks=[2,4,8]", f"aggregator={aggregator}", *FAST, *model
@@ -110,6 +112,7 @@ PERSONALISATION_MARGIN = 0.2
 
 
 @pytest.mark.slow  # two runs, about 70 s; fedsa-flora's runs in make test: test_fedsa_flora.py
+@pytest.mark.learning
 def test_fedsa_flora_beats_fedlora_on_personal_accuracy_under_label_skew(make_digits_config):
     personal = {}
     for alg in ("fedlora", "fedsa-flora"):

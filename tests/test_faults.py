@@ -78,7 +78,7 @@ def test_a_round_where_every_client_fails_stops_with_a_usable_checkpoint(
     with pytest.raises(AllClientsFailedError, match="round 2: all 5 sampled clients failed"):
         train(make_digits_config("fl.rounds=3"))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert saved["fedsweep"]["rounds_done"] == 1
 
     monkeypatch.setattr(ClientFaults, "begin_round", real_begin_round)  # the fault is gone: resume

@@ -1,6 +1,7 @@
 """FedDPA: the local adapter trains first against the frozen, detached global one (weights a and
 1 - a), then the global adapter and head train alone and are the upload; the server averages them
-with sample weights and the local adapter never leaves the client; a deployed client weighs the
+(uniformly by default, as the reference; the test below gives the mean sample weights to check
+the weights reach it) and the local adapter never leaves the client; a deployed client weighs the
 global adapter by w(x) = beta mean_k cos(e(x), e(x_k)) and the local one by 1 - w(x) (float64,
 against the formulas written out here); and the personal models learn on digits."""
 
@@ -251,6 +252,7 @@ def test_models_without_an_instance_representation_are_refused():
     assert "text models are not supported" in str(user_error(raised.value))
 
 
+@pytest.mark.learning
 def test_feddpa_personal_models_learn_on_digits(make_digits_config):
     cfg = make_digits_config(
         "alg=feddpa",

@@ -49,6 +49,7 @@ def test_mu_zero_is_plain_local_sgd():
 
 
 @pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.learning
 def test_fedprox_learns_on_digits(make_digits_config, lora):
     cfg = make_digits_config(
         "alg=fedprox",

@@ -204,6 +204,7 @@ def test_natural_groups_aggregate_within_each_group_first(make_digits_config, tm
         "alg=fedsa-flora",
         "alg.groups=natural",
         "alg.cluster.enabled=true",
+        "alg.cluster.max_k=3",  # the elbow over k = 2..3: three groups to cluster
         "partitioner.groups=3",
         "fl.clients_per_round=10",
         "fl.rounds=1",
@@ -212,6 +213,19 @@ def test_natural_groups_aggregate_within_each_group_first(make_digits_config, tm
     record = json.loads((tmp_path / "run" / "clusters" / "round_0001.json").read_text())
     assert record["unit"] == "group" and record["units"] == [0, 1, 2]
     assert sorted(c for members in record["members"].values() for c in members) == list(range(10))
+
+
+def test_more_clusters_than_groups_is_refused_before_training(make_digits_config, tmp_path):
+    cfg = make_digits_config(
+        "alg=fedsa-flora", "alg.groups=natural", "alg.cluster.enabled=true",
+        "alg.cluster.k=4", "partitioner.groups=3", "fl.clients_per_round=10",
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        build_module(cfg, tmp_path)
+    assert str(refused.value) == (
+        "alg.cluster.k=4 but k-means sees at most 3 groups a round (the groups of "
+        "alg.groups=natural); use alg.cluster.k <= 3"
+    )
 
 
 def test_natural_groups_need_a_grouping(make_digits_config, tmp_path):
@@ -268,7 +282,7 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(make_digits_conf
 def test_checkpoint_restores_every_clients_private_state(make_digits_config, tmp_path):
     cfg = make_digits_config("alg=fedsa-flora", "fl.rounds=2", "alg.cluster.enabled=true")
     train(cfg)
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     first = build_module(cfg, tmp_path / "a")
     first.on_load_checkpoint(checkpoint)
     first._ensure_setup()

@@ -197,6 +197,7 @@ def test_rules_that_replace_the_factor_means_are_refused_before_training(aggrega
         check_aggregator(alg.shared_spec(model, K), aggregator)
 
 
+@pytest.mark.learning
 def test_lora_fair_learns_on_digits(make_digits_config):
     cfg = make_digits_config(
         "alg=lora-fair", *FIVE_IID_CLIENTS, "fl.rounds=12", "fl.eval_every=12", *ONE_BLOCK_VIT

@@ -20,7 +20,7 @@ from src.federated.compatibility import check_privacy
 from src.federated.contract import LoraLayer, Role, SharedSpec
 from src.federated.privacy import DPFedAvg, update_norm
 from src.run import train
-from tests.conftest import compose_config
+from tests.conftest import SEPARABLE, compose_config
 
 TINY = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2"]
 
@@ -428,20 +428,23 @@ def test_nan_uploads_are_dropped_and_the_run_stays_private(make_digits_config, t
     assert summary["privacy"]["rounds"] == 2
 
 
+@pytest.mark.learning
 def test_accuracy_degrades_as_sigma_grows(make_digits_config, tmp_path):
-    """One seed, three noise multipliers, 5 iid clients all sampled, C = 2 (about the median
-    update norm here, 1.3-2.0), the five trained together. Measured 2026-12-03 (CPU, 2 threads):
-    val/global_acc 0.364 (sigma 0), 0.311 (sigma 0.2), 0.106 (sigma 2, chance); the three runs
-    take 6 s under pytest on 2 quiet cores, 22 s on 2 cores shared with other jobs."""
+    """One seed, three noise multipliers, 5 iid clients all sampled, C = 2, the five trained
+    together, on a clearly separable task (generated class prototypes plus pixel noise): on
+    digits the middle sigma landed within 0.01 of chance on some seeds, too near for an order.
+    Measured over seeds 0-3 x trainer.threads 1, 2 (2026-12-06, AMD EPYC; 4 s for the three):
+    val/global_acc 0.967-0.973 (sigma 0), 0.573-0.720 (sigma 0.1), 0.090-0.170 (sigma 2)."""
     accuracy = {}
-    for sigma in (0.0, 0.2, 2.0):
+    for sigma in (0.0, 0.1, 2.0):
         cfg = make_digits_config(
-            *TINY, "partitioner=iid", "fl.num_clients=5", "fl.clients_per_round=5",
+            *TINY, *SEPARABLE, "partitioner=iid", "fl.num_clients=5", "fl.clients_per_round=5",
             "fl.rounds=4", "fl.eval_every=4", "fl.local_epochs=2", "fl.parallel_clients=5",
-            "trainer.threads=2", "privacy=dp_fedavg", "privacy.clip=2",
-            f"privacy.noise_multiplier={sigma}",
+            "privacy=dp_fedavg", "privacy.clip=2", f"privacy.noise_multiplier={sigma}",
         )  # fmt: skip
         cfg.paths.output_dir = str(tmp_path / f"sigma{sigma}")
         accuracy[sigma] = train(cfg)["final"]["val/global_acc"]
-    assert accuracy[0.0] > accuracy[0.2] > accuracy[2.0], accuracy
-    assert accuracy[2.0] < 0.15, accuracy  # chance is 0.1
+    assert accuracy[0.0] >= 0.8, accuracy  # it learns without noise (measured >= 0.967)
+    assert accuracy[0.0] > accuracy[0.1] + 0.1, accuracy  # measured gap >= 0.25
+    assert accuracy[0.1] > accuracy[2.0] + 0.2, accuracy  # measured gap >= 0.40
+    assert accuracy[2.0] < 0.3, accuracy  # chance is 0.1 (measured <= 0.17)

@@ -52,7 +52,7 @@ def _kill_after_first_checkpoint(out: Path, *overrides: str) -> int:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return saved["fedsweep"]["rounds_done"]
 
 

@@ -138,6 +138,7 @@ def test_rules_that_multiply_the_factors_are_refused_before_training(aggregator)
     check_aggregator(alg.shared_spec(model, len(BATCHES)), MeanAggregator("mean"))  # accepted
 
 
+@pytest.mark.learning
 def test_rolora_learns_on_digits(make_digits_config):
     cfg = make_digits_config(
         "alg=rolora", *FIVE_IID_CLIENTS, "fl.rounds=12", "fl.eval_every=12", *ONE_BLOCK_VIT

@@ -3,6 +3,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from src.aggregators import MeanAggregator
@@ -10,6 +11,7 @@ from src.algorithms.scaffold import CONTROL, Scaffold
 from src.federated.server import Server
 from src.run import train
 from tests.algorithm_harness import client_run, loss_grad, params_of, tiny_batches, tiny_model
+from tests.conftest import ONE_BLOCK_VIT, SEPARABLE
 
 NUM_CLIENTS, LR = 4, 0.2
 
@@ -79,24 +81,29 @@ def test_the_upload_is_dy_and_dc_and_counts_both():
     assert server.download_bytes(0, server.payload(0)) == 2 * size * 8  # x and c, float64
 
 
-def test_scaffold_learns_on_digits(make_digits_config):
+# SCAFFOLD needs plain SGD clients, and plain SGD trains a from-scratch ViT on digits slowly and
+# chaotically: after 20 rounds on the two-block ViT it reached 0.21-0.37 depending on the seed,
+# the thread count and the CPU (as is fedavg with the same SGD: 0.30), too near chance for a test.
+# Its math is checked exactly above (float64); its learning is checked on a clearly separable
+# task instead, generated class prototypes plus pixel noise (data=synthetic), where plain SGD
+# works well, as in the paper's own convex and two-layer experiments.
+
+
+@pytest.mark.learning
+def test_scaffold_learns_a_separable_task_with_plain_sgd(make_digits_config):
     cfg = make_digits_config(
-        "alg=scaffold",
-        "optim=sgd",
+        "alg=scaffold",  # picks optim=sgd_plain (lr 0.05, momentum 0): option II's plain SGD
         "optim.lr=0.1",
-        "optim.momentum=0",  # option II's plain SGD (momentum 0.9 diverges here)
+        *SEPARABLE,
         "partitioner=iid",
         "fl.num_clients=5",
         "fl.clients_per_round=5",
         "fl.local_epochs=2",
-        "fl.rounds=20",
-        "fl.eval_every=20",
-        "model.depth=2",
-        "model.embed_dim=64",
-        "model.num_heads=2",
-        "trainer.threads=2",  # auto takes 1 on a busy machine: other float sums, 0.214 here
+        "fl.rounds=5",
+        "fl.eval_every=5",
+        *ONE_BLOCK_VIT,
     )
     summary = train(cfg)
-    # chance 0.10; measured 0.367 at seed 0 on the two-block ViT (2026-12-03, 22 s on 2 cores;
-    # plain SGD trains a from-scratch ViT slowly)
-    assert summary["final"]["val/global_acc"] > 0.3
+    # chance 0.10; measured 0.747-0.853 over seeds 0-2 x trainer.threads 1, 2 (2026-12-06, AMD
+    # EPYC, 2 s a run; benchmarks/learning_margins.py): a threshold 0.25 under the lowest
+    assert summary["final"]["val/global_acc"] > 0.5

@@ -141,6 +141,7 @@ def _fit_recording(tmp_path, *overrides):
 @pytest.mark.parametrize(
     ("alg", "uploaded"), [("fedlora", (".lora_A.", ".lora_B.")), ("fedsa-flora", (".lora_A.",))]
 )
+@pytest.mark.learning
 def test_qwen_tiny_lora_lowers_the_loss_and_uploads_only_adapters(tmp_path, alg, uploaded):
     module = _fit_recording(tmp_path, f"alg={alg}", "fl.rounds=3")
     losses = [row["val/loss"] for row in module.recorder.rows]

@@ -57,6 +57,11 @@ BAD_VALUES = [
     (["++fault.on_error=retry"], ["fault.on_error='retry' must be one of 'stop', 'drop'"]),
     (["fault.fail_fraction=1.5"], ["fault.fail_fraction must be in [0, 1], got 1.5"]),
     (["resume=null"], ["resume=null must be a string"]),
+    (["fl.sampling=size"], ["fl.sampling='size' must be one of 'uniform', 'by_samples'"]),
+    (
+        ["privacy=dp_fedavg", "fl.sampling=by_samples"],
+        ["fl.sampling=by_samples with privacy=dp_fedavg", "q = m / N"],
+    ),
     (
         ["alg=scaffold", "optim=adamw"],
         ["alg=scaffold needs plain SGD clients", "got torch.optim.AdamW", "optim.momentum=0"],
@@ -82,6 +87,9 @@ def test_bad_value_names_key_value_and_what_is_allowed(overrides, expected, tmp_
         (["data.channels=3"], "data.channels=3 but data=digits has 1-channel images"),
         (["data.loader.image_size=8"], "data.image_size=16 but data=digits has 8x8 images"),
         (["data.num_classes=5"], "data.num_classes=5 but data=digits has label 9"),
+        (["model.img_size=8"], "model.img_size=8 but data=digits has 16x16 images"),
+        (["model.in_chans=3"], "model.in_chans=3 but data=digits has 1-channel images"),
+        (["model.num_classes=5"], "model.num_classes=5 but data=digits has label 9"),
     ],
 )
 def test_loaded_images_must_match_the_data_keys(overrides, expected, tmp_path):
@@ -123,6 +131,23 @@ def test_every_option_passes_with_its_defaults(group, option, tmp_path):
         (
             ["privacy=dp_fedavg", "aggregator=krum"],
             "privacy=dp_fedavg works with aggregator=mean only",
+        ),
+        (["model.img_size=8"], "model.img_size=8 but data=digits has 16x16 images"),
+        (
+            ["alg=fedsa-flora", "alg.cluster.enabled=true", "alg.cluster.k=6"],
+            "alg.cluster.k=6 but k-means sees at most 5 clients a round",
+        ),
+        (
+            ["alg=fedsa-flora", "alg.cluster.enabled=true", "fl.clients_per_round=3"],
+            "alg.cluster.max_k=5 but k-means sees at most 3 clients a round",
+        ),
+        (
+            ["aggregator=krum", "aggregator.m=6"],
+            "aggregator=krum needs at least 6 uploads per round (aggregator.m=6",
+        ),
+        (
+            ["fault.fail_fraction=0.6", "fault.nan_fraction=0.5"],
+            "fault.fail_fraction=0.6 plus fault.nan_fraction=0.5 is more than every sampled",
         ),
     ],
 )

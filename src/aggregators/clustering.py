@@ -50,7 +50,8 @@ def cluster_rows(
     x = unit_rows(np.asarray(x, dtype=np.float64))
     n = len(x)
     candidates = [k] if k is not None else list(range(min_k, max_k + 1))
-    candidates = sorted({min(c, n) for c in candidates})  # never more clusters than rows
+    if max(candidates) > n:
+        raise ValueError(f"cannot make {max(candidates)} clusters of {n} rows")
     fits = {c: KMeans(n_clusters=c, n_init=10, random_state=seed).fit(x) for c in candidates}
     inertia = {c: float(fit.inertia_) for c, fit in fits.items()}
     chosen = elbow(inertia)

@@ -110,7 +110,9 @@ class KrumAggregator(BufferedAggregator):
     def needs(self) -> Needs:
         f = self.num_byzantine  # Krum's guarantee needs K > 2f + 2
         why = f"Krum's guarantee with aggregator.num_byzantine={f} needs K > 2 * {f} + 2"
-        return Needs(equal_shapes=True, min_uploads=2 * f + 3, min_uploads_why=why)
+        if self.m > 2 * f + 3:  # Multi-Krum averages the m best: it needs m uploads
+            why = f"aggregator.m={self.m} averages the {self.m} best-scored uploads"
+        return Needs(equal_shapes=True, min_uploads=max(2 * f + 3, self.m), min_uploads_why=why)
 
     def scores(self) -> torch.Tensor:
         flat = torch.stack(
@@ -125,7 +127,8 @@ class KrumAggregator(BufferedAggregator):
 
     def _result(self) -> TensorDict:
         order = self.scores().argsort()
-        self.selected = order[: min(self.m, len(order))].tolist()
+        # m <= clients_per_round is checked before training; fewer arrive only when clients drop
+        self.selected = order[: self.m].tolist()
         weights = torch.tensor([self._weights[i] for i in self.selected], dtype=torch.float64)
         weights = weights / weights.sum()
         return {

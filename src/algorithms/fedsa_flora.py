@@ -101,17 +101,37 @@ class FedSAFLoRA(FedLoRA):
 
     def shared_spec(self, model: nn.Module, clients_per_round: int) -> SharedSpec:
         spec = super().shared_spec(model, clients_per_round)
-        if self.client_groups is None:
-            return spec
-        # the rule sees one upload per group that has a sampled client: at most G of them
-        groups = len(set(self.client_groups))
-        self.spec = dataclasses.replace(
-            spec,
-            uploads_per_round=min(groups, clients_per_round),
-            upload_unit="group",
-            options=f"{spec.options} alg.groups=natural ({groups} groups)",
-        )
-        return self.spec
+        if self.client_groups is not None:
+            # the rule sees one upload per group that has a sampled client: at most G of them
+            groups = len(set(self.client_groups))
+            self.spec = spec = dataclasses.replace(
+                spec,
+                uploads_per_round=min(groups, clients_per_round),
+                upload_unit="group",
+                options=f"{spec.options} alg.groups=natural ({groups} groups)",
+            )
+        if self.cluster["enabled"] and spec.uploads_per_round < 2:
+            raise ConfigError(
+                f"alg.cluster.enabled=true but the server sees {spec.uploads_per_round} "
+                f"{spec.upload_unit} a round: nothing to cluster; use fl.clients_per_round >= 2"
+            )
+        if self.cluster["enabled"] and self.clusters_needed > spec.uploads_per_round:
+            key = "k" if self.cluster["k"] is not None else "max_k"
+            source = (
+                "the groups of alg.groups=natural" if self.client_groups else "fl.clients_per_round"
+            )
+            raise ConfigError(
+                f"alg.cluster.{key}={self.clusters_needed} but k-means sees at most "
+                f"{spec.uploads_per_round} {spec.upload_unit}s a round ({source}); "
+                f"use alg.cluster.{key} <= {spec.uploads_per_round}"
+            )
+        return spec
+
+    @property
+    def clusters_needed(self) -> int:
+        """The uploads k-means needs in a round: k, or max_k for the elbow over [min_k, max_k]."""
+        k = self.cluster["k"]
+        return int(k) if k is not None else int(self.cluster["max_k"])
 
     @property
     def streams_uploads(self) -> bool:
@@ -153,8 +173,14 @@ class FedSAFLoRA(FedLoRA):
         for unit in units:
             aggregator.add(unit.tensors, unit.weight, unit.id)
         aggregator.finish(self.server_update)
-        if self.cluster["enabled"] and len(units) >= 2:
+        if self.cluster["enabled"] and len(units) >= max(2, self.clusters_needed):
             self._cluster(units, aggregator.state)
+        elif self.cluster["enabled"]:  # clients dropped out this round (fault injection)
+            log.warning(
+                "round %d: %d %ss uploaded, k-means needs %d (alg.cluster): no clustering this "
+                "round; every client keeps the cluster it follows",
+                self.round_idx + 1, len(units), self.spec.upload_unit, self.clusters_needed,
+            )  # fmt: skip
         self._uploads = []
 
     def server_metrics(self) -> dict[str, float]:

@@ -18,13 +18,15 @@ pinned by tests/test_perfed.py (the table is in docs/fidelity.md):
 - `train_all_clients=true`: every client trains every round (its w_k moves); only the sampled
   clients' x_k are aggregated (false: only the sampled clients train, as usual in fedsweep);
 - `weighting=uniform`: agg is the simple mean of the x_k (the reference's `simpleaverage`);
-- `weight_decay=0`: the reference passes wd=1e-3, but its optimizer adds it out of place
-  (`d_p.add(...)`), so it never acts; a value > 0 here does act (SGD's weight decay on w_k);
+- `weight_decay=null`: the reference client of each coupling. coupling=l1 is its `lp_proj`
+  client, which passes wd=1e-3 but adds it out of place (`d_p.add(...)`), so it never acts: 0
+  here. coupling=l2 is its `proj` client, which applies wd=1e-3 in place: 1e-3 here (SGD's weight
+  decay on w_k, the same update). A number sets it for either coupling;
 - a trained tensor without a gradient (unused in the forward) takes no step, as in the reference;
 - x_k is kept in the personal model's precision (float32 for bf16/fp16 models).
-Known differences: for coupling=l2 the reference's x step divides by |x_k - P w|_2 (the gradient
-of |z|_2) while its w step uses the gradient of 1/2 |z|^2; here both use 1/2 |z|^2 (one
-objective). The reference stops a local round early when the loss stops changing (< 1e-20).
+coupling=l2 follows the reference's `proj` client exactly (both steps use the gradient of
+1/2 |z|^2). Known difference: the reference stops a local round early when the loss stops
+changing (< 1e-20).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from src.errors import ConfigError
 from src.federated.contract import Role, SharedSpec
 
 COUPLINGS = ("l1", "l2")
+# alg.weight_decay=null: what the reference client of each coupling applies (module docstring)
+REFERENCE_WEIGHT_DECAY = {"l1": 0.0, "l2": 1e-3}
 
 
 class PerFed(Algorithm):
@@ -60,7 +64,7 @@ class PerFed(Algorithm):
         use_lora: bool = False,
         trainable: Sequence[str] = ("head",),
         grad_clip: float | None = 60.0,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         train_all_clients: bool = True,
         server_lr: float | None = None,  # read by the aggregator (aggregator.server_lr)
         weighting: str = "uniform",  # read by the aggregator (aggregator.weighting)
@@ -76,6 +80,8 @@ class PerFed(Algorithm):
                 raise ConfigError(f"alg.{key} must be >= 0, got {value}")
         if grad_clip is not None and grad_clip <= 0:
             raise ConfigError(f"alg.grad_clip must be > 0 or null (no clipping), got {grad_clip}")
+        if weight_decay is None:  # the reference client's: lp_proj's never acts, proj's does
+            weight_decay = REFERENCE_WEIGHT_DECAY[coupling]
         if weight_decay < 0:
             raise ConfigError(f"alg.weight_decay must be >= 0, got {weight_decay}")
         if not 0 < beta <= 1:

@@ -1,6 +1,7 @@
 """Datasets (uint8 image tensors) and client partitioners."""
 
 from src.data.datasets import (
+    DataFileError,
     DatasetNotFoundError,
     ImageDataset,
     ImageSplit,
@@ -22,6 +23,7 @@ from src.data.partitioners import (
 
 __all__ = [
     "ClientSplit",
+    "DataFileError",
     "DatasetNotFoundError",
     "DirichletPartitioner",
     "IidPartitioner",

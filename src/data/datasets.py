@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,25 +134,111 @@ def _load_torchvision(
     return ImageDataset(name, train, test, 10, mean, std)
 
 
+class DataFileError(ConfigError):
+    """A dataset file is there but is not what its format says (truncated, wrong header)."""
+
+
+# What a CIFAR-10 batch pickle may name: numpy's array constructors (protocols 2-5) and the
+# codec python-2 pickles use for raw bytes. Nothing else: a data file must not run code.
+_CIFAR_GLOBALS = {
+    *((f"numpy{core}.multiarray", "_reconstruct") for core in ("._core", ".core")),
+    *((f"numpy{core}.numeric", "_frombuffer") for core in ("._core", ".core")),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which a CIFAR batch never does"
+            )
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, list[int]]:
+    """One batch file: {"data": uint8 [N, 3072], "labels": [N]}, keys as str or bytes (python-2
+    era pickles and some mirrors keep them as bytes)."""
+    with open(path, "rb") as f:  # FileNotFoundError when absent
+        try:
+            entry = _CifarUnpickler(f, encoding="latin1").load()  # the originals: python-2 pickles
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+            raise DataFileError(
+                f"data=cifar10: {path} is not a readable CIFAR-10 batch ({error or 'truncated'}); "
+                "replace it with the original file"
+            ) from None
+    if isinstance(entry, dict):
+        entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    data = entry.get("data") if isinstance(entry, dict) else None
+    labels = np.asarray(entry.get("labels", []) if isinstance(entry, dict) else [])
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3 * 32 * 32
+        or labels.shape != (len(data),)
+        or labels.dtype.kind not in "iu"
+        or (len(labels) and not 0 <= labels.min() <= labels.max() < 10)
+    ):
+        got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise DataFileError(
+            f"data=cifar10: {path} is not a CIFAR-10 batch (expected 'data': uint8 [N, 3072] "
+            f"and 'labels': N ints in 0..9; got {got}); replace it with the original file"
+        )
+    return data, labels.tolist()
+
+
 def _read_cifar10(root: str, train: bool) -> tuple[np.ndarray, list[int]]:
     # We read the pickles ourselves instead of using torchvision.datasets.CIFAR10, because that
     # class checks the md5 of every batch file and rejects any file it did not download itself
-    # (re-packed copies, the test fixtures). The format is CIFAR's documented python pickle:
-    # {"data": uint8 [N, 3072] (R, G, B planes of 32x32), "labels": [N]}.
+    # (re-packed copies, the test fixtures), and unpickles with no restriction. The format is
+    # CIFAR's documented python pickle: {"data": uint8 [N, 3072] (R, G, B planes), "labels": [N]}.
     folder = os.path.join(root, "cifar-10-batches-py")
     files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     data, labels = [], []
     for file in files:
-        with open(os.path.join(folder, file), "rb") as f:  # FileNotFoundError when absent
-            entry = pickle.load(f, encoding="latin1")  # the originals are python-2 pickles
-        data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry["labels"])
+        batch, batch_labels = _read_cifar_batch(os.path.join(folder, file))
+        data.append(batch.reshape(-1, 3, 32, 32))
+        labels.extend(batch_labels)
     return np.concatenate(data), labels
 
 
+def _check_idx(path: str, ndim: int) -> int:
+    """An MNIST-format idx file of unsigned bytes with `ndim` dimensions: its header's magic
+    number, and a size that matches the dimensions it declares. Returns the first dimension."""
+    with open(path, "rb") as f:
+        header = f.read(4 * (ndim + 1))
+        size = os.fstat(f.fileno()).st_size
+    problem = None
+    if len(header) < 4 * (ndim + 1):
+        problem = f"{size} bytes, shorter than its header"
+    else:
+        magic, *dims = struct.unpack(f">{ndim + 1}I", header)
+        expected = 4 * (ndim + 1) + int(np.prod(dims))
+        if magic != 0x800 + ndim:
+            problem = f"magic number {magic:#010x}, expected {0x800 + ndim:#010x}"
+        elif size != expected:
+            problem = f"{size} bytes, but its header {dims} needs {expected} (truncated?)"
+    if problem:
+        raise DataFileError(
+            f"{path} is not an idx file of {ndim}-d uint8 data ({problem}); "
+            "replace it with the original (uncompressed) file"
+        )
+    return dims[0]
+
+
 def _torchvision_reader(cls) -> Reader:
-    # MNIST-style classes only check that the raw files exist (no md5) and decode the idx files.
+    # MNIST-style classes only check that the raw files exist (no md5) and decode the idx files;
+    # their decoder asserts, so the files' headers and sizes are checked here first.
     def read(root: str, train: bool):
+        folder, prefix = os.path.join(root, cls.__name__, "raw"), "train" if train else "t10k"
+        images = os.path.join(folder, f"{prefix}-images-idx3-ubyte")
+        labels = os.path.join(folder, f"{prefix}-labels-idx1-ubyte")
+        if os.path.isfile(images) and os.path.isfile(labels):  # else torchvision says missing
+            if _check_idx(images, 3) != _check_idx(labels, 1):
+                raise DataFileError(f"{images} and {labels} hold different numbers of samples")
         ds = cls(root=root, train=train, download=False)
         return ds.data, ds.targets
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from src.errors import ConfigError
+from src.safe_load import load_tensors_only
 
 # Keys that may change between a run and its resumption: where things go, how they are shown,
 # how often checkpoints are written, and how many rounds to run in total.
@@ -63,14 +66,40 @@ def resume_path(resume: str, output_dir: Path) -> Path | None:
     return path
 
 
+OLD_CHECKPOINT_HINT = (
+    "A checkpoint of fedsweep before 2026-12 (numpy RNG state) converts with "
+    "python -m src.convert_checkpoint PATH; anything else is not a fedsweep checkpoint"
+)
+
+
 def read_saved_run(path: Path) -> dict:
     """The fedsweep part of a checkpoint (config, rounds done, W&B id), without loading the
-    tensors into memory."""
+    tensors into memory. Loaded as weights only: a checkpoint must not run code."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:
-        raise ConfigError(f"resume: {path} is not a readable checkpoint ({error})") from error
-    return checkpoint.get("fedsweep", {})
+        checkpoint = load_tensors_only(path, f"resume={path}", OLD_CHECKPOINT_HINT, mmap=True)
+    except (RuntimeError, EOFError, OSError) as error:  # truncated, not a torch zip file
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ConfigError(f"resume={path}: not a readable checkpoint ({first})") from None
+    if not isinstance(checkpoint, dict) or "fedsweep" not in checkpoint:
+        raise ConfigError(f"resume={path}: not a fedsweep checkpoint (no 'fedsweep' entry)")
+    return checkpoint["fedsweep"]
+
+
+def portable_rng_states() -> dict:
+    """Every RNG state as tensors and plain values, so the checkpoint loads as weights only
+    (numpy's state holds an array, which only full unpickling would restore)."""
+    states = _collect_rng_states()
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    keys = torch.from_numpy(keys.astype(np.int64))
+    states["numpy"] = [name, keys, position, has_gauss, cached_gaussian]
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    """The inverse of `portable_rng_states`."""
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    keys = keys.numpy().astype(np.uint32)
+    _set_rng_states({**states, "numpy": (name, keys, position, has_gauss, cached_gaussian)})
 
 
 def check_same_config(saved: dict, current: dict, path: Path) -> None:

@@ -37,7 +37,8 @@ class Evaluator:
             module.deploy(None)
             metrics, hits, counts = self._evaluate_global_model()
         if module.federation.is_text:
-            metrics["val/ppl"] = math.exp(min(metrics["val/loss"], 50.0))
+            loss = metrics["val/loss"]  # exp overflows a float past 709: the perplexity is inf
+            metrics["val/ppl"] = math.exp(loss) if loss <= 709 else math.inf
             metrics["val/token_acc"] = metrics["val/global_acc"]
         for client_id in self.malicious:  # only honest clients are evaluated
             hits[client_id] = counts[client_id] = 0

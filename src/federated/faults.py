@@ -28,6 +28,11 @@ class ClientFaults(UploadTransform):
         if on_error not in ON_ERROR:
             raise ConfigError(f"fault.on_error must be one of stop, drop; got {on_error!r}")
         self.fail_fraction, self.nan_fraction = float(fail_fraction), float(nan_fraction)
+        if self.fail_fraction + self.nan_fraction > 1:
+            raise ConfigError(
+                f"fault.fail_fraction={fail_fraction} plus fault.nan_fraction={nan_fraction} is "
+                "more than every sampled client; use fractions that sum to at most 1"
+            )
         self.on_error = on_error
         self.failing: set[int] = set()
         self.poisoned: set[int] = set()
@@ -38,6 +43,8 @@ class ClientFaults(UploadTransform):
             return
         order = np.random.default_rng([seed, round_idx, _FAULT_STREAM]).permutation(sampled)
         fail = round(self.fail_fraction * len(sampled))
+        # rounding both up can ask for one more than there are (0.5 + 0.5 of 3 clients): the NaN
+        # group gets the rest
         nan = min(round(self.nan_fraction * len(sampled)), len(sampled) - fail)
         self.failing = {int(c) for c in order[:fail]}
         self.poisoned = {int(c) for c in order[fail : fail + nan]}

@@ -17,13 +17,13 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
-from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader
 
 from src.algorithms import Algorithm
 from src.errors import AllClientsFailedError, RunInterrupted
+from src.federated.checkpoint import portable_rng_states, restore_rng_states
 from src.federated.client_loop import ClientLoop
 from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
@@ -59,6 +59,7 @@ class FederatedModule(pl.LightningModule):
         malicious: set[int] | frozenset[int] = frozenset(),
         drop_client_errors: bool = False,
         parallel_clients: int | str = 1,  # fl.parallel_clients: a count or auto
+        sampling: str = "uniform",  # fl.sampling: uniform | by_samples
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -68,6 +69,7 @@ class FederatedModule(pl.LightningModule):
         self.federation = federation
         self.rounds = rounds
         self.clients_per_round = clients_per_round
+        self.sampling = sampling
         self.eval_every = eval_every
         self.seed = seed
         self.recorder = recorder or RoundRecorder(None)
@@ -156,8 +158,9 @@ class FederatedModule(pl.LightningModule):
         round_idx = self.round
         self._check_interrupt()
         sampled = sample_clients(
-            self.federation.num_clients, self.clients_per_round, self.seed, round_idx
-        )
+            self.federation.num_clients, self.clients_per_round, self.seed, round_idx,
+            weights=self.federation.summary["train_samples"] if self.sampling == "by_samples" else None,
+        )  # fmt: skip
         training = list(sampled)
         if self.algorithm.trains_unsampled:  # all train; the sampled ones are aggregated
             chosen = set(sampled)
@@ -266,7 +269,7 @@ class FederatedModule(pl.LightningModule):
             "history": self.recorder.rows,
             "dropped": self.dropped,
             "transforms": self.transforms.state_dict(),
-            "rng": _collect_rng_states(),
+            "rng": portable_rng_states(),
             "config": self.run_config,
             "wandb_id": self.wandb_id,
         }
@@ -280,4 +283,4 @@ class FederatedModule(pl.LightningModule):
         self.dropped = list(state.get("dropped", []))
         self.transforms.load_state_dict(state.get("transforms", {}))
         if "rng" in state:
-            _set_rng_states(state["rng"])
+            restore_rng_states(state["rng"])

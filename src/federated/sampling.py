@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -9,10 +11,19 @@ _SAMPLING_STREAM = 0x5A3
 _CLIENT_STREAM = 0xC11
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, round_idx: int) -> list[int]:
-    """`per_round` distinct client ids, uniformly at random, sorted."""
+def sample_clients(
+    num_clients: int,
+    per_round: int,
+    seed: int,
+    round_idx: int,
+    weights: Sequence[float] | None = None,
+) -> list[int]:
+    """`per_round` distinct client ids, sorted: uniformly at random, or (`weights`, e.g. the
+    clients' train samples) drawn one after the other with probability proportional to the
+    weights of those not yet drawn (numpy's `choice(replace=False, p=...)`)."""
     rng = np.random.default_rng([seed, round_idx, _SAMPLING_STREAM])
-    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
+    p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    return sorted(rng.choice(num_clients, size=per_round, replace=False, p=p).tolist())
 
 
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:

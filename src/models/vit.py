@@ -18,6 +18,7 @@ from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 
 from src.errors import ConfigError
+from src.safe_load import load_tensors_only
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,13 @@ def _adapt_shapes(sd: dict, model: torch.nn.Module) -> None:
         sd["patch_embed.proj.weight"] = adapt_input_conv(tconv.shape[1], conv)
 
 
+SAVE_WEIGHTS_HINT = (
+    "Save the weights as a state dict (torch.save(model.state_dict(), path)) or a .safetensors "
+    "file; a fedsweep checkpoint of an older version converts with "
+    "python -m src.convert_checkpoint PATH"
+)
+
+
 def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Initialise ``model`` from a local file (``model.weights``); returns the model.
 
@@ -152,22 +160,22 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         raise ModelLoadError(
             f"model.weights={path}: no such file; give a state dict or checkpoint, or set model.weights=null"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
+        try:
             obj = load_file(str(path))
-        else:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except (
-                Exception
-            ):  # Lightning checkpoints may pickle configs: the file is the user's own
-                obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ModelLoadError(
-            f"model.weights={path}: cannot be read ({type(e).__name__}: {e})"
-        ) from e
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"model.weights={path}: cannot be read ({e})") from None
+    else:
+        try:  # never full unpickling: a shared weights file must not run code (src/safe_load.py)
+            obj = load_tensors_only(path, f"model.weights={path}", SAVE_WEIGHTS_HINT)
+        except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ModelLoadError(
+                f"model.weights={path}: cannot be read ({type(e).__name__}: {first})"
+            ) from None
     if not isinstance(obj, dict):
         raise ModelLoadError(
             f"model.weights={path}: expected a state dict, got {type(obj).__name__}"
