@@ -263,8 +263,9 @@ def test_feddpa_personal_models_learn_on_digits(make_digits_config):
         "fl.rounds=8",
         "fl.eval_every=8",
         *ONE_BLOCK_VIT,
+        "optim.lr=0.005",  # LoRA on a random backbone: at lr 1e-3 it reached 0.32-0.41
     )
     summary = train(cfg)
-    # chance 0.10; measured 0.45 at seed 0 (2026-12-03, 10 s on 2 CPU cores; fedlora's global
-    # model 0.26 with the same settings)
-    assert summary["final"]["val/personal_acc"] > 0.3
+    # chance 0.10; measured 0.383-0.559 over seeds 0-2 x trainer.threads 1, 2 (2026-12-06, AMD
+    # EPYC, 10 s; benchmarks/learning_margins.py)
+    assert summary["final"]["val/personal_acc"] > 0.25

@@ -5,12 +5,13 @@ import torch
 
 from src.aggregators import ZeroPadAggregator
 from src.run import build_module, build_trainer
-from tests.conftest import RecordingMean
+from tests.conftest import ONE_BLOCK_VIT, RecordingMean, digits_config
 
 
-@pytest.fixture
-def one_round(make_digits_config, tmp_path):
-    cfg = make_digits_config("alg=fedlora", "fl.rounds=1")
+@pytest.fixture(scope="module")  # one run, only read by the tests below
+def one_round(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("one_round")
+    cfg = digits_config(tmp_path, "alg=fedlora", "fl.rounds=1", *ONE_BLOCK_VIT)
     module = build_module(cfg, tmp_path)
     module.aggregator = RecordingMean()
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}

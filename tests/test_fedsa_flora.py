@@ -14,7 +14,7 @@ from src.errors import ConfigError, user_error
 from src.federated.contract import Role, SharedSpec
 from src.federated.server import Server
 from src.run import build_base_model, build_module, build_trainer, train
-from tests.conftest import RecordingMean
+from tests.conftest import ONE_BLOCK_VIT, RecordingMean, digits_config
 
 
 class RecordingFedSA(FedSAFLoRA):
@@ -33,9 +33,12 @@ def _fit(cfg, module):
     return module
 
 
-@pytest.fixture
-def one_round(make_digits_config, tmp_path):
-    cfg = make_digits_config("alg=fedsa-flora", "fl.rounds=1", "alg.client_ranks=[4,8]")
+@pytest.fixture(scope="module")  # one run, only read by the tests below
+def one_round(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("one_round")
+    cfg = digits_config(
+        tmp_path, "alg=fedsa-flora", "fl.rounds=1", "alg.client_ranks=[4,8]", *ONE_BLOCK_VIT
+    )
     module = build_module(cfg, tmp_path)
     module.algorithm.__class__ = RecordingFedSA
     module.algorithm.trained_private = {}

@@ -200,9 +200,10 @@ def test_rules_that_replace_the_factor_means_are_refused_before_training(aggrega
 @pytest.mark.learning
 def test_lora_fair_learns_on_digits(make_digits_config):
     cfg = make_digits_config(
-        "alg=lora-fair", *FIVE_IID_CLIENTS, "fl.rounds=12", "fl.eval_every=12", *ONE_BLOCK_VIT
-    )
+        "alg=lora-fair", *FIVE_IID_CLIENTS, "fl.rounds=20", "fl.eval_every=20", *ONE_BLOCK_VIT,
+        "optim.lr=0.005",  # LoRA on a random backbone: 12 rounds at lr 1e-3 gave 0.29-0.35
+    )  # fmt: skip
     summary = train(cfg)
-    # chance 0.10; LoRA + head on a random one-block ViT: measured 0.43 at seed 0 (fedlora 0.33
-    # with these settings; 2026-12-03, 8-10 s on 2 CPU cores)
-    assert summary["final"]["val/personal_acc"] > 0.25
+    # chance 0.10; LoRA + head on a random one-block ViT: measured 0.345-0.436 over seeds 0-2 x
+    # trainer.threads 1, 2 (2026-12-06, AMD EPYC, 11 s; benchmarks/learning_margins.py)
+    assert summary["final"]["val/personal_acc"] > 0.2
