@@ -79,6 +79,7 @@ QUICK = [
     "fl.batch_size=32",
     "data.loader.num_train=800",
     "data.loader.num_test=100",
+    "model.depth=1",  # the code path, not the numbers: the test suite runs it
 ]
 
 

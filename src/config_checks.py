@@ -52,6 +52,27 @@ _PRIVACY_RULES = (
     ("privacy.clipped_count_stddev", float | None, *_null_or(lambda v: v > 0, "> 0")),
 )
 
+
+def _multiple_of(key):
+    return (
+        lambda v, c: v >= 1 and v % OmegaConf.select(c, key) == 0,
+        f">= 1 and a multiple of {key}={{c.{key}}}",
+    )
+
+
+# the architecture keys of the model options (vit_small32; qwen_tiny): what timm / transformers
+# would otherwise stop on with an assertion. The divisor comes first, so it is >= 1 when used.
+_MODEL_RULES = (
+    *((f"model.{key}", int, *_at_least(1)) for key in ("depth", "num_heads", "patch_size")),
+    ("model.embed_dim", int, *_multiple_of("model.num_heads")),
+    ("model.mlp_ratio", float, *_above(0)),
+    *((f"model.{key}", float, *_BELOW_ONE) for key in ("drop_rate", "drop_path_rate")),
+    *((f"model.{key}", int, *_at_least(1)) for key in ("num_hidden_layers", "intermediate_size")),
+    ("model.num_key_value_heads", int, *_at_least(1)),
+    ("model.num_attention_heads", int, *_multiple_of("model.num_key_value_heads")),
+    ("model.hidden_size", int, *_multiple_of("model.num_attention_heads")),
+)
+
 # (key, type, test of the value, what is allowed; "{c.x}" reads the config). Absent keys pass.
 RULES = (
     ("seed", int, *_at_least(0)),
@@ -86,6 +107,8 @@ RULES = (
     ("trainer.threads", Literal["auto"] | int, *_AUTO_OR_COUNT),
     ("fl.parallel_clients", Literal["auto"] | int, *_AUTO_OR_COUNT),
     ("fl.sampling", Literal["uniform", "by_samples"], *_ANY),
+    ("data.loader.noise", float, *_at_least(0)),  # data=synthetic's pixel noise std
+    *_MODEL_RULES,
     *_PRIVACY_RULES,
 )
 WHY = {

@@ -18,10 +18,11 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch import nn
 
 from src.config_checks import check_dataset_matches, validate_config
@@ -177,7 +178,15 @@ def build_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
     """The Lightning Trainer of `cfg.trainer` (less `threads`, which is fedsweep's own key)."""
     node = OmegaConf.to_container(cfg.trainer, resolve=True)
     node.pop("threads", None)
-    return instantiate(node, **kwargs)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:  # Lightning refuses the settings (no GPU, ...)
+        if not isinstance(error.__cause__, MisconfigurationException):
+            raise
+        given = [k for k in ("accelerator", "devices", "strategy") if k in node]
+        keys = " ".join(f"trainer.{k}={node[k]}" for k in given)
+        first = str(error.__cause__).strip().splitlines()[0]
+        raise ConfigError(f"{keys}: Lightning refuses them ({first})") from None
 
 
 def set_threads(cfg: DictConfig) -> None:

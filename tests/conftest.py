@@ -90,12 +90,15 @@ SEPARABLE = [
 ]
 
 
+# The quickstart's own six-block ViT, for the learning tests whose thresholds were measured on it.
+QUICKSTART_VIT = ["model.depth=6", "model.embed_dim=128", "model.num_heads=4"]
+
+
 def digits_config(tmp_path: Path, *overrides: str):
-    """A small, fast federation on scikit-learn's digits (offline)."""
-    return compose_config(
-        ["experiment=quickstart", "logger=none", "fl.rounds=2", "fl.eval_every=1", *overrides],
-        tmp_path,
-    )
+    """A small, fast federation on scikit-learn's digits (offline): the quickstart with a
+    one-block ViT, one local epoch and two rounds, unless `overrides` say otherwise."""
+    fast = ["fl.rounds=2", "fl.eval_every=1", "fl.local_epochs=1", *ONE_BLOCK_VIT]
+    return compose_config(["experiment=quickstart", "logger=none", *fast, *overrides], tmp_path)
 
 
 @pytest.fixture
@@ -117,6 +120,19 @@ class RecordingMean(MeanAggregator):
         self.weights.append(weight)
         self.client_ids.append(client_id)
         super()._add(upload, weight, client_id)
+
+
+def run_main(args: list[str], monkeypatch, capfd) -> tuple[int, str]:
+    """`python -m src.run ARGS` in this process (no interpreter start-up): (exit code, output).
+    For runs that stop before training; `run_cli` for whole runs."""
+    from src.run import main
+
+    GlobalHydra.instance().clear()
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["src.run", *args])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    return stopped.value.code, "\n".join(capfd.readouterr())
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

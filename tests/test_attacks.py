@@ -6,6 +6,7 @@ import torch
 from src.errors import ConfigError
 from src.federated.attacks import Attack
 from src.run import train
+from tests.conftest import QUICKSTART_VIT
 
 
 def _attack(name, fraction=0.2, num_clients=10, seed=0):
@@ -79,6 +80,7 @@ def test_bad_attack_options_name_the_key(name, fraction):
 # mean 0.097 (chance); attacked median 0.439. Margins: the attack costs the mean at least 0.25,
 # the median at most 0.10.
 ATTACKED = [
+    *QUICKSTART_VIT,
     "partitioner=iid",
     "fl.num_clients=10",
     "fl.clients_per_round=10",

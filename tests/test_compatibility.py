@@ -49,11 +49,12 @@ def test_the_table_lists_every_cell():
     assert set(TABLE) == set(BY_LABEL), f"docs/compatibility.md lists other cells; {REGENERATE}"
 
 
-# Every (algorithm variant, aggregator) pair, with the attacks taken in turn: every refusal rule
-# is met, in about 20 s (the pre-training checks of all cells: slow, below).
+# Every fourth (algorithm variant, aggregator) pair, with the attacks taken in turn: each variant
+# meets two or three aggregators, every aggregator and attack is met about equally often; about
+# 54 cells, 15 s (the pre-training checks of every cell: slow, below).
 PAIRS = sorted({label.rsplit(" | ", 1)[0] for label in BY_LABEL})
 ATTACKS = sorted({label.rsplit(" | ", 1)[1] for label in BY_LABEL})
-ROTATION = [f"{pair} | {ATTACKS[i % len(ATTACKS)]}" for i, pair in enumerate(PAIRS)]
+ROTATION = [f"{pair} | {ATTACKS[i % len(ATTACKS)]}" for i, pair in enumerate(PAIRS)][::4]
 
 
 @pytest.mark.parametrize("label", ROTATION)

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from src.run import train
-from tests.conftest import CONF_DIR, digits_config, run_cli
+from tests.conftest import CONF_DIR, ONE_BLOCK_VIT, digits_config, run_cli
 
 SMALL = [
     "fl.rounds=2",
@@ -25,6 +25,7 @@ SMALL = [
     "fl.local_epochs=1",
     "fl.num_clients=6",
     "fl.clients_per_round=4",
+    *ONE_BLOCK_VIT,
 ]
 ALGS = ["fedavg", "fedlora", "fedsa-flora"]  # fedsa-flora: private states and personal evaluation
 

@@ -16,7 +16,9 @@ def test_a_clients_upload_does_not_depend_on_the_clients_before_it(
     uploads = {}
     for order in ("forward", "reversed"):
         if order == "reversed":  # the same sampled clients, run in the opposite order
-            monkeypatch.setattr(orchestrator, "sample_clients", lambda *a: sample(*a)[::-1])
+            monkeypatch.setattr(
+                orchestrator, "sample_clients", lambda *a, **kw: sample(*a, **kw)[::-1]
+            )
         cfg = make_digits_config("alg=fedavg", "fl.rounds=1", "fl.clients_per_round=3")
         module = build_module(cfg, tmp_path / order)
         module.aggregator = RecordingMean()

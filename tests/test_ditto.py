@@ -48,14 +48,11 @@ def test_ditto_personal_models_learn_on_digits(make_digits_config):
         "fl.local_epochs=2",
         "fl.rounds=8",
         "fl.eval_every=8",
-        "model.depth=2",
-        "model.embed_dim=64",
-        "model.num_heads=2",
-    )
+    )  # on the one-block ViT (a two-block one: 0.638-0.764, in twice the time)
     summary = train(cfg)
-    # chance 0.10; measured 0.638-0.764 over seeds 0-2 x trainer.threads 1, 2 with lam=1
-    # (2026-12-06, AMD EPYC, 13 s; benchmarks/learning_margins.py)
-    assert summary["final"]["val/personal_acc"] > 0.5
+    # chance 0.10; measured 0.562-0.575 over seeds 0-2 with lam=1 (2026-12-06, AMD EPYC, 7 s;
+    # benchmarks/learning_margins.py has the thread counts too)
+    assert summary["final"]["val/personal_acc"] > 0.4
 
 
 def test_by_samples_sampling_draws_each_client_in_proportion_to_its_train_samples():

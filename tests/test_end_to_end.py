@@ -17,6 +17,7 @@ import json
 import pytest
 
 from src.run import train
+from tests.conftest import QUICKSTART_VIT
 
 CONTRACT_COLUMNS = {
     "round",
@@ -33,7 +34,7 @@ CONTRACT_COLUMNS = {
 
 THRESHOLDS = {"fedavg": 0.5, "fedlora": 0.3, "ffa-lora": 0.3}
 SMALL_VIT = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2"]
-MODEL = {"fedavg": SMALL_VIT, "fedlora": [], "ffa-lora": SMALL_VIT}
+MODEL = {"fedavg": SMALL_VIT, "fedlora": QUICKSTART_VIT, "ffa-lora": SMALL_VIT}
 # Heterogeneous ranks [2, 4, 8] on the random frozen backbone: 2.5 times chance. Measured at seed 0
 # with these settings on six blocks: stack 0.50, svd 0.44, zeropad 0.38 (zeropad dilutes the
 # high-rank rows); stack on two blocks (SMALL_VIT, in make test) 0.406-0.458 over seeds 0-2 x
@@ -84,8 +85,8 @@ def test_learns_on_digits_and_writes_the_contract_outputs(alg, make_digits_confi
     "aggregator, model",
     [
         ("stack", SMALL_VIT),
-        pytest.param("svd", [], marks=pytest.mark.slow),
-        pytest.param("zeropad", [], marks=pytest.mark.slow),
+        pytest.param("svd", QUICKSTART_VIT, marks=pytest.mark.slow),
+        pytest.param("zeropad", QUICKSTART_VIT, marks=pytest.mark.slow),
     ],
 )
 @pytest.mark.learning
@@ -102,6 +103,7 @@ def test_heterogeneous_ranks_learn_with_each_aggregator(aggregator, model, make_
 # B and head can fit its few classes; one shared model has to serve every client. Measured at seed
 # 0 with these settings: fedsa-flora personal_acc 0.71, fedlora 0.25 (16 s each on 2 CPU cores).
 SKEWED = [
+    *QUICKSTART_VIT,
     "partitioner.alpha=0.1",
     "fl.num_clients=10",
     "fl.clients_per_round=10",

@@ -7,6 +7,7 @@ import torch
 from src.algorithms.fedprox import FedProx
 from src.run import train
 from tests.algorithm_harness import client_run, loss_grad, params_of, tiny_batches, tiny_model
+from tests.conftest import QUICKSTART_VIT
 
 
 def test_local_steps_follow_the_proximal_gradient():
@@ -60,7 +61,7 @@ def test_fedprox_learns_on_digits(make_digits_config, lora):
         "fl.local_epochs=2",
         "fl.rounds=12",
         "fl.eval_every=12",
-        *([] if lora else ["model.depth=2", "model.embed_dim=64", "model.num_heads=2"]),
+        *(QUICKSTART_VIT if lora else ["model.depth=2", "model.embed_dim=64", "model.num_heads=2"]),
     )
     summary = train(cfg)
     # chance is 0.10; the whole two-block ViT: 0.669-0.783 over seeds 0-2 x trainer.threads 1, 2

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT
+from tests.conftest import ONE_BLOCK_VIT, ROOT
 
 
 def test_sigterm_writes_an_interrupted_summary_and_the_run_resumes(tmp_path):
@@ -20,9 +20,10 @@ def test_sigterm_writes_an_interrupted_summary_and_the_run_resumes(tmp_path):
         "experiment=quickstart",
         "logger=none",
         "trainer.enable_progress_bar=false",
-        "fl.rounds=4",
-        "fl.eval_every=4",
+        "fl.rounds=12",  # a one-block ViT: 0.2-0.5 s a round, so the stop lands mid-run
+        "fl.eval_every=12",
         "fl.local_epochs=1",
+        *ONE_BLOCK_VIT,
         f"hydra.run.dir={tmp_path}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -32,7 +33,7 @@ def test_sigterm_writes_an_interrupted_summary_and_the_run_resumes(tmp_path):
     lines = []
     for line in proc.stdout:  # wait for the first completed round, then pre-empt
         lines.append(line)
-        if "round 1/4" in line:
+        if "round 1/12" in line:
             time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             break
@@ -40,7 +41,7 @@ def test_sigterm_writes_an_interrupted_summary_and_the_run_resumes(tmp_path):
     assert proc.wait(timeout=300) == 143, "".join(lines)[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
-    assert 1 <= summary["rounds_done"] < 4
+    assert 1 <= summary["rounds_done"] < 12
     (message,) = [line for line in lines if "interrupted by SIGTERM" in line]
     assert "checkpoints/last.ckpt holds" in message
     assert "Traceback" not in "".join(lines)
@@ -50,4 +51,4 @@ def test_sigterm_writes_an_interrupted_summary_and_the_run_resumes(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["rounds_done"] == 4
+    assert summary["status"] == "completed" and summary["rounds_done"] == 12

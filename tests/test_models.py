@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from peft.tuners.lora import LoraLayer
 
+from src.errors import ConfigError
 from src.models import ModelLoadError, add_lora, build_vit, lora_parameter_names
 from src.run import build_base_model
 
@@ -63,7 +64,7 @@ def test_weights_from_lightning_checkpoint_with_lora_keys(tmp_path):
     ckpt = {
         "state_dict": {"model." + k: v for k, v in src.state_dict().items()},
         "epoch": 3,
-        "hyper_parameters": {"cfg": OmegaConf.create({"alg": "fedlora"})},
+        "hyper_parameters": {"lr": 0.1, "alg": "fedlora"},  # plain values load as data
     }
     torch.save(ckpt, tmp_path / "last.ckpt")
     dst = small_vit(seed=1, weights=str(tmp_path / "last.ckpt"))
@@ -71,6 +72,21 @@ def test_weights_from_lightning_checkpoint_with_lora_keys(tmp_path):
     assert saved.keys() == params(dst).keys()
     for name, value in params(dst).items():
         assert torch.equal(value, saved[name]), name
+
+
+def test_a_checkpoint_that_pickles_a_config_object_is_refused_with_the_way_out(tmp_path):
+    """An OmegaConf config pickled into a Lightning checkpoint's hyper-parameters loads only by
+    full unpickling: refused, naming the type and how to keep just the weights."""
+    ckpt = {
+        "state_dict": {"model." + k: v for k, v in small_vit(seed=0).state_dict().items()},
+        "hyper_parameters": {"cfg": OmegaConf.create({"alg": "fedlora"})},
+    }
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    with pytest.raises(ConfigError) as refused:
+        small_vit(seed=1, weights=str(tmp_path / "last.ckpt"))
+    message = str(refused.value)
+    assert "holds the Python object(s) " in message and "omegaconf." in message
+    assert "{'state_dict': checkpoint['state_dict']}" in message
 
 
 def test_head_of_other_num_classes_is_reinitialised_with_warning(tmp_path):
@@ -185,3 +201,9 @@ def test_add_lora_unmatched_target_names_the_key_and_lists_linears():
         ValueError, match=r"alg\.lora\.target_modules.*attn\.qkvz.*blocks\.0\.attn\.qkv"
     ):
         add_lora(small_vit(), r=8, alpha=16, dropout=0.0, target_modules=["attn.proj", "attn.qkvz"])
+
+
+def test_a_timm_arch_whose_patch_does_not_divide_the_image_is_refused():
+    """The patch conv's stride would silently drop the last 4 pixels of every row and column."""
+    with pytest.raises(ConfigError, match="data.image_size=20 is not a multiple of model.arch"):
+        build_vit("vit_tiny_patch16_224", img_size=20, in_chans=1, num_classes=10)

@@ -17,7 +17,7 @@ from src.errors import ConfigError
 from src.federated.checkpoint import read_saved_run
 from src.models.vit import build_vit
 from src.run import train
-from tests.conftest import ONE_BLOCK_VIT, run_cli
+from tests.conftest import ONE_BLOCK_VIT, run_main
 
 
 class WritesAFile:
@@ -79,14 +79,13 @@ def test_a_resume_checkpoint_that_would_run_code_is_refused(planted):
     assert not written.exists()
 
 
-def test_the_command_line_refuses_it_with_exit_code_2_before_training(planted, tmp_path):
+def test_the_command_line_refuses_it_with_exit_code_2_before_training(
+    planted, tmp_path, monkeypatch, capfd
+):
     path, written = planted
-    result = run_cli(
-        "experiment=quickstart", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
-        f"resume={path}", timeout=120,
-    )  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-1500:]
+    args = ["experiment=quickstart", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    code, output = run_main([*args, f"resume={path}"], monkeypatch, capfd)
+    assert code == 2, output[-1500:]
     assert "Traceback" not in output and "round 1" not in output
     (line,) = [line for line in output.splitlines() if "ERROR" in line]
     assert f"resume={path}" in line

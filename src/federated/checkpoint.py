@@ -78,7 +78,7 @@ def read_saved_run(path: Path) -> dict:
     try:
         checkpoint = load_tensors_only(path, f"resume={path}", OLD_CHECKPOINT_HINT, mmap=True)
     except (RuntimeError, EOFError, OSError) as error:  # truncated, not a torch zip file
-        first = (str(error).strip().splitlines() or [""])[0]
+        first = (str(error).strip().splitlines() or ["empty or truncated"])[0]
         raise ConfigError(f"resume={path}: not a readable checkpoint ({first})") from None
     if not isinstance(checkpoint, dict) or "fedsweep" not in checkpoint:
         raise ConfigError(f"resume={path}: not a fedsweep checkpoint (no 'fedsweep' entry)")

@@ -69,6 +69,12 @@ def build_vit(
             model = _create_pretrained(arch, **size, **vit_kwargs)
         else:
             model = timm.create_model(arch, pretrained=False, **size, **vit_kwargs)
+        patch = model.patch_embed.patch_size[0] if hasattr(model, "patch_embed") else 1
+        if img_size % patch:  # the conv's stride would drop the last pixels of every row
+            raise ConfigError(
+                f"data.image_size={img_size} is not a multiple of model.arch={arch}'s patch "
+                f"size {patch}"
+            )
     if weights:
         load_weights(model, weights)
     return model
@@ -143,8 +149,9 @@ def _adapt_shapes(sd: dict, model: torch.nn.Module) -> None:
 
 SAVE_WEIGHTS_HINT = (
     "Save the weights as a state dict (torch.save(model.state_dict(), path)) or a .safetensors "
-    "file; a fedsweep checkpoint of an older version converts with "
-    "python -m src.convert_checkpoint PATH"
+    "file; from a Lightning checkpoint that pickles its hyper-parameters, keep "
+    "{'state_dict': checkpoint['state_dict']} where it was made; a fedsweep checkpoint of an "
+    "older version converts with python -m src.convert_checkpoint PATH"
 )
 
 
@@ -172,7 +179,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         try:  # never full unpickling: a shared weights file must not run code (src/safe_load.py)
             obj = load_tensors_only(path, f"model.weights={path}", SAVE_WEIGHTS_HINT)
         except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file
-            first = (str(e).strip().splitlines() or [""])[0]
+            first = (str(e).strip().splitlines() or ["empty or truncated"])[0]
             raise ModelLoadError(
                 f"model.weights={path}: cannot be read ({type(e).__name__}: {first})"
             ) from None
