@@ -54,10 +54,13 @@ _PRIVACY_RULES = (
 
 
 def _multiple_of(key):
-    return (
-        lambda v, c: v >= 1 and v % OmegaConf.select(c, key) == 0,
-        f">= 1 and a multiple of {key}={{c.{key}}}",
-    )
+    """>= 1 and a multiple of the config's `key` (when the model has that key)."""
+
+    def test(v, c):
+        divisor = OmegaConf.select(c, key)
+        return v >= 1 and (divisor is None or v % divisor == 0)
+
+    return test, f">= 1 and a multiple of {key}={{c.{key}}}"
 
 
 # the architecture keys of the model options (vit_small32; qwen_tiny): what timm / transformers

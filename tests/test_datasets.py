@@ -190,6 +190,16 @@ def test_mnist_family_reads_idx_files(tmp_path, loader, folder):
     assert ds.test.labels.tolist() == test_y.tolist()
 
 
+def _idx_folder(root, folder):
+    """<root>/<folder>/raw with 6 train and 3 test samples in idx files."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _write_idx(str(raw), "train", 6, rng)
+    _write_idx(str(raw), "t10k", 3, rng)
+    return raw
+
+
 @pytest.mark.parametrize(
     "damage, expected",
     [
@@ -199,12 +209,7 @@ def test_mnist_family_reads_idx_files(tmp_path, loader, folder):
     ],
 )
 def test_a_damaged_idx_file_is_refused_naming_the_file(tmp_path, damage, expected):
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    _write_idx(str(raw), "train", 6, rng)
-    _write_idx(str(raw), "t10k", 3, rng)
-    images = raw / "train-images-idx3-ubyte"
+    images = _idx_folder(tmp_path, "FashionMNIST") / "train-images-idx3-ubyte"
     data = images.read_bytes()
     if damage == "truncated":
         images.write_bytes(data[:-100])
@@ -219,12 +224,7 @@ def test_a_damaged_idx_file_is_refused_naming_the_file(tmp_path, damage, expecte
 
 
 def test_idx_files_with_different_sample_counts_are_refused(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    _write_idx(str(raw), "train", 6, rng)
-    _write_idx(str(raw), "t10k", 3, rng)
-    labels = raw / "train-labels-idx1-ubyte"
+    labels = _idx_folder(tmp_path, "MNIST") / "train-labels-idx1-ubyte"
     labels.write_bytes(struct.pack(">II", 0x801, 5) + bytes(5))
     with pytest.raises(DataFileError, match="hold different numbers of samples"):
         load_mnist(str(tmp_path), download=False)
