@@ -110,6 +110,12 @@ RULES = (
     ("trainer.threads", Literal["auto"] | int, *_AUTO_OR_COUNT),
     ("fl.parallel_clients", Literal["auto"] | int, *_AUTO_OR_COUNT),
     ("fl.sampling", Literal["uniform", "by_samples"], *_ANY),
+    (
+        "fl.eval_clients",
+        Literal["all"] | int,
+        lambda v, c: v == "all" or 1 <= v <= c.fl.num_clients,
+        "all or in [1, fl.num_clients={c.fl.num_clients}]",
+    ),
     ("data.loader.noise", float, *_at_least(0)),  # data=synthetic's pixel noise std
     *_MODEL_RULES,
     *_PRIVACY_RULES,

@@ -113,7 +113,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     attack = instantiate(cfg.attack)
     check_attack(attack, aggregator, federation.num_clients, federation.is_text)
     attack.choose(federation.num_clients, cfg.seed)
-    check_evaluable(federation, attack.malicious)
+    check_evaluable(federation, attack.malicious, cfg.fl.eval_clients)
     if attack.malicious:
         log.info("attack=%s: malicious clients %s", attack.name, sorted(attack.malicious))
     faults = ClientFaults(**cfg.fault)
@@ -139,6 +139,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         drop_client_errors=faults.on_error == "drop",
         parallel_clients=cfg.fl.get("parallel_clients", 1),
         sampling=cfg.fl.sampling,
+        eval_clients=cfg.fl.eval_clients,
     )
 
 

@@ -30,6 +30,7 @@ CONTRACT_COLUMNS = {
     "comm/down_bytes",
     "comm/total_bytes",
     "time/round_s",
+    "time/eval_s",
 }
 
 THRESHOLDS = {"fedavg": 0.5, "fedlora": 0.3, "ffa-lora": 0.3}

@@ -55,6 +55,7 @@ BAD_VALUES = [
     (["fault.fail_fraction=1.5"], ["fault.fail_fraction must be in [0, 1], got 1.5"]),
     (["resume=null"], ["resume=null must be a string"]),
     (["fl.sampling=size"], ["fl.sampling='size' must be one of 'uniform', 'by_samples'"]),
+    (["fl.eval_clients=11"], ["fl.eval_clients must be all or in [1, fl.num_clients=10], got 11"]),
     (
         ["model.num_heads=4", "model.embed_dim=30"],
         ["model.embed_dim must be >= 1 and a multiple of model.num_heads=4, got 30"],
@@ -143,6 +144,10 @@ def test_every_option_passes_with_its_defaults(group, option, tmp_path):
             "privacy=dp_fedavg works with aggregator=mean only",
         ),
         (["model.img_size=8"], "model.img_size=8 but data=digits has 16x16 images"),
+        (
+            ["attack=sign_flip", "attack.fraction=0.5", "fl.eval_clients=6"],
+            "fl.eval_clients=6 but only 5 clients are honest and have a local test split",
+        ),
         (
             ["trainer.accelerator=mps"],
             "trainer.accelerator=mps trainer.devices=1: Lightning refuses",

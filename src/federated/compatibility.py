@@ -100,13 +100,20 @@ def check_attack(attack, aggregator, num_clients: int, text: bool) -> None:
         )
 
 
-def check_evaluable(federation, malicious: set[int]) -> None:
-    """val/personal_acc needs at least one honest client with a local test split."""
+def check_evaluable(federation, malicious: set[int], eval_clients: int | str = "all") -> None:
+    """val/personal_acc needs at least one honest client with a local test split, and as many as
+    fl.eval_clients asks to score."""
     honest = [i for i, c in enumerate(federation.clients) if i not in malicious and len(c.test) > 0]
     if not honest:
         raise ConfigError(
             "no honest client has a local test split (partitioner.test_fraction, attack.fraction):"
             " val/personal_acc could not be measured; raise partitioner.test_fraction"
+        )
+    if eval_clients != "all" and int(eval_clients) > len(honest):
+        raise ConfigError(
+            f"fl.eval_clients={eval_clients} but only {len(honest)} clients are honest and have a "
+            f"local test split (attack.fraction, partitioner.test_fraction); use fl.eval_clients "
+            f"<= {len(honest)} or all"
         )
 
 

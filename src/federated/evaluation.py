@@ -1,5 +1,7 @@
 """Evaluation of a round: the global model on the global test set, and every client's deployed
-model on its own local test split (val/personal_acc and its spread).
+model on its own local test split (val/personal_acc and its spread). With `fl.eval_clients=N`
+the personal metrics score a seeded sample of N honest clients, the same at every evaluation,
+so the cost of an evaluation grows with N, not with the federation.
 
 Accuracy is per sample for images and per response token for text (which also gets val/ppl and
 val/token_acc). Malicious clients (attacks) are not evaluated: they are not the federation's.
@@ -9,18 +11,39 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from src.federated.objective import score
 
+_EVAL_STREAM = 0xE7A
+
 
 class Evaluator:
-    def __init__(self, module, eval_batch_size: int, malicious=frozenset()):
+    def __init__(self, module, eval_batch_size: int, malicious=frozenset(), eval_clients="all"):
         self.module = module  # the FederatedModule: its model, federation, server and ranks
         self.eval_batch_size = eval_batch_size
         self.malicious = set(malicious)
-        # per client, of the last evaluation (NaN for a client without local test data)
+        self.eval_clients = eval_clients  # fl.eval_clients: all or a count
+        self._scored: list[int] | None = None
+        # per client, of the last evaluation (NaN for a client without local test data or not
+        # among the scored ones)
         self.per_client_acc: list[float] = []
+
+    @property
+    def scored(self) -> list[int]:
+        """The clients whose deployed models are scored: every honest one with a local test split,
+        or a seeded sample of `eval_clients` of them (chosen once, from the seed)."""
+        if self._scored is None:
+            clients = self.module.federation.clients
+            honest = [
+                i for i, c in enumerate(clients) if i not in self.malicious and len(c.test) > 0
+            ]
+            if self.eval_clients != "all":
+                rng = np.random.default_rng([self.module.seed, _EVAL_STREAM])
+                honest = sorted(rng.choice(honest, int(self.eval_clients), replace=False).tolist())
+            self._scored = honest
+        return self._scored
 
     @property
     def device(self) -> torch.device:
@@ -40,9 +63,7 @@ class Evaluator:
             loss = metrics["val/loss"]  # exp overflows a float past 709: the perplexity is inf
             metrics["val/ppl"] = math.exp(loss) if loss <= 709 else math.inf
             metrics["val/token_acc"] = metrics["val/global_acc"]
-        for client_id in self.malicious:  # only honest clients are evaluated
-            hits[client_id] = counts[client_id] = 0
-        has_test = counts > 0
+        has_test = counts > 0  # the scored clients: honest, with a local test split
         per_client = hits[has_test] / counts[has_test]
         metrics["val/personal_acc"] = (hits.sum() / counts.sum()).item()
         metrics["val/personal_acc_std"] = per_client.std(unbiased=False).item()
@@ -84,8 +105,8 @@ class Evaluator:
             *self._predict(test, torch.arange(len(test), device=self.device))
         )
         clients = federation.clients
-        index = torch.cat([c.test for c in clients])
-        owner = torch.cat([torch.full_like(c.test, i) for i, c in enumerate(clients)])
+        index = torch.cat([clients[i].test for i in self.scored])
+        owner = torch.cat([torch.full_like(clients[i].test, i) for i in self.scored])
         _, correct, counted = self._predict(federation.train, index)
         counts = torch.bincount(owner, weights=counted.double(), minlength=len(clients))
         hits = torch.bincount(owner, weights=correct.double(), minlength=len(clients))
@@ -104,7 +125,7 @@ class Evaluator:
         counts = torch.zeros(len(clients), dtype=torch.float64, device=self.device)
         # summed loss, correct and counted targets of the personal models on the global test set
         on_global = torch.zeros(3, dtype=torch.float64, device=self.device)
-        mine = ranks.shard(list(range(len(clients))), [len(c.test) for c in clients])
+        mine = ranks.shard(self.scored, [len(clients[i].test) for i in self.scored])
         for client_id in mine:
             module.deploy(client_id)
             _, correct, counted = self._predict(module.federation.train, clients[client_id].test)
@@ -117,8 +138,9 @@ class Evaluator:
         metrics = self._global_metrics(*on_global.unsqueeze(1))
         return metrics, hits.cpu(), counts.cpu()
 
-    def _global_test_shares(self) -> list[torch.Tensor]:
+    def _global_test_shares(self) -> dict[int, torch.Tensor]:
+        """One fixed random share of the global test set per scored client."""
         test = self.module.federation.test
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.module.seed))
-        num_clients = self.module.federation.num_clients
-        return [share.to(self.device) for share in order.tensor_split(num_clients)]
+        shares = order.tensor_split(len(self.scored))
+        return {client: s.to(self.device) for client, s in zip(self.scored, shares, strict=True)}

@@ -60,6 +60,7 @@ class FederatedModule(pl.LightningModule):
         drop_client_errors: bool = False,
         parallel_clients: int | str = 1,  # fl.parallel_clients: a count or auto
         sampling: str = "uniform",  # fl.sampling: uniform | by_samples
+        eval_clients: int | str = "all",  # fl.eval_clients: all or a count
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -80,7 +81,7 @@ class FederatedModule(pl.LightningModule):
             model, algorithm, server, federation, self.store, self.transforms,
             optimizer, local_epochs, batch_size, seed, drop_client_errors, parallel_clients,
         )  # fmt: skip
-        self.evaluator = Evaluator(self, eval_batch_size, malicious)
+        self.evaluator = Evaluator(self, eval_batch_size, malicious, eval_clients)
         self.dropped: list[dict] = []  # every dropped client: round, client, reason
         self._restored: dict = {}  # server and client state from a checkpoint, applied at set-up
         self._round_metrics: dict[str, float] = {}
@@ -223,7 +224,9 @@ class FederatedModule(pl.LightningModule):
         if not self._is_eval_round():
             return
         self._ensure_setup()  # also for trainer.validate() on a fresh module
+        started = time.perf_counter()
         metrics = self.evaluator.evaluate()
+        metrics["time/eval_s"] = time.perf_counter() - started
         for key in ("val/global_acc", "val/personal_acc"):
             self.log(key, metrics[key], prog_bar=True, logger=False)
         if self._fitting():
@@ -245,7 +248,10 @@ class FederatedModule(pl.LightningModule):
             shown = ("val/loss", "val/token_acc") if "val/ppl" in metrics else ("val/global_acc",)
             for key in (*shown, "val/personal_acc"):
                 line += f"  {key} {metrics[key]:.4f}"
-        log.info("%s  (%.1fs)", line, metrics["time/round_s"])
+        seconds = f"{metrics['time/round_s']:.1f}s"
+        if evaluated:  # training and evaluation: the time the round took in all
+            seconds = f"train {seconds} + eval {metrics['time/eval_s']:.1f}s"
+        log.info("%s  (%s)", line, seconds)
 
     def deployed_state(self, client_id: int) -> tuple[TensorDict, TensorDict]:
         """What client `client_id` deploys: the server's tensors for it and its private state."""
