@@ -76,9 +76,10 @@ def test_bad_attack_options_name_the_key(name, fraction):
 
 
 # Ten iid clients, all sampled, two of them sign-flipping (their update times -|N(0, 10^2)|).
-# Measured at seed 0 with these settings (about 20 s each): clean fedavg+mean 0.444; attacked
-# mean 0.097 (chance); attacked median 0.439. Margins: the attack costs the mean at least 0.25,
-# the median at most 0.10.
+# Measured over seeds 0-2 x trainer.threads 1, 2 (2026-12-06, AMD EPYC, about 25 s each;
+# benchmarks/learning_margins.py --slow): clean fedavg+mean 0.475-0.542; attacked mean 0.092-0.100
+# (chance); attacked median 0.425-0.517, i.e. clean minus 0.117 to plus 0.022 (a bound of 0.10
+# failed at seed 0 with 2 threads) and at least 0.328 above the attacked mean.
 ATTACKED = [
     *QUICKSTART_VIT,
     "partitioner=iid",
@@ -105,7 +106,8 @@ def test_sign_flip_breaks_the_mean_but_not_the_median(make_digits_config):
             assert len(summary["malicious_clients"]) == 2
     assert acc["clean"] >= 0.35, acc  # it learns: 3.5 times chance
     assert acc["mean"] <= acc["clean"] - 0.25, acc  # the attack clearly works on the mean
-    assert acc["median"] >= acc["clean"] - 0.10, acc  # the median keeps most of it
+    assert acc["median"] >= acc["clean"] - 0.25, acc  # the median keeps most of it
+    assert acc["median"] >= acc["mean"] + 0.2, acc  # and clearly beats the attacked mean
 
 
 def test_an_attack_without_attackers_or_without_honest_clients_is_refused_up_front():

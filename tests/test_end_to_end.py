@@ -8,7 +8,8 @@ chance. fedavg and ffa-lora run on a two-block ViT (SMALL_VIT, about 10 s a run 
 fedlora keeps the default six blocks, where its adapters have more to adapt. Each threshold sits
 at least 0.09 under the lowest value measured over seeds 0-2 x trainer.threads 1, 2 (2026-12-06,
 AMD EPYC; benchmarks/learning_margins.py): fedavg global 0.697-0.800, personal 0.638-0.812;
-ffa-lora global 0.406-0.422, personal 0.390-0.453; heterogeneous ranks with stack 0.406-0.458.
+ffa-lora global 0.406-0.422, personal 0.390-0.453; fedlora on six blocks (slow) global
+0.528-0.533, personal 0.509-0.578.
 """
 
 import csv
@@ -36,11 +37,11 @@ CONTRACT_COLUMNS = {
 THRESHOLDS = {"fedavg": 0.5, "fedlora": 0.3, "ffa-lora": 0.3}
 SMALL_VIT = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2"]
 MODEL = {"fedavg": SMALL_VIT, "fedlora": QUICKSTART_VIT, "ffa-lora": SMALL_VIT}
-# Heterogeneous ranks [2, 4, 8] on the random frozen backbone: 2.5 times chance. Measured at seed 0
-# with these settings on six blocks: stack 0.50, svd 0.44, zeropad 0.38 (zeropad dilutes the
-# high-rank rows); stack on two blocks (SMALL_VIT, in make test) 0.406-0.458 over seeds 0-2 x
-# trainer.threads 1, 2 (2026-12-06); svd and zeropad (slow): benchmarks/results/learning_margins.md.
-HETERO_THRESHOLD = 0.25
+# Heterogeneous ranks [2, 4, 8] on the random frozen backbone: 2.5 times chance (zeropad, which
+# dilutes the high-rank rows: 2 times). Measured over seeds 0-2 x trainer.threads 1, 2 (2026-12-06,
+# AMD EPYC): stack on two blocks (SMALL_VIT, in make test) 0.406-0.458; on six blocks (slow) svd
+# 0.442-0.514, zeropad 0.303-0.411.
+HETERO_THRESHOLD = {"stack": 0.25, "svd": 0.25, "zeropad": 0.2}
 
 # Five iid clients, all sampled every round: the smallest setting in which both algorithms learn.
 FAST = [
@@ -97,12 +98,13 @@ def test_heterogeneous_ranks_learn_with_each_aggregator(aggregator, model, make_
     )
     summary = train(cfg)
     acc = summary["final"]["val/global_acc"]
-    assert acc >= HETERO_THRESHOLD, f"{aggregator} reached only {acc:.3f}"
+    assert acc >= HETERO_THRESHOLD[aggregator], f"{aggregator} reached only {acc:.3f}"
 
 
 # Strong label skew (Dirichlet alpha=0.1: most clients hold one to three classes). A client's own
-# B and head can fit its few classes; one shared model has to serve every client. Measured at seed
-# 0 with these settings: fedsa-flora personal_acc 0.71, fedlora 0.25 (16 s each on 2 CPU cores).
+# B and head can fit its few classes; one shared model has to serve every client. Measured over
+# seeds 0-2 x trainer.threads 1, 2 (2026-12-06, AMD EPYC, about 30 s each): fedsa-flora
+# personal_acc 0.693-0.756, fedlora 0.192-0.350.
 SKEWED = [
     *QUICKSTART_VIT,
     "partitioner.alpha=0.1",
