@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from src.errors import ConfigError
+from src.federated.checkpoint import portable_numpy_state
 from src.safe_load import load_tensors_only
 
 # how numpy 1.x and 2.x name the array constructor in a pickle
@@ -42,7 +43,7 @@ def convert(path: Path) -> bool:
     keys = rng.get("numpy", [None, None])[1]
     if not isinstance(keys, np.ndarray):
         return False
-    rng["numpy"] = [rng["numpy"][0], torch.from_numpy(keys.astype(np.int64)), *rng["numpy"][2:]]
+    rng["numpy"] = portable_numpy_state(rng["numpy"])
     os.replace(path, path.with_name(path.name + ".old"))
     torch.save(checkpoint, path)
     return True

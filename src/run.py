@@ -49,6 +49,7 @@ from src.federated.transforms import TransformChain
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
 from src.outputs import RoundRecorder, summarize, write_summary
 from src.run_names import current_run_name, register_resolver
+from src.safe_load import first_line
 from src.threads import thread_count, wait_note
 
 log = logging.getLogger("fedsweep")
@@ -186,8 +187,9 @@ def build_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
             raise
         given = [k for k in ("accelerator", "devices", "strategy") if k in node]
         keys = " ".join(f"trainer.{k}={node[k]}" for k in given)
-        first = str(error.__cause__).strip().splitlines()[0]
-        raise ConfigError(f"{keys}: Lightning refuses them ({first})") from None
+        raise ConfigError(
+            f"{keys}: Lightning refuses them ({first_line(error.__cause__)})"
+        ) from None
 
 
 def set_threads(cfg: DictConfig) -> None:

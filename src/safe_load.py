@@ -21,6 +21,11 @@ class UnsafeFileError(ConfigError):
     """A file would need full unpickling (it names functions or classes) to load."""
 
 
+def first_line(error: BaseException, empty: str = "empty or truncated") -> str:
+    """The first line of an error's message, for a one-line refusal."""
+    return (str(error).strip().splitlines() or [empty])[0]
+
+
 def load_tensors_only(path: str | Path, key: str, hint: str, **load_kw):
     """`torch.load(path, weights_only=True)`; a file that names anything else (a class, a
     function) is refused with one line naming `key`, the file and what it holds, plus `hint`."""

@@ -122,6 +122,17 @@ class RecordingMean(MeanAggregator):
         super()._add(upload, weight, client_id)
 
 
+class WritesAFile:
+    """A pickle that, when unpickled without restriction, creates a file (os.system would do
+    anything else just as well): planted in files fedsweep must load as data only."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def run_main(args: list[str], monkeypatch, capfd) -> tuple[int, str]:
     """`python -m src.run ARGS` in this process (no interpreter start-up): (exit code, output).
     For runs that stop before training; `run_cli` for whole runs."""

@@ -17,6 +17,7 @@ from src.data import (
     load_fashion_mnist,
     load_mnist,
 )
+from tests.conftest import WritesAFile
 
 
 def _check_split(split, n, shape):
@@ -120,17 +121,6 @@ def test_cifar10_accepts_bytes_keys_as_python_2_era_pickles_have_them(tmp_path):
     assert np.array_equal(ds.test.images.numpy().reshape(4, -1), batches["test_batch"]["data"])
 
 
-class _WritesAFile:
-    """A pickle that, when unpickled without restriction, creates a file (os.system would do
-    anything else just as well)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 @pytest.mark.parametrize("damage", ["truncated", "wrong keys", "runs code", "not a pickle"])
 def test_a_damaged_cifar_batch_is_refused_naming_the_file(tmp_path, damage):
     _write_cifar(str(tmp_path))
@@ -141,7 +131,7 @@ def test_a_damaged_cifar_batch_is_refused_naming_the_file(tmp_path, damage):
     elif damage == "wrong keys":
         batch.write_bytes(pickle.dumps({"pixels": np.zeros((1, 3072), np.uint8)}))
     elif damage == "runs code":
-        batch.write_bytes(pickle.dumps({"data": _WritesAFile(planted), "labels": [0]}))
+        batch.write_bytes(pickle.dumps({"data": WritesAFile(planted), "labels": [0]}))
     else:
         batch.write_bytes(b"<html>mirror error page</html>")
     with pytest.raises(DataFileError) as refused:

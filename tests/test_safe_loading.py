@@ -17,15 +17,7 @@ from src.errors import ConfigError
 from src.federated.checkpoint import read_saved_run
 from src.models.vit import build_vit
 from src.run import train
-from tests.conftest import ONE_BLOCK_VIT, run_main
-
-
-class WritesAFile:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
+from tests.conftest import ONE_BLOCK_VIT, WritesAFile, run_main
 
 
 @pytest.fixture

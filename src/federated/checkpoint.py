@@ -18,7 +18,7 @@ import torch
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from src.errors import ConfigError
-from src.safe_load import load_tensors_only
+from src.safe_load import first_line, load_tensors_only
 
 # Keys that may change between a run and its resumption: where things go, how they are shown,
 # how often checkpoints are written, and how many rounds to run in total.
@@ -78,21 +78,25 @@ def read_saved_run(path: Path) -> dict:
     try:
         checkpoint = load_tensors_only(path, f"resume={path}", OLD_CHECKPOINT_HINT, mmap=True)
     except (RuntimeError, EOFError, OSError) as error:  # truncated, not a torch zip file
-        first = (str(error).strip().splitlines() or ["empty or truncated"])[0]
-        raise ConfigError(f"resume={path}: not a readable checkpoint ({first})") from None
+        raise ConfigError(
+            f"resume={path}: not a readable checkpoint ({first_line(error)})"
+        ) from None
     if not isinstance(checkpoint, dict) or "fedsweep" not in checkpoint:
         raise ConfigError(f"resume={path}: not a fedsweep checkpoint (no 'fedsweep' entry)")
     return checkpoint["fedsweep"]
 
 
 def portable_rng_states() -> dict:
-    """Every RNG state as tensors and plain values, so the checkpoint loads as weights only
-    (numpy's state holds an array, which only full unpickling would restore)."""
+    """Every RNG state as tensors and plain values, so the checkpoint loads as weights only."""
     states = _collect_rng_states()
-    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
-    keys = torch.from_numpy(keys.astype(np.int64))
-    states["numpy"] = [name, keys, position, has_gauss, cached_gaussian]
+    states["numpy"] = portable_numpy_state(states["numpy"])
     return states
+
+
+def portable_numpy_state(state) -> list:
+    """numpy's RNG state with its key array as a tensor (the array would need full unpickling)."""
+    name, keys, position, has_gauss, cached_gaussian = state
+    return [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian]
 
 
 def restore_rng_states(states: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from src.errors import ConfigError
 from src.federated.contract import Needs, SharedSpec
+from src.federated.evaluation import evaluable_clients
 
 ROBUST = "aggregator=median, trimmed_mean or krum"
 
@@ -103,7 +104,7 @@ def check_attack(attack, aggregator, num_clients: int, text: bool) -> None:
 def check_evaluable(federation, malicious: set[int], eval_clients: int | str = "all") -> None:
     """val/personal_acc needs at least one honest client with a local test split, and as many as
     fl.eval_clients asks to score."""
-    honest = [i for i, c in enumerate(federation.clients) if i not in malicious and len(c.test) > 0]
+    honest = evaluable_clients(federation, malicious)
     if not honest:
         raise ConfigError(
             "no honest client has a local test split (partitioner.test_fraction, attack.fraction):"

@@ -19,31 +19,25 @@ from src.federated.objective import score
 _EVAL_STREAM = 0xE7A
 
 
+def evaluable_clients(federation, malicious) -> list[int]:
+    """The clients val/personal_acc can score: honest, with a local test split."""
+    return [i for i, c in enumerate(federation.clients) if i not in malicious and len(c.test) > 0]
+
+
 class Evaluator:
     def __init__(self, module, eval_batch_size: int, malicious=frozenset(), eval_clients="all"):
         self.module = module  # the FederatedModule: its model, federation, server and ranks
         self.eval_batch_size = eval_batch_size
         self.malicious = set(malicious)
-        self.eval_clients = eval_clients  # fl.eval_clients: all or a count
-        self._scored: list[int] | None = None
+        # the clients whose deployed models are scored: every evaluable one, or a seeded sample
+        # of fl.eval_clients of them, chosen once
+        self.scored = evaluable_clients(module.federation, self.malicious)
+        if eval_clients != "all":
+            rng = np.random.default_rng([module.seed, _EVAL_STREAM])
+            self.scored = sorted(rng.choice(self.scored, int(eval_clients), replace=False).tolist())
         # per client, of the last evaluation (NaN for a client without local test data or not
         # among the scored ones)
         self.per_client_acc: list[float] = []
-
-    @property
-    def scored(self) -> list[int]:
-        """The clients whose deployed models are scored: every honest one with a local test split,
-        or a seeded sample of `eval_clients` of them (chosen once, from the seed)."""
-        if self._scored is None:
-            clients = self.module.federation.clients
-            honest = [
-                i for i, c in enumerate(clients) if i not in self.malicious and len(c.test) > 0
-            ]
-            if self.eval_clients != "all":
-                rng = np.random.default_rng([self.module.seed, _EVAL_STREAM])
-                honest = sorted(rng.choice(honest, int(self.eval_clients), replace=False).tolist())
-            self._scored = honest
-        return self._scored
 
     @property
     def device(self) -> torch.device:

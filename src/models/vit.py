@@ -18,7 +18,7 @@ from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 
 from src.errors import ConfigError
-from src.safe_load import load_tensors_only
+from src.safe_load import first_line, load_tensors_only
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,7 @@ def build_vit(
     if arch is None:
         if pretrained and not weights:
             raise ModelLoadError(f"model.pretrained=true needs a timm model.arch; {_FIX}")
-        patch = vit_kwargs.get("patch_size", 16)
-        if img_size % patch:
-            raise ConfigError(
-                f"data.image_size={img_size} is not a multiple of model.patch_size={patch}"
-            )
+        _check_patch(img_size, vit_kwargs.get("patch_size", 16), "model.patch_size={}")
         model = VisionTransformer(**size, **vit_kwargs)
     else:
         if not timm.is_model(arch):
@@ -69,15 +65,18 @@ def build_vit(
             model = _create_pretrained(arch, **size, **vit_kwargs)
         else:
             model = timm.create_model(arch, pretrained=False, **size, **vit_kwargs)
-        patch = model.patch_embed.patch_size[0] if hasattr(model, "patch_embed") else 1
-        if img_size % patch:  # the conv's stride would drop the last pixels of every row
-            raise ConfigError(
-                f"data.image_size={img_size} is not a multiple of model.arch={arch}'s patch "
-                f"size {patch}"
-            )
+        if hasattr(model, "patch_embed"):
+            patch = model.patch_embed.patch_size[0]
+            _check_patch(img_size, patch, f"model.arch={arch}'s patch size {{}}")
     if weights:
         load_weights(model, weights)
     return model
+
+
+def _check_patch(img_size: int, patch: int, what: str) -> None:
+    """The patch conv's stride would drop the last pixels of every row otherwise."""
+    if img_size % patch:
+        raise ConfigError(f"data.image_size={img_size} is not a multiple of {what.format(patch)}")
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -179,9 +178,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         try:  # never full unpickling: a shared weights file must not run code (src/safe_load.py)
             obj = load_tensors_only(path, f"model.weights={path}", SAVE_WEIGHTS_HINT)
         except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file
-            first = (str(e).strip().splitlines() or ["empty or truncated"])[0]
             raise ModelLoadError(
-                f"model.weights={path}: cannot be read ({type(e).__name__}: {first})"
+                f"model.weights={path}: cannot be read ({type(e).__name__}: {first_line(e)})"
             ) from None
     if not isinstance(obj, dict):
         raise ModelLoadError(
