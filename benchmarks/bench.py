@@ -1,17 +1,21 @@
-"""How much does fedsweep add to the clients' own training, and what does training clients
-together gain? (issues 7 and 15)
+"""How fast is fedsweep against the clients' own training, in the layouts simulators use?
+(issues 7, 15 and the engine issue)
 
-For each case the same client work runs three ways in this process, A B C A B C (`--repeats`):
-  fedsweep    - the real machinery, one client after the other (fl.parallel_clients=1):
-                `src.run.build_module` + a Lightning Trainer, rounds of sample -> download ->
-                local training -> upload -> aggregate (evaluation excluded);
-  bare loop   - the same model, data on the device, client batches (same seeds), optimizer and
-                steps, and nothing else: no download, upload, aggregation or bookkeeping;
+For each case the same client work runs five ways, in turn, `--repeats` times:
+  default     - fedsweep as a user gets it (trainer.processes=auto: one process with the cores as
+                threads, or one forked process per core; the layout it chose is reported);
+  fedsweep    - fedsweep in one process, one client after the other (trainer.processes=1);
+  bare loop   - the same model, data, client batches (same seeds), optimizer and steps in one
+                process with plain PyTorch, nothing else: no download, upload, aggregation;
+  bare procs  - the bare loop in one separate process per core (one thread each), every process
+                loading the data and training its share of the round's clients: the layout of
+                process-per-client simulators;
   vectorised  - fedsweep with fl.parallel_clients=auto (the group size it chose is reported).
-Median round times (the first round of each run dropped as warm-up), fedsweep / bare loop, bare
-loop / vectorised, and the FLOP/s of the clients' training (FLOPs of one step counted with
-torch.utils.flop_counter, scaled by the samples of a round) beside what this device's float32
-matrix multiply reaches. Then the K scaling row: 20 clients per round trained K at a time.
+Median round times (the first round of each run dropped as warm-up, evaluation excluded), the
+default against the best bare layout, peak memory (PSS, shared pages split) of the default layout
+and of the separate processes, and the FLOP/s of the clients' training (FLOPs of one step counted
+with torch.utils.flop_counter, scaled by the samples of a round) beside what this device's
+float32 matrix multiply reaches. Then the K scaling row: 20 clients per round trained K at a time.
 
     python -m benchmarks.bench            # vit_small32 fedavg/fedlora on 28 px (compute bound)
                                           # and 16 px batch 16 (overhead bound), qwen_tiny fedlora
@@ -24,7 +28,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
+import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -33,11 +40,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from src.federated.distributed import end_process_group, shard_clients
 from src.federated.objective import mean_loss
 from src.federated.sampling import client_generator, client_seed, sample_clients
-from src.run import build_module, build_trainer
+from src.run import build_module, build_trainer, set_layout, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -110,15 +119,25 @@ class RoundTimes(pl.Callback):
         self.times.append(module._round_metrics["time/round_s"])
 
 
-def time_fedsweep(cfg, out: Path, parallel_clients: int | str = 1) -> tuple[list[float], int]:
-    """Round times of the real machinery, and the group size it trained clients in."""
+def time_fedsweep(
+    cfg, out: Path, parallel_clients: int | str = 1, processes: int | str = 1
+) -> tuple[list[float], int, str]:
+    """Round times of the real machinery, the group size it trained clients in and the layout
+    (`processes`: trainer.processes, auto = the default layout, src/layout.py)."""
     cfg = copy.deepcopy(cfg)
     cfg.fl.parallel_clients = parallel_clients
+    cfg.trainer.processes = processes
+    set_threads(cfg)
     module = build_module(cfg, out)
+    layout = set_layout(cfg, module)
+    chosen = f"{layout['devices']} x 1" if layout else f"1 x {torch.get_num_threads()}"
     rounds = RoundTimes()
-    trainer = build_trainer(cfg, logger=False, callbacks=[rounds], enable_checkpointing=False)
+    trainer = build_trainer(
+        cfg, logger=False, callbacks=[rounds], enable_checkpointing=False, **layout
+    )
     trainer.fit(module)
-    return rounds.times, int(module.client_loop.parallel_clients)
+    end_process_group()
+    return rounds.times, int(module.client_loop.parallel_clients), chosen
 
 
 def _sync(device: torch.device) -> None:
@@ -126,40 +145,143 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def train_bare(module, cfg, round_idx: int, clients: list[int], make_optimizer) -> int:
+    """The clients' local training with plain PyTorch, nothing else; returns samples trained."""
+    model, federation = module.model, module.federation
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    samples = 0
+    model.train()
+    for client_id in clients:
+        generator = client_generator(client_seed(cfg.seed, round_idx, client_id), device)
+        optimizer = make_optimizer(params)
+        index = federation.clients[client_id].train
+        for _ in range(cfg.fl.local_epochs):
+            for inputs, targets in federation.train.batches(index, cfg.fl.batch_size, generator):
+                loss, _ = mean_loss(model(inputs), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                samples += len(inputs)
+    return samples
+
+
 def time_bare_loop(cfg, out: Path) -> tuple[list[float], float]:
-    """The clients' training steps only, on the same model, data, batches and optimizer; also
-    the FLOPs of one round's training (counted on one step, scaled by the samples trained)."""
+    """The clients' training steps only, on the same model, data, batches and optimizer, one
+    process with every core as a thread; also the FLOPs of one round's training (counted on one
+    step, scaled by the samples trained)."""
+    set_threads(cfg)
     module = build_module(cfg, out)  # same model init and federation; its machinery is unused
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
-    model, federation = module.model.to(device), module.federation.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    module.model.to(device)
+    federation = module.federation.to(device)
     make_optimizer = instantiate(cfg.optim)
     times, samples = [], 0
     for round_idx in range(cfg.fl.rounds):
         _sync(device)
         started = time.perf_counter()
-        model.train()
-        for client_id in sample_clients(
+        sampled = sample_clients(
             federation.num_clients, cfg.fl.clients_per_round, cfg.seed, round_idx
-        ):
-            generator = client_generator(client_seed(cfg.seed, round_idx, client_id), device)
-            optimizer = make_optimizer(params)
-            index = federation.clients[client_id].train
-            for _ in range(cfg.fl.local_epochs):
-                for inputs, targets in federation.train.batches(
-                    index, cfg.fl.batch_size, generator
-                ):
-                    loss, _ = mean_loss(model(inputs), targets)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    samples += len(inputs) if round_idx == 0 else 0
+        )
+        trained = train_bare(module, cfg, round_idx, sampled, make_optimizer)
+        samples = samples or trained
         _sync(device)
         times.append(time.perf_counter() - started)
     inputs, targets = next(federation.train.batches(federation.clients[0].train, cfg.fl.batch_size))
     with FlopCounterMode(display=False) as counter:
-        mean_loss(model(inputs), targets)[0].backward()
+        mean_loss(module.model(inputs), targets)[0].backward()
     return times, counter.get_total_flops() / len(inputs) * samples  # one round's training
+
+
+def time_bare_processes(cfg, out: Path, processes: int) -> list[float]:
+    """The layout of process-per-client simulators: `processes` separate processes of one thread,
+    each loading the data and building the model itself, each training its share of every
+    round's clients (the same shares as fedsweep's ranks); a round ends when all have finished."""
+    context = multiprocessing.get_context("spawn")  # separate processes, as those simulators run
+    barrier = context.Barrier(processes + 1)
+    config = OmegaConf.to_container(cfg)  # unresolved: paths need Hydra's runtime, unused here
+    workers = [
+        context.Process(target=_bare_worker, args=(config, str(out), rank, processes, barrier))
+        for rank in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    times = []
+    barrier.wait()  # every worker has built its model and data
+    for _ in range(cfg.fl.rounds):
+        barrier.wait()
+        started = time.perf_counter()
+        barrier.wait()
+        times.append(time.perf_counter() - started)
+    for worker in workers:
+        worker.join()
+        if worker.exitcode != 0:
+            raise RuntimeError(f"a bare-loop process failed (exit code {worker.exitcode})")
+    return times
+
+
+def _bare_worker(config: dict, out: str, rank: int, processes: int, barrier) -> None:
+    torch.set_num_threads(1)
+    cfg = OmegaConf.create(config)
+    module = build_module(cfg, Path(out))
+    make_optimizer = instantiate(cfg.optim)
+    federation = module.federation
+    barrier.wait()
+    for round_idx in range(cfg.fl.rounds):
+        sampled = sample_clients(
+            federation.num_clients, cfg.fl.clients_per_round, cfg.seed, round_idx
+        )
+        sizes = [len(federation.clients[c].train) for c in sampled]
+        mine = shard_clients(sampled, sizes, processes, rank)
+        barrier.wait()
+        train_bare(module, cfg, round_idx, mine, make_optimizer)
+        barrier.wait()
+
+
+class PeakMemory:
+    """The peak of the summed proportional set size (PSS: shared pages split between the
+    processes that map them) of this process and its descendants, sampled every 0.2 s while
+    the `with` block runs (Linux; elsewhere 0)."""
+
+    def __enter__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def __init__(self, include_self: bool = True):
+        self.include_self = include_self  # False: the descendants only (processes it started)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            pids = _tree(os.getpid())[0 if self.include_self else 1 :]
+            self.peak = max(self.peak, sum(_pss(pid) for pid in pids))
+
+
+def _tree(pid: int) -> list[int]:
+    found = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as children:
+                found += [p for child in children.read().split() for p in _tree(int(child))]
+    except OSError:  # gone meanwhile, or not Linux
+        pass
+    return found
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
@@ -180,37 +302,59 @@ def peak_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> floa
 def run_case(
     name: str, overrides: list[str], rounds: int, device: str, out: Path, repeats: int = 2
 ) -> dict:
-    """fedsweep one client after the other (A), the bare loop (B) and fedsweep with
-    fl.parallel_clients=auto (C), run A B C A B C ...: machine noise spreads over all three."""
+    """Five ways of training the same clients, run in turn `repeats` times (machine noise spreads
+    over all of them): fedsweep's default layout (trainer.processes=auto), fedsweep in one
+    process (the cores as threads), the bare loop in one process, the bare loop in one process
+    per core (the process-per-client simulators' layout), fedsweep with fl.parallel_clients=auto.
+    Medians of the round times, the first round of each run dropped as warm-up; peak memory
+    (PSS) of the default layout and of the separate processes."""
     cfg = compose_case(overrides, rounds, device, out / name)
     steady = slice(1, None) if rounds > 2 else slice(None)  # drop the warm-up round
-    fed, bare, vec, chosen = [], [], [], 1
+    cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    times: dict[str, list[float]] = {k: [] for k in ("default", "fedsweep", "bare", "procs", "vec")}
+    memory = {"default": 0, "procs": 0}
+    chosen, layout = 1, ""
     for repeat in range(repeats):
-        fed += time_fedsweep(cfg, out / name / f"fedsweep{repeat}")[0][steady]
+        with PeakMemory() as peak:
+            rounds_s, _, layout = time_fedsweep(cfg, out / name / f"default{repeat}", 1, "auto")
+        times["default"] += rounds_s[steady]
+        memory["default"] = max(memory["default"], peak.peak)
+        times["fedsweep"] += time_fedsweep(cfg, out / name / f"fedsweep{repeat}")[0][steady]
         bare_times, round_flops = time_bare_loop(cfg, out / name / f"bare{repeat}")
-        bare += bare_times[steady]
-        times, chosen = time_fedsweep(cfg, out / name / f"vectorised{repeat}", "auto")
-        vec += times[steady]
-    fed_s, bare_s, vec_s = (statistics.median(t) for t in (fed, bare, vec))
+        times["bare"] += bare_times[steady]
+        if device == "cpu" and cores > 1:
+            with PeakMemory(include_self=False) as peak:
+                procs = time_bare_processes(cfg, out / name / f"procs{repeat}", cores)
+            times["procs"] += procs[steady]
+            memory["procs"] = max(memory["procs"], peak.peak)
+        rounds_s, chosen, _ = time_fedsweep(cfg, out / name / f"vectorised{repeat}", "auto")
+        times["vec"] += rounds_s[steady]
+    median = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
+    best_bare = min(median["bare"], median["procs"]) if times["procs"] else median["bare"]
     return {
         "case": name,
         "device": device,
         "rounds": rounds,
         "repeats": repeats,
+        "cores": cores,
         "clients_per_round": cfg.fl.clients_per_round,
         "local_epochs": cfg.fl.local_epochs,
-        "fedsweep_round_s": fed_s,
-        "bare_round_s": bare_s,
-        "ratio": fed_s / bare_s,
-        "vectorised_round_s": vec_s,
+        "default_round_s": median["default"],
+        "default_layout": layout,
+        "fedsweep_round_s": median["fedsweep"],
+        "bare_round_s": median["bare"],
+        "bare_processes_round_s": median["procs"],
+        "default_vs_best_bare": median["default"] / best_bare,
+        "ratio": median["fedsweep"] / median["bare"],
+        "vectorised_round_s": median["vec"],
         "auto_k": chosen,
-        "speedup_over_bare": bare_s / vec_s,
+        "speedup_over_bare": median["bare"] / median["vec"],
+        "default_peak_pss_mb": memory["default"] / 2**20,
+        "bare_processes_peak_pss_mb": memory["procs"] / 2**20,
         "round_gflop": round_flops / 1e9,
-        "sequential_gflops": round_flops / fed_s / 1e9,
-        "vectorised_gflops": round_flops / vec_s / 1e9,
-        "fedsweep_rounds_s": fed,
-        "bare_rounds_s": bare,
-        "vectorised_rounds_s": vec,
+        "sequential_gflops": round_flops / median["fedsweep"] / 1e9,
+        "vectorised_gflops": round_flops / median["vec"] / 1e9,
+        **{f"{k}_rounds_s": v for k, v in times.items()},
         "overrides": overrides,
     }
 
@@ -231,16 +375,20 @@ def markdown(results: list[dict], peak: float, scaling: dict | None) -> str:
     lines = [
         f"Peak (float32 matmul on this device): {peak / 1e9:.0f} GFLOP/s.",
         "",
-        "| case | device | bare loop (s) | fedsweep (s) | ratio | vectorised (s) | auto K | "
-        "speed-up over bare | GFLOP/s sequential / vectorised (% of peak) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | device | default layout (s) | layout | fedsweep 1 process (s) | bare loop 1 "
+        "process (s) | bare loop, 1 process per core (s) | default / best bare | peak PSS default "
+        "/ separate processes (MB) | vectorised (s) | auto K | GFLOP/s 1 process / vectorised "
+        "(% of peak) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         share = 100 * r["vectorised_gflops"] * 1e9 / peak
         lines.append(
-            f"| {r['case']} | {r['device']} | {r['bare_round_s']:.3f} | "
-            f"{r['fedsweep_round_s']:.3f} | {r['ratio']:.3f} | {r['vectorised_round_s']:.3f} | "
-            f"{r['auto_k']} | {r['speedup_over_bare']:.2f} | {r['sequential_gflops']:.1f} / "
+            f"| {r['case']} | {r['device']} | {r['default_round_s']:.3f} | "
+            f"{r['default_layout']} | {r['fedsweep_round_s']:.3f} | {r['bare_round_s']:.3f} | "
+            f"{r['bare_processes_round_s']:.3f} | {r['default_vs_best_bare']:.2f} | "
+            f"{r['default_peak_pss_mb']:.0f} / {r['bare_processes_peak_pss_mb']:.0f} | "
+            f"{r['vectorised_round_s']:.3f} | {r['auto_k']} | {r['sequential_gflops']:.1f} / "
             f"{r['vectorised_gflops']:.1f} ({share:.0f} %) |"
         )
     if scaling:
@@ -286,10 +434,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         result = run_case(name, overrides, rounds, device, args.out / "runs", repeats)
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
         print(
-            f"{name}: bare loop {result['bare_round_s']:.3f} s/round, fedsweep "
-            f"{result['fedsweep_round_s']:.3f} (ratio {result['ratio']:.3f}), vectorised "
-            f"{result['vectorised_round_s']:.3f} (K={result['auto_k']}, "
-            f"{result['speedup_over_bare']:.2f} x the bare loop)",
+            f"{name}: default layout ({result['default_layout']}) "
+            f"{result['default_round_s']:.3f} s/round, {result['default_vs_best_bare']:.2f} x the "
+            f"best bare loop (1 process {result['bare_round_s']:.3f}, 1 per core "
+            f"{result['bare_processes_round_s']:.3f}); fedsweep 1 process "
+            f"{result['fedsweep_round_s']:.3f}, vectorised {result['vectorised_round_s']:.3f} "
+            f"(K={result['auto_k']})",
             flush=True,
         )
         results.append(result)

@@ -33,6 +33,7 @@ from src.federated.checkpoint import (
     read_saved_run,
     resume_path,
 )
+from src.federated.client_state import ClientStateStore
 from src.federated.compatibility import (
     check_aggregator,
     check_attack,
@@ -40,12 +41,13 @@ from src.federated.compatibility import (
     check_privacy,
 )
 from src.federated.data import Federation
-from src.federated.distributed import end_process_group
+from src.federated.distributed import ClientShardingStrategy, end_process_group
 from src.federated.faults import ClientFaults
 from src.federated.orchestrator import FederatedModule
 from src.federated.privacy import DPFedAvg
 from src.federated.server import Server
 from src.federated.transforms import TransformChain
+from src.layout import layout_for
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
 from src.outputs import RoundRecorder, summarize, write_summary
 from src.run_names import current_run_name, register_resolver
@@ -141,6 +143,9 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         parallel_clients=cfg.fl.get("parallel_clients", 1),
         sampling=cfg.fl.sampling,
         eval_clients=cfg.fl.eval_clients,
+        store=ClientStateStore(
+            memory_gb=cfg.fl.client_state_memory_gb, folder=output_dir / "client_state"
+        ),
     )
 
 
@@ -177,9 +182,10 @@ def writable_output_dir(cfg: DictConfig) -> Path:
 
 
 def build_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
-    """The Lightning Trainer of `cfg.trainer` (less `threads`, which is fedsweep's own key)."""
+    """The Lightning Trainer of `cfg.trainer` (less `threads` and `processes`, fedsweep's own)."""
     node = OmegaConf.to_container(cfg.trainer, resolve=True)
     node.pop("threads", None)
+    node.pop("processes", None)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:  # Lightning refuses the settings (no GPU, ...)
@@ -205,6 +211,24 @@ def set_threads(cfg: DictConfig) -> None:
     log.info("%d CPU threads (%s; %s)", threads, why, wait_note())
 
 
+def set_layout(cfg: DictConfig, module: FederatedModule) -> dict:
+    """`trainer.processes` (src/layout.py): logged with the reason; returns the Trainer's
+    arguments for forked processes (none for one process)."""
+    layout = layout_for(
+        cfg.trainer, torch.get_num_threads(), cfg.fl.parallel_clients, cfg.fl.rounds, module
+    )
+    if layout is None:
+        return {}
+    log.info("layout: %s (%s)", layout.describe(), layout.why)
+    torch.set_num_threads(layout.threads)
+    if layout.processes == 1:
+        return {}
+    if layout.why != "trainer.processes":
+        module.layout = layout  # checked after the first round
+    strategy = ClientShardingStrategy(process_group_backend="gloo", fork=True)
+    return dict(accelerator="cpu", devices=layout.processes, strategy=strategy)
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one federated experiment; returns (and writes) its summary."""
     validate_config(cfg)
@@ -227,7 +251,8 @@ def train(cfg: DictConfig) -> dict:
     checkpoint = LastRoundCheckpoint(output_dir / "checkpoints", cfg.fl.checkpoint_every)
     fields = dict(run_name=run_name, rounds=cfg.fl.rounds, config=config)
     try:
-        trainer = build_trainer(cfg, logger=loggers or False, callbacks=[checkpoint])
+        layout = set_layout(cfg, module)
+        trainer = build_trainer(cfg, logger=loggers or False, callbacks=[checkpoint], **layout)
         if resume_from:
             log.info(
                 "resuming from %s (%d of %d rounds done)",

@@ -59,7 +59,13 @@ def compose_config(
     and `resume=never`, so that runs sharing tmp_path start afresh (resume tests ask for auto)."""
     GlobalHydra.instance().clear()
     base = (
-        ["trainer=cpu", "logger=none", "trainer.enable_progress_bar=false", "resume=never"]
+        [
+            "trainer=cpu",
+            "trainer.processes=1",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            "resume=never",
+        ]
         if for_tests
         else []
     )

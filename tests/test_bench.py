@@ -5,14 +5,24 @@ import json
 from benchmarks import bench, gpu_check
 
 
-def test_quick_benchmark_writes_round_times_ratios_and_flops(tmp_path):
+def test_quick_benchmark_writes_round_times_ratios_layouts_memory_and_flops(tmp_path):
     (result,) = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "fedavg_vit_small32_28px.json").read_text())
     assert written["ratio"] == result["ratio"] > 0
     assert written["ratio"] == written["fedsweep_round_s"] / written["bare_round_s"]
     assert written["speedup_over_bare"] == written["bare_round_s"] / written["vectorised_round_s"]
     assert written["auto_k"] >= 1 and written["round_gflop"] > 0
-    assert len(written["fedsweep_rounds_s"]) == len(written["bare_rounds_s"]) == 2
+    rounds = ("default", "fedsweep", "bare", "vec")
+    assert all(len(written[f"{k}_rounds_s"]) == 2 for k in rounds)
+    assert written["default_layout"] in ("1 x 1", "1 x 2", "2 x 1")  # processes x threads
+    assert written["default_peak_pss_mb"] > 100  # torch alone maps more
+    best = min(written["bare_round_s"], written["bare_processes_round_s"])
+    if written["cores"] > 1:  # the separate processes ran, each one holding the data
+        assert len(written["procs_rounds_s"]) == 2
+        assert written["bare_processes_peak_pss_mb"] > 100
+    else:
+        best = written["bare_round_s"]
+    assert written["default_vs_best_bare"] == written["default_round_s"] / best
     table = (tmp_path / "bench.md").read_text()
     assert "| fedavg_vit_small32_28px | cpu |" in table and "GFLOP/s" in table
 

@@ -32,6 +32,7 @@ from src.federated.sampling import client_generator, client_seed
 from src.federated.server import Server
 from src.federated.transforms import InjectedFault, TransformChain
 from src.federated.vectorised import ClientStart, choose_group_size, train_together
+from src.layout import MARGIN
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class ClientLoop:
 
     parallel_clients: int | str = 1  # fl.parallel_clients: up to this many train together, auto
     _blocker: str | None = None  # why they cannot (found once), '' when they can
+    _alone_rate: float | None = None  # auto's probe: samples/s one client alone, until checked
 
     def train_round(
         self,
@@ -114,25 +116,45 @@ class ClientLoop:
         if self.parallel_clients == 1 or self.blocker():
             return [[c] for c in clients]
         if self.parallel_clients == "auto":
-            self.parallel_clients, why = self.choose_group_size(clients)
+            self.parallel_clients, why, alone_s = self.choose_group_size(clients)
             log.info("fl.parallel_clients=auto: %d (%s)", self.parallel_clients, why)
             if self.parallel_clients == 1:
                 return [[c] for c in clients]
+            self._alone_rate = self.batch_size / alone_s  # checked after the first round
         by_key: dict[object, list[int]] = {}
         for client_id in clients:
             by_key.setdefault(self.algorithm.group_key(client_id), []).append(client_id)
         k = self.parallel_clients
         return [ids[i : i + k] for ids in by_key.values() for i in range(0, len(ids), k)]
 
-    def choose_group_size(self, clients: list[int]) -> tuple[int, str]:
+    def choose_group_size(self, clients: list[int]) -> tuple[int, str, float]:
         """auto: from memory and a short timing on the first client's first batch (a generator of
         its own: the clients' batches, the model and the RNG streams are left as they were)."""
         trained = self.trained_tensors()
         device = next(iter(trained.values())).device
         index = self.federation.clients[clients[0]].train
         generator = torch.Generator(device=device).manual_seed(0)
-        batch = next(self.federation.train.batches(index, self.batch_size, generator))
+        train = self.federation.train
+        served = train.served_tokens, train.served_samples
+        batch = next(train.batches(index, self.batch_size, generator))
+        train.served_tokens, train.served_samples = served  # the probe's are not the round's
         return choose_group_size(self.model, trained, batch, len(clients))
+
+    def check_group_size(self, loop_s: float, samples: int) -> None:
+        """After the first round with the group size auto chose: back to one client after the
+        other if the round took longer than its samples one by one at the probe's speed
+        (plus `MARGIN`): the probe times one batch, the round is what counts."""
+        if self._alone_rate is None:
+            return
+        alone_s, self._alone_rate = samples / self._alone_rate, None  # checked once
+        lost = loop_s > MARGIN * alone_s
+        log.info(
+            "fl.parallel_clients=auto check: the first round's clients trained in %.1f s with "
+            "%d together; one by one, estimated: %.1f s: %s", loop_s, self.parallel_clients,
+            alone_s, "one after the other from round 2 on" if lost else "kept",
+        )  # fmt: skip
+        if lost:
+            self.parallel_clients = 1
 
     def blocker(self) -> str:
         if self._blocker is None:

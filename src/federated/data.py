@@ -24,6 +24,7 @@ class DeviceSplit:
 
     tensors: tuple[str, ...] = ()
     served_tokens = 0  # real (unpadded) tokens handed out for training: text only
+    served_samples = 0  # samples handed out in batches (the layout check's measure of work)
 
     def __len__(self) -> int:
         return len(getattr(self, self.tensors[0]))
@@ -45,6 +46,7 @@ class DeviceSplit:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches over `index`, shuffled with `generator` when one is given."""
         for chunk in self.shuffled(index, generator).split(batch_size):
+            self.served_samples += len(chunk)
             yield self.batch(chunk)
 
     @staticmethod
@@ -102,6 +104,7 @@ class DeviceTokens(DeviceSplit):
             index.split(batch_size), lengths.split(batch_size), strict=True
         ):
             self.served_tokens += int(chunk_lengths.sum())
+            self.served_samples += len(chunk)
             width = int(chunk_lengths.max())
             yield self.input_ids[chunk, :width], self.targets[chunk, :width]
 

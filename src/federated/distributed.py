@@ -9,14 +9,29 @@ Lightning's process group, launcher and rank bookkeeping but skips the wrapper.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+
+def shard_clients(clients: list[int], sizes: list[int], ranks: int, rank: int) -> list[int]:
+    """Rank `rank`'s share of `clients` (of `sizes` samples), in the order given: the largest
+    client goes to the least loaded rank first, so ranks get about the same samples to train."""
+    if ranks == 1:
+        return list(clients)
+    load = [0] * ranks
+    owner = {}
+    for size, client in sorted(zip(sizes, clients, strict=True), key=lambda sc: -sc[0]):
+        owner[client] = min(range(ranks), key=load.__getitem__)
+        load[owner[client]] += size
+    return [c for c in clients if owner[c] == rank]
 
 
 class Ranks:
@@ -26,18 +41,14 @@ class Ranks:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.size = dist.get_world_size() if self.distributed else 1
         self.rank = dist.get_rank() if self.distributed else 0
+        self.first_trains_all = False  # the layout check fell back to one training process
 
     def shard(self, clients: list[int], sizes: list[int]) -> list[int]:
         """This rank's clients, in the order given: the largest client goes to the least loaded
         rank first, so ranks get about the same number of samples to train on."""
-        if self.size == 1:
-            return list(clients)
-        load = [0] * self.size
-        owner = {}
-        for size, client in sorted(zip(sizes, clients, strict=True), key=lambda sc: -sc[0]):
-            owner[client] = min(range(self.size), key=load.__getitem__)
-            load[owner[client]] += size
-        return [c for c in clients if owner[c] == self.rank]
+        if self.first_trains_all:
+            return list(clients) if self.rank == 0 else []
+        return shard_clients(clients, sizes, self.size, self.rank)
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place."""
@@ -56,21 +67,31 @@ class Ranks:
 
 class ClientShardingStrategy(DDPStrategy):
     """`trainer=ddp`: one process per device, no DistributedDataParallel wrapper (the orchestrator
-    shards clients over the ranks and combines their uploads itself)."""
+    shards clients over the ranks and combines their uploads itself). `fork=True` (the automatic
+    CPU layout, src/layout.py): the other ranks are forked from this process when fitting starts,
+    so they share its memory (libraries, data, model) instead of building everything again."""
+
+    def __init__(self, *args, fork: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fork = fork
 
     def configure_ddp(self) -> None:
         pass  # keep the plain module: gradients must stay with the client that computed them
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
-        if isinstance(self._launcher, _SubprocessScriptLauncher):
+        if self.fork and not self.cluster_environment.creates_processes_externally:
+            self._launcher = _ForkLauncher(
+                self.cluster_environment, self.num_processes, self.num_nodes
+            )
+        elif isinstance(self._launcher, _SubprocessScriptLauncher):
             self._launcher = _HydraJobLauncher(
                 self.cluster_environment, self.num_processes, self.num_nodes
             )
 
     def teardown(self) -> None:
         super().teardown()
-        if isinstance(self._launcher, _HydraJobLauncher):
+        if isinstance(self._launcher, _HydraJobLauncher | _ForkLauncher):
             self._launcher.restore_environment()
 
 
@@ -113,6 +134,118 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
             else:
                 os.environ[name] = value
         self._saved_env = {}
+
+
+JOIN_GRACE_S = 10.0  # after rank 0 failed, how long the forked ranks get to stop by themselves
+
+
+class _ForkLauncher(_SubprocessScriptLauncher):
+    """Ranks 1..P-1 are forked from rank 0 at the start of fitting and run the same fit; each ends
+    its process when the fit returns (it must never go back into the caller, e.g. the next job of
+    a sweep). They run on one thread: a process forked after OpenMP threads were used hangs in its
+    next parallel region (GNU OpenMP), so the automatic layout only forks for P x 1."""
+
+    def launch(self, function, *args, trainer=None, **kwargs):
+        env = self.cluster_environment
+        ddp_env = dict(
+            MASTER_ADDR=env.main_address,
+            MASTER_PORT=str(env.main_port),
+            NODE_RANK=str(env.node_rank()),
+            LOCAL_RANK="0",
+            WORLD_SIZE=str(self.num_processes * self.num_nodes),
+        )
+        self._saved_env = {name: os.environ.get(name) for name in ddp_env}
+        os.environ.update(ddp_env)
+        self.procs = []
+        for local_rank in range(1, self.num_processes):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _run_forked_rank(local_rank, function, args, kwargs)
+            self.procs.append(_ForkedRank(pid))
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            self.join(grace_s=JOIN_GRACE_S)  # they stop too (signal) or are stopped
+            raise
+        self.join()
+        return result
+
+    def join(self, grace_s: float | None = None) -> None:
+        """Wait for the forked ranks, which end with the fit. After a failure here (`grace_s`
+        given) a rank still running after `grace_s` seconds waits for a collective that will
+        never come: it is killed. Without one, a rank that failed is an error here."""
+        deadline = None if grace_s is None else time.monotonic() + grace_s
+        for proc in self.procs:
+            while deadline is not None and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if deadline is not None and proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        failed = [proc for proc in self.procs if proc.returncode != 0]
+        self.procs = []
+        if failed and grace_s is None:
+            codes = ", ".join(f"pid {p.pid}: exit code {p.returncode}" for p in failed)
+            raise RuntimeError(f"a forked rank failed ({codes}); its error is printed above")
+
+    def restore_environment(self) -> None:
+        _HydraJobLauncher.restore_environment(self)
+
+
+def _run_forked_rank(local_rank: int, function, args, kwargs) -> None:
+    """The body of a forked rank: fit as rank `local_rank` on one thread, then end the process."""
+    import logging
+    import traceback
+
+    code = 0
+    try:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+        torch.set_num_threads(1)
+        logging.disable(logging.INFO)  # rank 0 logs the run; the others warnings and errors only
+        function(*args, **kwargs)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException as error:  # noqa: BLE001  printed, then the exit code says it failed
+        from src.errors import RunInterrupted
+
+        code = error.exit_code if isinstance(error, RunInterrupted) else 1
+        if code == 1:
+            traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class _ForkedRank:
+    """A forked rank as Lightning's child-process observer and `kill` see a subprocess."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int | None:
+        if self.returncode is None:
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except ChildProcessError:  # already reaped
+                return self.returncode
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def _job_command(hydra_config) -> list[str]:

@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from src.data.text import IGNORE_INDEX
+from src.layout import MARGIN
 
 if TYPE_CHECKING:
     from src.algorithms.base import Algorithm
@@ -231,25 +232,26 @@ def _call(model: nn.Module, params: TensorDict, inputs: torch.Tensor) -> torch.T
 
 def choose_group_size(
     model: nn.Module, trained: TensorDict, batch: Batch, clients: int
-) -> tuple[int, str]:
+) -> tuple[int, str, float]:
     """`fl.parallel_clients=auto`: the largest group the memory allows, then the group size
     (1, 2, 4, ... up to that) whose timed step costs least per client; 1 unless batching beats
-    one client after the other by more than 5 % (timing noise). Returns (K, why)."""
+    one client after the other by `MARGIN` (timing noise). Returns (K, why, seconds of one
+    client's step alone), the last for the check after the first round."""
     inputs = batch[0]
     per_client = client_bytes(model, trained, inputs)
     budget = available_memory(inputs.device)
     fits = max(1, min(clients, budget // max(per_client, 1)))
     memory = f"memory allows {fits} ({budget / 2**30:.1f} GiB / {per_client / 2**20:.0f} MiB)"
+    alone = _step_seconds(model, trained, batch, 1, repeats=5)
     if fits == 1:
-        return 1, memory
-    alone = _step_seconds(model, trained, batch, 1)
+        return 1, memory, alone
     sizes = sorted({k for k in (2, 4, 8, 16, 32, 64) if k < fits} | {fits})
-    per_step = {k: _step_seconds(model, trained, batch, k) / k for k in sizes}
+    per_step = {k: _step_seconds(model, trained, batch, k, repeats=5) / k for k in sizes}
     best = min(per_step, key=per_step.get)
     timing = (
         f"one step per client: {alone * 1e3:.1f} ms alone, {per_step[best] * 1e3:.1f} ms "
         f"with {best} together"
     )
-    if per_step[best] < 0.95 * alone:
-        return best, f"{memory}; {timing}"
-    return 1, f"{memory}; {timing}: no faster"
+    if per_step[best] * MARGIN < alone:
+        return best, f"{memory}; {timing}", alone
+    return 1, f"{memory}; {timing}: no faster by {MARGIN - 1:.0%}", alone
