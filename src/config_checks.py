@@ -108,8 +108,10 @@ RULES = (
     ),
     ("optim.eps", float, *_above(0)),
     ("trainer.threads", Literal["auto"] | int, *_AUTO_OR_COUNT),
+    ("trainer.processes", Literal["auto"] | int, *_AUTO_OR_COUNT),
     ("fl.parallel_clients", Literal["auto"] | int, *_AUTO_OR_COUNT),
     ("fl.sampling", Literal["uniform", "by_samples"], *_ANY),
+    ("fl.client_state_memory_gb", float, *_finite(lambda v: v > 0, "> 0 (finite)")),
     (
         "fl.eval_clients",
         Literal["all"] | int,
@@ -200,6 +202,33 @@ def check_precision(cfg: DictConfig) -> None:
 PRIVATE_ALGS = ("fedavg", "fedlora", "fedsa-flora")
 
 
+def check_processes(cfg: DictConfig) -> None:
+    """trainer.processes=N > 1 forks N one-thread processes on the CPU (src/layout.py); the
+    trainer's own multi-process settings (trainer=ddp, trainer.devices) are the other way."""
+    trainer = cfg.trainer
+    processes = trainer.get("processes", "auto")
+    if processes == "auto" or processes == 1:
+        return
+    given = f"trainer.processes={processes}"
+    _require(
+        trainer.get("strategy") is None and trainer.get("devices") == 1,
+        f"{given} with trainer.devices={trainer.get('devices')} / trainer=ddp: use one of them "
+        "(trainer.processes forks CPU processes itself)",
+    )
+    _require(
+        trainer.get("accelerator") == "cpu"
+        or (trainer.get("accelerator") == "auto" and not torch.cuda.is_available()),
+        f"{given} is for the CPU, but trainer.accelerator={trainer.get('accelerator')} "
+        "(on GPUs: trainer=ddp)",
+    )
+    _require(
+        trainer.get("threads", "auto") in ("auto", 1),
+        f"{given} with trainer.threads={trainer.threads}: forked processes run one thread each "
+        "(a process forked after OpenMP threads ran hangs in GNU OpenMP); use trainer.threads=1 "
+        "or trainer.processes=1",
+    )
+
+
 def check_privacy(cfg: DictConfig) -> None:
     """privacy=dp_fedavg: the algorithms, aggregator and weighting its noise is calibrated for."""
     node = cfg.get("privacy")
@@ -260,6 +289,7 @@ def validate_config(cfg: DictConfig) -> None:
     )
     check_rules(cfg)
     check_precision(cfg)
+    check_processes(cfg)
     check_targets(cfg)
     check_privacy(cfg)
     check_optimizer(cfg)

@@ -7,6 +7,7 @@ import src  # noqa: F401  (before torch: it bounds OpenMP's spin-wait, src/threa
 
 # isort: on
 
+import logging
 import os
 import subprocess
 import sys
@@ -147,8 +148,13 @@ def run_main(args: list[str], monkeypatch, capfd) -> tuple[int, str]:
     GlobalHydra.instance().clear()
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setattr(sys, "argv", ["src.run", *args])
-    with pytest.raises(SystemExit) as stopped:
-        main()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main()
+    finally:  # Hydra's handlers write to this test's captured stdout, closed after it
+        root.handlers[:], root.level = handlers, level
     return stopped.value.code, "\n".join(capfd.readouterr())
 
 

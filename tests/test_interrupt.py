@@ -9,10 +9,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import ONE_BLOCK_VIT, ROOT
 
 
-def test_sigterm_writes_an_interrupted_summary_and_the_run_resumes(tmp_path):
+# trainer.processes=2: the signal reaches rank 0, which passes it to the forked rank; both stop
+# at the same round boundary
+@pytest.mark.parametrize("layout", [[], ["trainer.processes=2"]], ids=["one", "forked"])
+def test_sigterm_writes_an_interrupted_summary_and_the_run_resumes(layout, tmp_path):
     command = [
         sys.executable,
         "-m",
@@ -24,6 +29,7 @@ def test_sigterm_writes_an_interrupted_summary_and_the_run_resumes(tmp_path):
         "fl.eval_every=12",
         "fl.local_epochs=1",
         *ONE_BLOCK_VIT,
+        *layout,
         f"hydra.run.dir={tmp_path}",
     ]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}

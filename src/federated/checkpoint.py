@@ -5,10 +5,16 @@ Lightning's ModelCheckpoint keys its saves on optimizer steps, which manual fede
 optimisation does not make, so a round-based callback is used instead. What the checkpoint holds
 besides Lightning's own (model weights, round counter) is added by the orchestrator's
 `on_save_checkpoint`: server and client states, RNG states, history, config.
+
+The model weights there are only those that change: the frozen ones (a LoRA run's base model,
+nearly all of it) are rebuilt from config and seed at resume and checked against the fingerprint that
+replaces them (`frozen_fingerprint`); a base weight that the server changes (aggregator=stack,
+exact) is in the server state, which every client's download loads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -24,6 +30,7 @@ from src.safe_load import first_line, load_tensors_only
 # how often checkpoints are written, and how many rounds to run in total.
 RESUMABLE_CHANGES = ("resume", "paths.", "trainer.", "logger.", "fl.rounds", "fl.checkpoint_every")
 RESUMABLE_CHANGES += ("fl.parallel_clients",)  # the same results up to float summation order
+RESUMABLE_CHANGES += ("fl.client_state_memory_gb",)  # where client states are kept, not what
 
 
 class LastRoundCheckpoint(pl.Callback):
@@ -35,7 +42,8 @@ class LastRoundCheckpoint(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         done = trainer.current_epoch + 1
         # a stop was asked for (SIGTERM): keep this round, whatever fl.checkpoint_every says
-        stopping = trainer.received_sigterm or getattr(pl_module, "interrupt", None) is not None
+        # (every rank decides the same: under DDP one saving alone would wait for the others)
+        stopping = pl_module.stop_asked()
         if done % self.every_n_rounds == 0 or done == trainer.max_epochs or stopping:
             save_atomically(trainer, self.path)
             self.saved_round = done
@@ -134,3 +142,53 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# The config keys a model's initial weights come from besides its architecture and the seed.
+WEIGHT_SOURCES = ("arch", "pretrained", "weights", "path", "config_path")
+
+
+def frozen_source(config: dict) -> str:
+    """What the frozen weights were built from, for the refusal of a checkpoint made with others."""
+    model = config.get("model", {})
+    parts = [f"model={model.get('name', '?')}", f"seed={config.get('seed', '?')}"]
+    for key in WEIGHT_SOURCES:
+        value = model.get(key)
+        if value not in (None, False):
+            parts.append(f"model.{key}={str(value).lower() if value is True else value}")
+    return " ".join(parts)
+
+
+def frozen_fingerprint(tensors: dict[str, torch.Tensor], source: str) -> dict:
+    """What a checkpoint keeps of the frozen weights instead of the weights: names, shapes,
+    dtypes and one blake2b over the bytes in name order (seconds for 0.5 B parameters: computed
+    once per run). A tensor tied to an earlier one (an LM head sharing the embedding) is hashed
+    as that tie, not twice."""
+    digest = hashlib.blake2b(digest_size=32)
+    names = sorted(tensors)
+    first_name: dict[int, str] = {}
+    for name in names:
+        tensor = tensors[name]
+        if id(tensor) in first_name:
+            digest.update(f"{name}={first_name[id(tensor)]}".encode())
+            continue
+        first_name[id(tensor)] = name
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy())  # the bytes, whatever the dtype (bf16)
+    return {
+        "names": names,
+        "shapes": [list(tensors[name].shape) for name in names],
+        "dtypes": [str(tensors[name].dtype).removeprefix("torch.") for name in names],
+        "blake2b": digest.hexdigest(),
+        "built_from": source,
+    }
+
+
+def check_same_frozen(saved: dict, current: dict, path) -> None:
+    """Refuse to resume onto frozen weights other than the checkpoint's: one line."""
+    if any(saved.get(key) != current[key] for key in ("names", "shapes", "dtypes", "blake2b")):
+        raise ConfigError(
+            f"resume={path}: the frozen base weights differ from the ones the checkpoint was "
+            f"made with ({saved.get('built_from', 'unknown')}); rebuild them the same way (same "
+            "model config, weights file and seed) or resume=never"
+        )

@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader
 
 from src.algorithms import Algorithm
 from src.errors import AllClientsFailedError, RunInterrupted
-from src.federated.checkpoint import portable_rng_states, restore_rng_states
+from src.federated.checkpoint import (
+    check_same_frozen,
+    frozen_fingerprint,
+    frozen_source,
+    portable_rng_states,
+    restore_rng_states,
+)
 from src.federated.client_loop import ClientLoop
 from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
@@ -32,6 +38,7 @@ from src.federated.evaluation import Evaluator
 from src.federated.sampling import sample_clients
 from src.federated.server import Server
 from src.federated.transforms import TransformChain
+from src.layout import Layout, check_after_round
 from src.outputs import RoundRecorder
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ class FederatedModule(pl.LightningModule):
         parallel_clients: int | str = 1,  # fl.parallel_clients: a count or auto
         sampling: str = "uniform",  # fl.sampling: uniform | by_samples
         eval_clients: int | str = "all",  # fl.eval_clients: all or a count
+        store: ClientStateStore | None = None,  # fl.client_state_memory_gb: one with a budget
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -76,7 +84,8 @@ class FederatedModule(pl.LightningModule):
         self.recorder = recorder or RoundRecorder(None)
         self.transforms = transforms or TransformChain([])
         self.total_bytes = 0
-        self.store = ClientStateStore()  # private tensors per client (personalised algorithms)
+        # private tensors per client (personalised algorithms)
+        self.store = store if store is not None else ClientStateStore()
         self.client_loop = ClientLoop(
             model, algorithm, server, federation, self.store, self.transforms,
             optimizer, local_epochs, batch_size, seed, drop_client_errors, parallel_clients,
@@ -89,6 +98,7 @@ class FederatedModule(pl.LightningModule):
         self.run_config: dict = {}  # the resolved config, kept in checkpoints to check resumes
         self.wandb_id: str | None = None  # the W&B run a resumed run continues
         self.interrupt: str | None = None  # the signal that asked the run to stop
+        self.layout: Layout | None = None  # trainer.processes=auto's choice, checked in round 1
 
     # ----------------------------------------------------------------- Lightning plumbing
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -122,8 +132,16 @@ class FederatedModule(pl.LightningModule):
         if not self.trainer.is_global_zero:  # only rank 0 writes files
             self.recorder.path = None
         self._ensure_setup()
-        # Ctrl+C stops at the next client boundary like SIGTERM (which Lightning flags for us)
+        # Ctrl+C stops at the next client boundary (one process) or round boundary (DDP)
         self._sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_start(self) -> None:
+        # SIGTERM (pre-emption) the same way. Lightning's own handler, installed just before this
+        # hook, broadcasts to the other ranks from inside the handler: a collective that
+        # interrupts the one in progress, and the ranks wait for each other forever. Here the
+        # handler only flags; the ranks agree at the round boundary (`stop_asked`). Lightning
+        # puts its predecessor back at teardown.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def on_fit_end(self) -> None:
         signal.signal(signal.SIGINT, self._sigint)
@@ -132,9 +150,33 @@ class FederatedModule(pl.LightningModule):
         signal.signal(signal.SIGINT, self._sigint)  # a second Ctrl+C stops at once
         self.interrupt = "SIGINT"
 
-    def _check_interrupt(self) -> None:
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.interrupt is None and self.trainer.is_global_zero:
+            launcher = self.trainer.strategy.launcher  # the other local ranks get it too
+            if launcher is not None:
+                launcher.kill(signum)
+        self.interrupt = self.interrupt or "SIGTERM"
+
+    def stop_asked(self) -> bool:
+        """Was a stop asked for (SIGTERM, Ctrl+C)? Under DDP a collective: every rank answers yes
+        if one was asked (a signal reaches the ranks at slightly different times, and a rank
+        that went on alone would wait for the others forever). Called by every rank at the same
+        points: the end of a round (the checkpoint callback) and the start of the next."""
         if self.interrupt is None and self._fitting() and self.trainer.received_sigterm:
             self.interrupt = "SIGTERM"
+        if self.ranks.distributed:
+            asked = torch.tensor([float(self.interrupt is not None)], device=self.device)
+            if self.ranks.sum_(asked).item() > 0 and self.interrupt is None:
+                self.interrupt = "SIGTERM"
+        return self.interrupt is not None
+
+    def _check_interrupt(self) -> None:
+        """Between the clients of one process: stop if this process was asked to."""
+        if self.interrupt is None and self._fitting() and self.trainer.received_sigterm:
+            self.interrupt = "SIGTERM"
+        self._raise_if_interrupted()
+
+    def _raise_if_interrupted(self) -> None:
         if self.interrupt is not None:
             raise RunInterrupted(self.interrupt, 143 if self.interrupt == "SIGTERM" else 130)
 
@@ -145,6 +187,7 @@ class FederatedModule(pl.LightningModule):
             spec = self.algorithm.shared_spec(self.model, self.clients_per_round)
             self.server.setup(self.model, spec)
             self.store.pin_memory = self.device.type == "cuda"
+            self.store.use_rank(self.ranks.rank)  # DDP: each rank spills to its own folder
             self.store.set_initial(self.algorithm.initial_private_state(self.model))
             if "server" in self._restored:
                 self.server.load_state_dict(
@@ -157,7 +200,8 @@ class FederatedModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         started = time.perf_counter()
         round_idx = self.round
-        self._check_interrupt()
+        self.stop_asked()  # every rank, so that all stop at the same round
+        self._raise_if_interrupted()
         sampled = sample_clients(
             self.federation.num_clients, self.clients_per_round, self.seed, round_idx,
             weights=self.federation.summary["train_samples"] if self.sampling == "by_samples" else None,
@@ -175,12 +219,17 @@ class FederatedModule(pl.LightningModule):
         tokens_before = self.federation.train.served_tokens
         # under DDP every rank stops at the round's end, not between its clients
         check = (lambda: None) if self.ranks.distributed else self._check_interrupt
+        samples_before, loop_started = self.federation.train.served_samples, time.perf_counter()
         done = self.client_loop.train_round(shard, round_idx, exchange, self.manual_backward, check)
+        loop_s = time.perf_counter() - loop_started
+        samples = self.federation.train.served_samples - samples_before
         exchange.finish(sampled)
         served = self.federation.train.served_tokens - tokens_before
-        totals = torch.tensor([*done.counts(), served], dtype=torch.float64, device=self.device)
+        totals = torch.tensor(
+            [*done.counts(), served, samples], dtype=torch.float64, device=self.device
+        )
         loss_sum, seen, *counts = self.ranks.sum_(totals).tolist()  # summed over the ranks
-        failed, nonfinite, up_bytes, down_bytes, served = (int(n) for n in counts)
+        failed, nonfinite, up_bytes, down_bytes, served, samples = (int(n) for n in counts)
         dropped = self.ranks.gather(done.dropped)
         self.dropped += dropped
         if failed + nonfinite == len(training):
@@ -193,6 +242,9 @@ class FederatedModule(pl.LightningModule):
 
         self.total_bytes += up_bytes + down_bytes
         seconds = time.perf_counter() - started
+        if self.layout is not None:
+            self._check_layout(seconds, loop_s, samples)
+        self.client_loop.check_group_size(loop_s, samples)
         self._round_metrics = {
             "train/loss": loss_sum / max(seen, 1),
             "comm/up_bytes": up_bytes,
@@ -209,6 +261,28 @@ class FederatedModule(pl.LightningModule):
         self.log("train/loss", self._round_metrics["train/loss"], prog_bar=True, logger=False)
         if not self._is_eval_round():
             self._emit(evaluated=False)
+
+    def _check_layout(self, round_s: float, loop_s: float, samples: int) -> None:
+        """After the first round with the processes trainer.processes=auto chose: back to one
+        process with every core as a thread if they lost (src/layout.py). Every rank reaches the
+        same decision from the same summed numbers."""
+        layout, self.layout = self.layout, None  # checked once
+        if layout.processes == 1 or not self.ranks.distributed:
+            return
+        times = torch.zeros(self.ranks.size + 1, dtype=torch.float64, device=self.device)
+        times[self.ranks.rank] = loop_s
+        if self.ranks.rank == 0:
+            times[-1] = round_s
+        *loops, round_s = self.ranks.sum_(times).tolist()
+        fall_back, why = check_after_round(layout, round_s, max(loops), samples)
+        if fall_back:
+            self.ranks.first_trains_all = True
+            if self.ranks.rank == 0:  # not forked: its OpenMP threads are safe
+                torch.set_num_threads(layout.cores)
+        log.info(
+            "layout check: %s: %s", why,
+            f"1 process x {layout.cores} threads trains from round 2 on" if fall_back else "kept",
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- evaluation
     def _fitting(self) -> bool:
@@ -265,8 +339,30 @@ class FederatedModule(pl.LightningModule):
             self.algorithm.deploy(self.model, *self.deployed_state(client_id), client_id)
 
     # ----------------------------------------------------------------- checkpoint
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before a checkpoint is restored into the model or a round changes it
+            self._frozen_weights()
+
+    def _frozen_weights(self) -> dict:
+        """The fingerprint of the parameters that nothing trains, as the model was built: neither
+        requires_grad nor named by the algorithm as shared or private (RoLoRA freezes a factor
+        it shares in alternate rounds). Computed once (seconds for 0.5 B parameters)."""
+        if getattr(self, "_frozen", None) is None:
+            declared = set(self.algorithm.shared_names(self.model))
+            declared |= set(self.algorithm.private_names(self.model))
+            frozen = {
+                id(p)
+                for name, p in self.model.named_parameters()
+                if not p.requires_grad and name not in declared
+            }
+            # by identity: a tied weight is in the state dict under each of its names
+            tensors = {n: t for n, t in self.state_dict(keep_vars=True).items() if id(t) in frozen}
+            self._frozen = frozen_fingerprint(tensors, frozen_source(self.run_config))
+        return self._frozen
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The whole federation besides the model weights (which Lightning saves)."""
+        """The whole federation besides the model weights (which Lightning saves), and of those
+        only the ones that change: the frozen ones are replaced by their fingerprint."""
         checkpoint["fedsweep"] = {
             "rounds_done": self.round + 1,
             "total_bytes": self.total_bytes,
@@ -279,9 +375,23 @@ class FederatedModule(pl.LightningModule):
             "config": self.run_config,
             "wandb_id": self.wandb_id,
         }
+        frozen = getattr(self, "_frozen", None)  # None outside fit: the whole model, as before
+        if frozen is not None and frozen["names"]:
+            # a base weight the server changes (stack, exact) is in the server state, and every
+            # download loads it: its copy here would be overwritten before any use
+            for name in frozen["names"]:
+                del checkpoint["state_dict"][name]
+            checkpoint["fedsweep"]["frozen"] = frozen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("fedsweep", {})
+        if "frozen" in state:  # else an older checkpoint, or nothing frozen: the whole model
+            current = self._frozen_weights()  # the rebuilt model's, not loaded into yet
+            path = self._trainer.ckpt_path if self._trainer is not None else "<checkpoint>"
+            check_same_frozen(state["frozen"], current, path)
+            tensors = self.state_dict()
+            # back in, so that Lightning's strict load of the state dict works unchanged
+            checkpoint["state_dict"].update({n: tensors[n] for n in state["frozen"]["names"]})
         self.total_bytes = state.get("total_bytes", 0)
         # applied once the server is set up (see _ensure_setup)
         self._restored = {key: state[key] for key in ("server", "clients") if key in state}
