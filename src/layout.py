@@ -17,17 +17,16 @@ or 1 x P, never P x T.
 
 from __future__ import annotations
 
-import logging
 import os
+import select
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from src.federated.objective import mean_loss
-
-log = logging.getLogger("fedsweep")
 
 MARGIN = 1.10  # processes must train >= 10 % more samples per second than threads
 STARTUP_S = 3.0  # forking the processes and joining their process group, measured ~1-2 s
@@ -70,12 +69,16 @@ def layout_for(trainer_cfg, threads: int, parallel_clients, rounds: int, module)
         return Layout(1, threads, "trainer.threads given", cores=threads)
     if parallel_clients != 1:
         return Layout(1, threads, "fl.parallel_clients trains clients together", cores=threads)
-    return choose_layout(module, threads, rounds)
+    bf16 = str(trainer_cfg.get("precision", "32-true")) == "bf16-mixed"
+    return choose_layout(module, threads, rounds, bf16=bf16)
 
 
-def choose_layout(module, cores: int, rounds: int, memory_free: int | None = None) -> Layout:
+def choose_layout(
+    module, cores: int, rounds: int, memory_free: int | None = None, bf16: bool = False
+) -> Layout:
     """`trainer.processes=auto` on the CPU: `cores` threads in one process, or `cores` processes
-    of one thread, whichever the probe finds faster by `MARGIN` on this run's work."""
+    of one thread, whichever the probe finds faster by `MARGIN` on this run's work (`bf16`: under
+    bf16 autocast, as trainer.precision=bf16-mixed trains)."""
     if cores < 2:
         return Layout(1, cores, "one core available", cores=cores)
     memory_free = available_ram() if memory_free is None else memory_free
@@ -87,7 +90,7 @@ def choose_layout(module, cores: int, rounds: int, memory_free: int | None = Non
         )
         return Layout(1, cores, why, cores=cores)
     started = time.perf_counter()
-    threads_rate, processes_rate = compare_rates(module, probe_batches(module), cores)
+    threads_rate, processes_rate = compare_rates(module, probe_batches(module), cores, bf16)
     layout = Layout(1, cores, "", threads_rate, processes_rate, cores)
     rates = (
         f"probe ({time.perf_counter() - started:.1f} s): {threads_rate:.0f} samples/s with "
@@ -136,31 +139,38 @@ def probe_batches(module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
-def compare_rates(module, batches, cores: int) -> tuple[float, float]:
+def compare_rates(module, batches, cores: int, bf16: bool = False) -> tuple[float, float]:
     """(samples/s with one process of `cores` threads, samples/s of `cores` one-thread processes
     running at once), medians of `REPEATS` alternated timings; the model is left as it was."""
     model = module.model
     trained = [p for p in model.parameters() if p.requires_grad]
-    saved = [p.detach().clone() for p in trained]
+    touched = trained + list(model.buffers())  # buffers: e.g. BatchNorm's running statistics
+    saved = [t.detach().clone() for t in touched]
     optimizer = module.client_loop.make_optimizer(trained)
     samples = sum(len(targets) for _, targets in batches)
     threads_s, processes_s = [], []
     before = torch.get_num_threads()
     try:
-        with torch.random.fork_rng(devices=[]):
-            for _ in range(2):  # warm-up: allocator, kernels
+        with (
+            torch.random.fork_rng(devices=[]),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+            _Neighbours(cores - 1, lambda: _steps(model, optimizer, batches[:1])) as neighbours,
+        ):
+            torch.set_num_threads(1)
+            with neighbours.busy():  # warm-up: allocator, kernels, the pages fork made shared
                 _steps(model, optimizer, batches)
             for _ in range(REPEATS):
-                torch.set_num_threads(cores)
+                torch.set_num_threads(cores)  # this process is not forked: threads are safe
                 threads_s.append(_timed(model, optimizer, batches))
                 torch.set_num_threads(1)
-                processes_s.append(_timed_with_neighbours(model, optimizer, batches, cores - 1))
+                with neighbours.busy():
+                    processes_s.append(_timed(model, optimizer, batches))
     finally:
         torch.set_num_threads(before)
         with torch.no_grad():
-            for param, value in zip(trained, saved, strict=True):
-                param.copy_(value)
-                param.grad = None
+            for tensor, value in zip(touched, saved, strict=True):
+                tensor.copy_(value)
+                tensor.grad = None
     return samples / statistics.median(threads_s), cores * samples / statistics.median(processes_s)
 
 
@@ -178,52 +188,72 @@ def _timed(model, optimizer, batches) -> float:
     return time.perf_counter() - started
 
 
-def _timed_with_neighbours(model, optimizer, batches, neighbours: int) -> float:
-    """This process's time for `batches` on one thread while `neighbours` forked copies of it do
-    the same work (they start first and keep going until it is done)."""
-    children = []
-    ready_r, ready_w = os.pipe()
-    stop_r, stop_w = os.pipe()
-    for _ in range(neighbours):
-        pid = os.fork()
-        if pid == 0:  # a neighbour: one thread (see the module's docstring), busy until told
-            code = 0
-            try:
-                os.close(ready_r)
-                os.close(stop_w)
-                torch.set_num_threads(1)
-                os.set_blocking(stop_r, False)
-                _steps(model, optimizer, batches[:1])
-                os.write(ready_w, b"1")
-                while not _readable(stop_r):
-                    _steps(model, optimizer, batches[:1])
-            except BaseException:  # noqa: BLE001  a neighbour must never return into the caller
-                code = 1
-            finally:
-                os._exit(code)
-        children.append(pid)
-    os.close(ready_w)
-    os.close(stop_r)
-    try:
-        for _ in children:  # every neighbour is busy before the timing starts
-            if not os.read(ready_r, 1):
-                raise RuntimeError("a probe process stopped before the timing (see its error)")
-        return _timed(model, optimizer, batches)
-    finally:
-        os.close(stop_w)  # the neighbours see end-of-file and exit
-        os.close(ready_r)
-        for pid in children:
-            _, status = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise RuntimeError("a probe process failed (its error is printed above)")
+class _Neighbours:
+    """`count` forked copies of this process on one thread each (see the module's docstring),
+    forked once: idle, or repeating `work` while `busy()` lasts, so that this process's timing
+    inside `busy()` meets the contention of a layout with `count + 1` processes (and the pages
+    fork made shared are copied in the warm-up, not in a timing)."""
 
+    def __init__(self, count: int, work):
+        self.count, self.work = count, work
+        self.orders: list[int] = []  # to each neighbour: b"g" work, b"s" idle, closed: exit
+        self.pids: list[int] = []
 
-def _readable(fd: int) -> bool:
-    try:
-        os.read(fd, 1)
-    except BlockingIOError:
-        return False
-    return True  # end-of-file: the writer closed it
+    def __enter__(self):
+        self.ack_r, ack_w = os.pipe()  # a byte from each neighbour once it works, once idle
+        for _ in range(self.count):
+            order_r, order_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(self.ack_r)
+                for other in self.orders:
+                    os.close(other)
+                os.close(order_w)
+                self._neighbour(order_r, ack_w)
+            os.close(order_r)
+            self.orders.append(order_w)
+            self.pids.append(pid)
+        os.close(ack_w)
+        return self
+
+    def _neighbour(self, order_r: int, ack_w: int) -> None:
+        code = 0
+        try:
+            torch.set_num_threads(1)
+            while os.read(order_r, 1) == b"g":  # blocks while idle; end-of-file: exit
+                self.work()
+                os.write(ack_w, b"1")
+                while not select.select([order_r], [], [], 0)[0]:  # until b"s" (or closed)
+                    self.work()
+                os.read(order_r, 1)
+                os.write(ack_w, b"0")  # idle now
+        except BaseException:  # noqa: BLE001  a neighbour must never return into the caller
+            code = 1
+        finally:
+            os._exit(code)
+
+    @contextmanager
+    def busy(self):
+        for order in self.orders:
+            os.write(order, b"g")
+        for _ in self.orders:  # every neighbour works before the timing starts
+            if not os.read(self.ack_r, 1):
+                raise RuntimeError("a probe process stopped (its error is printed above)")
+        try:
+            yield
+        finally:
+            for order in self.orders:
+                os.write(order, b"s")
+            for _ in self.orders:  # every neighbour has finished its step: the cores are free
+                os.read(self.ack_r, 1)
+
+    def __exit__(self, *exc):
+        for order in self.orders:
+            os.close(order)  # end-of-file: the neighbour exits
+        os.close(self.ack_r)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in self.pids]
+        if any(codes) and exc[0] is None:
+            raise RuntimeError("a probe process failed (its error is printed above)")
 
 
 # ---------------------------------------------------------------------- sizes

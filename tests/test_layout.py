@@ -65,7 +65,9 @@ def test_the_check_after_round_one_falls_back_only_when_processes_lost(
 def test_auto_chooses_processes_only_on_a_clear_and_worthwhile_gain(tmp_path, monkeypatch):
     module = build_module(digits_config(tmp_path, *SMALL), tmp_path)
     rates = {}
-    monkeypatch.setattr(src.layout, "compare_rates", lambda module, batches, cores: rates["now"])
+    monkeypatch.setattr(
+        src.layout, "compare_rates", lambda module, batches, cores, bf16: rates["now"]
+    )
     rates["now"] = (100.0, 200.0)  # processes twice as fast
     layout = choose_layout(module, cores=2, rounds=1000, memory_free=2**40)
     assert (layout.processes, layout.threads) == (2, 1) and "s saved in 1000 rounds" in layout.why
