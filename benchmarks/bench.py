@@ -327,14 +327,21 @@ def peak_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> floa
 
 
 def run_case(
-    name: str, overrides: list[str], rounds: int, device: str, out: Path, repeats: int = 2
+    name: str,
+    overrides: list[str],
+    rounds: int,
+    device: str,
+    out: Path,
+    repeats: int = 2,
+    layouts: bool = True,
 ) -> dict:
     """Five ways of training the same clients, run in turn `repeats` times (machine noise spreads
     over all of them): fedsweep's default layout (trainer.processes=auto), fedsweep in one
     process (the cores as threads), the bare loop in one process, the bare loop in one process
     per core (the process-per-client simulators' layout), fedsweep with fl.parallel_clients=auto.
     Medians of the round times, the first round of each run dropped as warm-up; peak memory
-    (PSS) of the default layout and of the separate processes."""
+    (PSS) of the default layout and of the separate processes. `layouts=False`: without the
+    default layout and the separate processes (the GPU check: one process per GPU anyway)."""
     cfg = compose_case(overrides, rounds, device, out / name)
     steady = slice(1, None) if rounds > 2 else slice(None)  # drop the warm-up round
     cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
@@ -342,14 +349,15 @@ def run_case(
     memory = {"default": 0, "procs": 0}
     chosen, layout = 1, ""
     for repeat in range(repeats):
-        with PeakMemory(include_self=False) as peak:  # a fresh process, as a user's run is
-            rounds_s, layout = default_in_fresh_process(cfg, out / name / f"default{repeat}")
-        times["default"] += rounds_s[steady]
-        memory["default"] = max(memory["default"], peak.peak)
+        if layouts:
+            with PeakMemory(include_self=False) as peak:  # a fresh process, as a user's run is
+                rounds_s, layout = default_in_fresh_process(cfg, out / name / f"default{repeat}")
+            times["default"] += rounds_s[steady]
+            memory["default"] = max(memory["default"], peak.peak)
         times["fedsweep"] += time_fedsweep(cfg, out / name / f"fedsweep{repeat}")[0][steady]
         bare_times, round_flops = time_bare_loop(cfg, out / name / f"bare{repeat}")
         times["bare"] += bare_times[steady]
-        if device == "cpu" and cores > 1:
+        if layouts and device == "cpu" and cores > 1:
             with PeakMemory(include_self=False) as peak:
                 procs = time_bare_processes(cfg, out / name / f"procs{repeat}", cores)
             times["procs"] += procs[steady]

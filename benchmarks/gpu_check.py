@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: skipped ({overrides})", flush=True)
             continue
         with Utilisation() as util:
-            result = run_case(name, overrides, rounds, device, args.out / "runs", repeats)
+            result = run_case(
+                name, overrides, rounds, device, args.out / "runs", repeats, layouts=False
+            )
         report["cases"][name] = result | {"gpu_util": util.mean}
         print(
             f"{name}: sequential {result['fedsweep_round_s']:.3f} s/round, vectorised "
