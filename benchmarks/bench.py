@@ -121,13 +121,19 @@ class RoundTimes(pl.Callback):
 
 
 def time_fedsweep(
-    cfg, out: Path, parallel_clients: int | str = 1, processes: int | str = 1
-) -> tuple[list[float], int, str]:
-    """Round times of the real machinery, the group size it trained clients in and the layout
-    (`processes`: trainer.processes, auto = the default layout, src/layout.py)."""
+    cfg,
+    out: Path,
+    parallel_clients: int | str = 1,
+    processes: int | str = 1,
+    precision: str = "32-true",
+) -> tuple[list[float], int, str, float]:
+    """Round times of the real machinery, the group size it trained clients in, the layout
+    (`processes`: trainer.processes, auto = the default layout, src/layout.py) and the last
+    round's val/global_acc."""
     cfg = copy.deepcopy(cfg)
     cfg.fl.parallel_clients = parallel_clients
     cfg.trainer.processes = processes
+    cfg.trainer.precision = precision
     set_threads(cfg)
     module = build_module(cfg, out)
     layout = set_layout(cfg, module)
@@ -138,7 +144,8 @@ def time_fedsweep(
     )
     trainer.fit(module)
     end_process_group()
-    return rounds.times, int(module.client_loop.parallel_clients), chosen
+    accuracy = module._round_metrics.get("val/global_acc", float("nan"))
+    return rounds.times, int(module.client_loop.parallel_clients), chosen, accuracy
 
 
 def _sync(device: torch.device) -> None:
@@ -243,7 +250,7 @@ def default_in_fresh_process(cfg, out: Path) -> tuple[list[float], str]:
 
 
 def _default_worker(config: dict, out: str, results) -> None:
-    rounds_s, _, layout = time_fedsweep(OmegaConf.create(config), Path(out), 1, "auto")
+    rounds_s, _, layout, _ = time_fedsweep(OmegaConf.create(config), Path(out), 1, "auto")
     results.put((rounds_s, layout))
 
 
@@ -345,7 +352,9 @@ def run_case(
     cfg = compose_case(overrides, rounds, device, out / name)
     steady = slice(1, None) if rounds > 2 else slice(None)  # drop the warm-up round
     cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    times: dict[str, list[float]] = {k: [] for k in ("default", "fedsweep", "bare", "procs", "vec")}
+    names = ("default", "fedsweep", "bare", "procs", "vec", "bf16")
+    times: dict[str, list[float]] = {k: [] for k in names}
+    accuracy = {"32": float("nan"), "bf16": float("nan")}
     memory = {"default": 0, "procs": 0}
     chosen, layout = 1, ""
     for repeat in range(repeats):
@@ -354,7 +363,8 @@ def run_case(
                 rounds_s, layout = default_in_fresh_process(cfg, out / name / f"default{repeat}")
             times["default"] += rounds_s[steady]
             memory["default"] = max(memory["default"], peak.peak)
-        times["fedsweep"] += time_fedsweep(cfg, out / name / f"fedsweep{repeat}")[0][steady]
+        rounds_s, _, _, accuracy["32"] = time_fedsweep(cfg, out / name / f"fedsweep{repeat}")
+        times["fedsweep"] += rounds_s[steady]
         bare_times, round_flops = time_bare_loop(cfg, out / name / f"bare{repeat}")
         times["bare"] += bare_times[steady]
         if layouts and device == "cpu" and cores > 1:
@@ -362,8 +372,13 @@ def run_case(
                 procs = time_bare_processes(cfg, out / name / f"procs{repeat}", cores)
             times["procs"] += procs[steady]
             memory["procs"] = max(memory["procs"], peak.peak)
-        rounds_s, chosen, _ = time_fedsweep(cfg, out / name / f"vectorised{repeat}", "auto")
+        rounds_s, chosen, _, _ = time_fedsweep(cfg, out / name / f"vectorised{repeat}", "auto")
         times["vec"] += rounds_s[steady]
+        if layouts:  # the one-process run under bf16 autocast: its speed and accuracy
+            rounds_s, _, _, accuracy["bf16"] = time_fedsweep(
+                cfg, out / name / f"bf16_{repeat}", precision="bf16-mixed"
+            )
+            times["bf16"] += rounds_s[steady]
     median = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     best_bare = min(median["bare"], median["procs"]) if times["procs"] else median["bare"]
     return {
@@ -382,6 +397,9 @@ def run_case(
         "default_vs_best_bare": median["default"] / best_bare,
         "ratio": median["fedsweep"] / median["bare"],
         "vectorised_round_s": median["vec"],
+        "bf16_round_s": median["bf16"],
+        "bf16_speedup": median["fedsweep"] / median["bf16"],
+        "fp32_vs_bf16_accuracy": [accuracy["32"], accuracy["bf16"]],
         "auto_k": chosen,
         "speedup_over_bare": median["bare"] / median["vec"],
         "default_peak_pss_mb": memory["default"] / 2**20,
@@ -412,9 +430,9 @@ def markdown(results: list[dict], peak: float, scaling: dict | None) -> str:
         "",
         "| case | device | default layout (s) | layout | fedsweep 1 process (s) | bare loop 1 "
         "process (s) | bare loop, 1 process per core (s) | default / best bare | peak PSS default "
-        "/ separate processes (MB) | vectorised (s) | auto K | GFLOP/s 1 process / vectorised "
-        "(% of peak) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "/ separate processes (MB) | vectorised (s) | auto K | bf16-mixed, 1 process (s) | "
+        "val/global_acc fp32 / bf16 | GFLOP/s 1 process / vectorised (% of peak) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         share = 100 * r["vectorised_gflops"] * 1e9 / peak
@@ -423,7 +441,9 @@ def markdown(results: list[dict], peak: float, scaling: dict | None) -> str:
             f"{r['default_layout']} | {r['fedsweep_round_s']:.3f} | {r['bare_round_s']:.3f} | "
             f"{r['bare_processes_round_s']:.3f} | {r['default_vs_best_bare']:.2f} | "
             f"{r['default_peak_pss_mb']:.0f} / {r['bare_processes_peak_pss_mb']:.0f} | "
-            f"{r['vectorised_round_s']:.3f} | {r['auto_k']} | {r['sequential_gflops']:.1f} / "
+            f"{r['vectorised_round_s']:.3f} | {r['auto_k']} | {r['bf16_round_s']:.3f} | "
+            f"{r['fp32_vs_bf16_accuracy'][0]:.3f} / {r['fp32_vs_bf16_accuracy'][1]:.3f} | "
+            f"{r['sequential_gflops']:.1f} / "
             f"{r['vectorised_gflops']:.1f} ({share:.0f} %) |"
         )
     if scaling:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from src.federated.objective import mean_loss
+from src.federated.objective import attention_kernels, mean_loss
 
 MARGIN = 1.10  # processes must train >= 10 % more samples per second than threads
 STARTUP_S = 3.0  # forking the processes and joining their process group, measured ~1-2 s
@@ -154,6 +154,7 @@ def compare_rates(module, batches, cores: int, bf16: bool = False) -> tuple[floa
         with (
             torch.random.fork_rng(devices=[]),
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+            attention_kernels(torch.device("cpu")),  # inside autocast: as training_step does
             _Neighbours(cores - 1, lambda: _steps(model, optimizer, batches[:1])) as neighbours,
         ):
             torch.set_num_threads(1)

@@ -12,7 +12,7 @@ def test_quick_benchmark_writes_round_times_ratios_layouts_memory_and_flops(tmp_
     assert written["ratio"] == written["fedsweep_round_s"] / written["bare_round_s"]
     assert written["speedup_over_bare"] == written["bare_round_s"] / written["vectorised_round_s"]
     assert written["auto_k"] >= 1 and written["round_gflop"] > 0
-    rounds = ("default", "fedsweep", "bare", "vec")
+    rounds = ("default", "fedsweep", "bare", "vec", "bf16")
     assert all(len(written[f"{k}_rounds_s"]) == 2 for k in rounds)
     assert written["default_layout"] in ("1 x 1", "1 x 2", "2 x 1")  # processes x threads
     assert written["default_peak_pss_mb"] > 100  # torch alone maps more
@@ -23,6 +23,7 @@ def test_quick_benchmark_writes_round_times_ratios_layouts_memory_and_flops(tmp_
     else:
         best = written["bare_round_s"]
     assert written["default_vs_best_bare"] == written["default_round_s"] / best
+    assert all(0 <= acc <= 1 for acc in written["fp32_vs_bf16_accuracy"])  # both evaluated
     table = (tmp_path / "bench.md").read_text()
     assert "| fedavg_vit_small32_28px | cpu |" in table and "GFLOP/s" in table
 

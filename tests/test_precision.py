@@ -5,12 +5,17 @@ elsewhere they are skipped with that reason."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from src.aggregators import MeanAggregator
 from src.aggregators.robust import TrimmedMeanAggregator
 from src.federated.contract import Role, SharedSpec
+from src.federated.objective import attention_kernels
 from src.models.lora import add_lora
 from src.models.qwen import build_qwen_tiny
 from src.models.tokenizers import ByteTokenizer
@@ -150,3 +155,22 @@ def test_bf16_mixed_trains_clients_together_on_the_gpu(tmp_path):
         tmp_path, [*IMAGES, "trainer.precision=bf16-mixed", "fl.parallel_clients=4"], "gpu"
     )
     _check_float32_and_finite(module)
+
+
+def _flash_attention_ran(kernels) -> bool:
+    """Whether PyTorch's fused CPU flash-attention kernel ran for one bf16-autocast attention."""
+    q = torch.randn(2, 2, 8, 16)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16), kernels():
+            F.scaled_dot_product_attention(q, q, q)
+    return any("flash_attention" in event.key for event in prof.key_averages())
+
+
+def test_bf16_autocast_on_the_cpu_runs_attention_as_matrix_multiplies():
+    """The fused CPU flash-attention kernel takes ~4x its float32 time in bf16
+    (docs/performance.md): under CPU bf16 autocast, training and evaluation use the math backend;
+    elsewhere PyTorch chooses."""
+    cpu = torch.device("cpu")
+    assert _flash_attention_ran(nullcontext)  # what PyTorch picks by itself
+    assert not _flash_attention_ran(lambda: attention_kernels(cpu))
+    assert isinstance(attention_kernels(cpu), nullcontext)  # no autocast: unchanged

@@ -6,8 +6,11 @@ loss is counted (prompt, padding); logits have one more, last, dimension (classe
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from src.data.text import IGNORE_INDEX
 
@@ -38,3 +41,16 @@ def score(logits: torch.Tensor, targets: torch.Tensor):
     if targets.ndim > 1:  # tokens of one sequence
         return losses.sum(1), correct.sum(1), counted.sum(1)
     return losses, correct, counted.long()
+
+
+def attention_kernels(device: torch.device) -> AbstractContextManager:
+    """The attention kernel for a forward pass: PyTorch's choice, except under bf16 autocast on
+    the CPU, where its fused flash-attention kernel takes ~4x its float32 time (AVX-512-BF16,
+    torch 2.x) and erases what the bf16 matrix multiplies gain; the math backend (matrix
+    multiplies) is used there (docs/performance.md, "bf16 on the CPU")."""
+    cpu_bf16 = (
+        device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+    return sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else nullcontext()

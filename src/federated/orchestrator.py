@@ -35,6 +35,7 @@ from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
 from src.federated.distributed import Ranks, RoundExchange
 from src.federated.evaluation import Evaluator
+from src.federated.objective import attention_kernels
 from src.federated.sampling import sample_clients
 from src.federated.server import Server
 from src.federated.transforms import TransformChain
@@ -220,7 +221,10 @@ class FederatedModule(pl.LightningModule):
         # under DDP every rank stops at the round's end, not between its clients
         check = (lambda: None) if self.ranks.distributed else self._check_interrupt
         samples_before, loop_started = self.federation.train.served_samples, time.perf_counter()
-        done = self.client_loop.train_round(shard, round_idx, exchange, self.manual_backward, check)
+        with attention_kernels(self.device):
+            done = self.client_loop.train_round(
+                shard, round_idx, exchange, self.manual_backward, check
+            )
         loop_s = time.perf_counter() - loop_started
         samples = self.federation.train.served_samples - samples_before
         exchange.finish(sampled)
@@ -299,7 +303,8 @@ class FederatedModule(pl.LightningModule):
             return
         self._ensure_setup()  # also for trainer.validate() on a fresh module
         started = time.perf_counter()
-        metrics = self.evaluator.evaluate()
+        with attention_kernels(self.device):
+            metrics = self.evaluator.evaluate()
         metrics["time/eval_s"] = time.perf_counter() - started
         for key in ("val/global_acc", "val/personal_acc"):
             self.log(key, metrics[key], prog_bar=True, logger=False)
