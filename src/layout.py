@@ -46,6 +46,11 @@ class Layout:
     processes_rate: float = 0.0  # samples/s of all processes together, one thread each
     cores: int = 1
 
+    @property
+    def probed(self) -> bool:
+        """Chosen by the probe (so checked after the first round), not given by a key."""
+        return self.threads_rate > 0
+
     def describe(self) -> str:
         return (
             f"{self.processes} process{'es' if self.processes > 1 else ''} x "
@@ -129,11 +134,10 @@ def probe_batches(module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     fed = module.federation
     sampled = sample_clients(fed.num_clients, module.clients_per_round, module.seed, 0)
     largest = max(sampled, key=lambda c: len(fed.clients[c].train))
-    served = fed.train.served_tokens, fed.train.served_samples
     generator = torch.Generator().manual_seed(module.seed)
     batch_size = module.client_loop.batch_size
-    batches = list(fed.train.batches(fed.clients[largest].train, batch_size, generator))
-    fed.train.served_tokens, fed.train.served_samples = served  # the probe's are not the run's
+    with fed.train.uncounted():
+        batches = list(fed.train.batches(fed.clients[largest].train, batch_size, generator))
     if len(batches) > STEPS + 1:  # a few full batches and the last, smaller one
         batches = [*batches[:STEPS], batches[-1]]
     return batches

@@ -223,7 +223,7 @@ def set_layout(cfg: DictConfig, module: FederatedModule) -> dict:
     torch.set_num_threads(layout.threads)
     if layout.processes == 1:
         return {}
-    if layout.why != "trainer.processes":
+    if layout.probed:
         module.layout = layout  # checked after the first round
     strategy = ClientShardingStrategy(process_group_backend="gloo", fork=True)
     return dict(accelerator="cpu", devices=layout.processes, strategy=strategy)

@@ -134,10 +134,8 @@ class ClientLoop:
         device = next(iter(trained.values())).device
         index = self.federation.clients[clients[0]].train
         generator = torch.Generator(device=device).manual_seed(0)
-        train = self.federation.train
-        served = train.served_tokens, train.served_samples
-        batch = next(train.batches(index, self.batch_size, generator))
-        train.served_tokens, train.served_samples = served  # the probe's are not the round's
+        with self.federation.train.uncounted():
+            batch = next(self.federation.train.batches(index, self.batch_size, generator))
         return choose_group_size(self.model, trained, batch, len(clients))
 
     def check_group_size(self, loop_s: float, samples: int) -> None:

@@ -10,6 +10,7 @@ A batch is (inputs, targets): class labels [B] for images, next-token targets [B
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,15 @@ class DeviceSplit:
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Batches drawn inside (a timing probe's) are not counted as the run's work."""
+        counts = self.served_tokens, self.served_samples
+        try:
+            yield
+        finally:
+            self.served_tokens, self.served_samples = counts
 
     def batches(
         self, index: torch.Tensor, batch_size: int, generator: torch.Generator | None = None

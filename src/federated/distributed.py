@@ -91,7 +91,7 @@ class ClientShardingStrategy(DDPStrategy):
 
     def teardown(self) -> None:
         super().teardown()
-        if isinstance(self._launcher, _HydraJobLauncher | _ForkLauncher):
+        if isinstance(self._launcher, _HydraJobLauncher):  # _ForkLauncher too
             self._launcher.restore_environment()
 
 
@@ -106,6 +106,19 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
         if not HydraConfig.initialized():  # not started through Hydra: Lightning's way
             return super()._call_children_scripts()
         self._check_can_spawn_children()
+        self._export_ddp_env()
+        self.procs = [
+            subprocess.Popen(
+                _job_command(HydraConfig.get()),
+                env=os.environ | {"LOCAL_RANK": str(local_rank)},
+                cwd=HydraConfig.get().runtime.cwd,
+            )
+            for local_rank in range(1, self.num_processes)
+        ]
+
+    def _export_ddp_env(self) -> None:
+        """This job's process-group variables (rank 0's), which the other ranks inherit; kept to
+        be undone at teardown."""
         env = self.cluster_environment
         ddp_env = dict(
             MASTER_ADDR=env.main_address,
@@ -116,14 +129,6 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
         )
         self._saved_env = {name: os.environ.get(name) for name in ddp_env}
         os.environ.update(ddp_env)
-        self.procs = [
-            subprocess.Popen(
-                _job_command(HydraConfig.get()),
-                env=os.environ | {"LOCAL_RANK": str(local_rank)},
-                cwd=HydraConfig.get().runtime.cwd,
-            )
-            for local_rank in range(1, self.num_processes)
-        ]
 
     def restore_environment(self) -> None:
         """Undo the DDP variables set for this job: with LOCAL_RANK left set, the next job of a
@@ -139,23 +144,14 @@ class _HydraJobLauncher(_SubprocessScriptLauncher):
 JOIN_GRACE_S = 10.0  # after rank 0 failed, how long the forked ranks get to stop by themselves
 
 
-class _ForkLauncher(_SubprocessScriptLauncher):
+class _ForkLauncher(_HydraJobLauncher):
     """Ranks 1..P-1 are forked from rank 0 at the start of fitting and run the same fit; each ends
     its process when the fit returns (it must never go back into the caller, e.g. the next job of
     a sweep). They run on one thread: a process forked after OpenMP threads were used hangs in its
     next parallel region (GNU OpenMP), so the automatic layout only forks for P x 1."""
 
     def launch(self, function, *args, trainer=None, **kwargs):
-        env = self.cluster_environment
-        ddp_env = dict(
-            MASTER_ADDR=env.main_address,
-            MASTER_PORT=str(env.main_port),
-            NODE_RANK=str(env.node_rank()),
-            LOCAL_RANK="0",
-            WORLD_SIZE=str(self.num_processes * self.num_nodes),
-        )
-        self._saved_env = {name: os.environ.get(name) for name in ddp_env}
-        os.environ.update(ddp_env)
+        self._export_ddp_env()
         self.procs = []
         for local_rank in range(1, self.num_processes):
             sys.stdout.flush()
@@ -189,9 +185,6 @@ class _ForkLauncher(_SubprocessScriptLauncher):
             codes = ", ".join(f"pid {p.pid}: exit code {p.returncode}" for p in failed)
             raise RuntimeError(f"a forked rank failed ({codes}); its error is printed above")
 
-    def restore_environment(self) -> None:
-        _HydraJobLauncher.restore_environment(self)
-
 
 def _run_forked_rank(local_rank: int, function, args, kwargs) -> None:
     """The body of a forked rank: fit as rank `local_rank` on one thread, then end the process."""
@@ -219,7 +212,8 @@ def _run_forked_rank(local_rank: int, function, args, kwargs) -> None:
 
 
 class _ForkedRank:
-    """A forked rank as Lightning's child-process observer and `kill` see a subprocess."""
+    """A forked rank with the part of `subprocess.Popen` the launcher uses (Lightning's `kill`
+    calls `send_signal`)."""
 
     def __init__(self, pid: int):
         self.pid, self.returncode = pid, None
@@ -231,13 +225,9 @@ class _ForkedRank:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def wait(self) -> int | None:
+    def wait(self) -> int:
         if self.returncode is None:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-            except ChildProcessError:  # already reaped
-                return self.returncode
-            self.returncode = os.waitstatus_to_exitcode(status)
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         return self.returncode
 
     def send_signal(self, signum: int) -> None:

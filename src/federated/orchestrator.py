@@ -100,6 +100,7 @@ class FederatedModule(pl.LightningModule):
         self.wandb_id: str | None = None  # the W&B run a resumed run continues
         self.interrupt: str | None = None  # the signal that asked the run to stop
         self.layout: Layout | None = None  # trainer.processes=auto's choice, checked in round 1
+        self._frozen: dict | None = None  # the frozen weights' fingerprint, taken at fit start
 
     # ----------------------------------------------------------------- Lightning plumbing
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -172,13 +173,9 @@ class FederatedModule(pl.LightningModule):
         return self.interrupt is not None
 
     def _check_interrupt(self) -> None:
-        """Between the clients of one process: stop if this process was asked to."""
-        if self.interrupt is None and self._fitting() and self.trainer.received_sigterm:
-            self.interrupt = "SIGTERM"
-        self._raise_if_interrupted()
-
-    def _raise_if_interrupted(self) -> None:
-        if self.interrupt is not None:
+        """Raise RunInterrupted if a stop was asked for: at the start of a round (every rank),
+        and between the clients of one process."""
+        if self.stop_asked():
             raise RunInterrupted(self.interrupt, 143 if self.interrupt == "SIGTERM" else 130)
 
     def _ensure_setup(self) -> None:
@@ -201,8 +198,7 @@ class FederatedModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         started = time.perf_counter()
         round_idx = self.round
-        self.stop_asked()  # every rank, so that all stop at the same round
-        self._raise_if_interrupted()
+        self._check_interrupt()  # every rank, so that all stop at the same round
         sampled = sample_clients(
             self.federation.num_clients, self.clients_per_round, self.seed, round_idx,
             weights=self.federation.summary["train_samples"] if self.sampling == "by_samples" else None,
@@ -352,7 +348,7 @@ class FederatedModule(pl.LightningModule):
         """The fingerprint of the parameters that nothing trains, as the model was built: neither
         requires_grad nor named by the algorithm as shared or private (RoLoRA freezes a factor
         it shares in alternate rounds). Computed once (seconds for 0.5 B parameters)."""
-        if getattr(self, "_frozen", None) is None:
+        if self._frozen is None:
             declared = set(self.algorithm.shared_names(self.model))
             declared |= set(self.algorithm.private_names(self.model))
             frozen = {
@@ -380,7 +376,7 @@ class FederatedModule(pl.LightningModule):
             "config": self.run_config,
             "wandb_id": self.wandb_id,
         }
-        frozen = getattr(self, "_frozen", None)  # None outside fit: the whole model, as before
+        frozen = self._frozen  # None outside fit: the whole model, as before
         if frozen is not None and frozen["names"]:
             # a base weight the server changes (stack, exact) is in the server state, and every
             # download loads it: its copy here would be overwritten before any use

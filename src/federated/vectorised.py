@@ -22,6 +22,7 @@ with dropout are equal in distribution, not number for number.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -242,9 +243,9 @@ def choose_group_size(
     budget = available_memory(inputs.device)
     fits = max(1, min(clients, budget // max(per_client, 1)))
     memory = f"memory allows {fits} ({budget / 2**30:.1f} GiB / {per_client / 2**20:.0f} MiB)"
-    alone = _step_seconds(model, trained, batch, 1, repeats=5)
     if fits == 1:
-        return 1, memory, alone
+        return 1, memory, math.nan  # not timed: nothing to check after the first round
+    alone = _step_seconds(model, trained, batch, 1, repeats=5)
     sizes = sorted({k for k in (2, 4, 8, 16, 32, 64) if k < fits} | {fits})
     per_step = {k: _step_seconds(model, trained, batch, k, repeats=5) / k for k in sizes}
     best = min(per_step, key=per_step.get)
