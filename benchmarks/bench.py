@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import multiprocessing
 import os
 import queue
@@ -136,16 +137,44 @@ def time_fedsweep(
     cfg.trainer.precision = precision
     set_threads(cfg)
     module = build_module(cfg, out)
-    layout = set_layout(cfg, module)
-    chosen = f"{layout['devices']} x 1" if layout else f"1 x {torch.get_num_threads()}"
-    rounds = RoundTimes()
-    trainer = build_trainer(
-        cfg, logger=False, callbacks=[rounds], enable_checkpointing=False, **layout
-    )
-    trainer.fit(module)
-    end_process_group()
+    with LayoutLog() as layout_log:
+        layout = set_layout(cfg, module)
+        chosen = f"{layout['devices']} x 1" if layout else f"1 x {torch.get_num_threads()}"
+        rounds = RoundTimes()
+        trainer = build_trainer(
+            cfg, logger=False, callbacks=[rounds], enable_checkpointing=False, **layout
+        )
+        trainer.fit(module)
+        end_process_group()
+    if processes == "auto":
+        chosen += f" ({'; '.join(layout_log.lines)})"
     accuracy = module._round_metrics.get("val/global_acc", float("nan"))
     return rounds.times, int(module.client_loop.parallel_clients), chosen, accuracy
+
+
+class LayoutLog(logging.Handler):
+    """The run's own `layout: ...` and `layout check: ...` log lines (why it chose its layout,
+    and whether it fell back after round 1), collected while the `with` block runs."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.logger = logging.getLogger("fedsweep")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("layout"):
+            self.lines.append(message)
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(min(self.level or logging.INFO, logging.INFO))
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
 
 
 def _sync(device: torch.device) -> None:
@@ -424,6 +453,13 @@ def k_scaling(device: str, out: Path, rounds: int, ks=(1, 2, 5, 10, 20)) -> dict
     return {"case": "fedlora_vit_small32_16px, 20 clients per round", "round_s": times}
 
 
+def short_layout(layout: str) -> str:
+    """`2 x 1` from the layout and its reasons; `2 x 1, then 1 x 2` after a fallback."""
+    chosen = layout.split(" (")[0]
+    fell_back = "trains from round 2 on" in layout
+    return f"{chosen}, then 1 x {chosen.split(' x ')[0]} from round 2" if fell_back else chosen
+
+
 def markdown(results: list[dict], peak: float, scaling: dict | None) -> str:
     lines = [
         f"Peak (float32 matmul on this device): {peak / 1e9:.0f} GFLOP/s.",
@@ -438,7 +474,7 @@ def markdown(results: list[dict], peak: float, scaling: dict | None) -> str:
         share = 100 * r["vectorised_gflops"] * 1e9 / peak
         lines.append(
             f"| {r['case']} | {r['device']} | {r['default_round_s']:.3f} | "
-            f"{r['default_layout']} | {r['fedsweep_round_s']:.3f} | {r['bare_round_s']:.3f} | "
+            f"{short_layout(r['default_layout'])} | {r['fedsweep_round_s']:.3f} | {r['bare_round_s']:.3f} | "
             f"{r['bare_processes_round_s']:.3f} | {r['default_vs_best_bare']:.2f} | "
             f"{r['default_peak_pss_mb']:.0f} / {r['bare_processes_peak_pss_mb']:.0f} | "
             f"{r['vectorised_round_s']:.3f} | {r['auto_k']} | {r['bf16_round_s']:.3f} | "

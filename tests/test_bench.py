@@ -14,7 +14,15 @@ def test_quick_benchmark_writes_round_times_ratios_layouts_memory_and_flops(tmp_
     assert written["auto_k"] >= 1 and written["round_gflop"] > 0
     rounds = ("default", "fedsweep", "bare", "vec", "bf16")
     assert all(len(written[f"{k}_rounds_s"]) == 2 for k in rounds)
-    assert written["default_layout"] in ("1 x 1", "1 x 2", "2 x 1")  # processes x threads
+    chosen, _, why = written["default_layout"].partition(" (")
+    assert chosen in ("1 x 1", "1 x 2", "2 x 1")  # processes x threads
+    assert why.startswith("layout: ")  # and the run's own reason for it
+    assert bench.short_layout(written["default_layout"]) == chosen
+    fell_back = (
+        written["default_layout"]
+        + "; layout check: ...: 1 process x 2 threads trains from round 2 on)"
+    )
+    assert bench.short_layout(fell_back) == f"{chosen}, then 1 x {chosen[0]} from round 2"
     assert written["default_peak_pss_mb"] > 100  # torch alone maps more
     best = min(written["bare_round_s"], written["bare_processes_round_s"])
     if written["cores"] > 1:  # the separate processes ran, each one holding the data

@@ -14,6 +14,7 @@ import torch
 
 from src.algorithms import FedAvg
 from src.errors import AllClientsFailedError, ClientError
+from src.federated.client_loop import all_finite
 from src.federated.faults import ClientFaults
 from src.federated.sampling import sample_clients
 from src.run import train
@@ -110,3 +111,17 @@ def test_a_client_raising_a_real_error_stops_the_run_unless_on_error_drop(
     reason = "raised ValueError: broken client"
     assert {"round": 1, "client": bad, "reason": reason} in summary["dropped_clients"]
     assert all(d["client"] == bad and d["reason"] == reason for d in summary["dropped_clients"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_element_among_many_tensors(bad):
+    tensors = [torch.randn(7, 5), torch.randn(300, dtype=torch.float64), torch.arange(4)]
+    assert all_finite(tensors)
+    tensors[1][123] = bad
+    assert not all_finite(tensors)
+
+
+def test_all_finite_keeps_a_huge_finite_upload_whose_norm_overflows():
+    huge = torch.full((10,), 1e30)  # finite float32, but the sum of squares overflows
+    assert not torch.linalg.vector_norm(huge).isfinite()
+    assert all_finite([huge, torch.ones(3)])

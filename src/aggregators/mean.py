@@ -60,8 +60,7 @@ class MeanAggregator(Aggregator):
         return list(self._sums.values())
 
     def all_reduce(self, ranks) -> None:
-        for tensor in self._partial_sums():
-            ranks.sum_(tensor)
+        ranks.sum_all(self._partial_sums())
         mine = {name: dict(weights) for name, weights in self._weight_by_shape.items()}
         counted = ranks.gather([(self.num_added, self._total_weight, mine)])
         self.num_added = sum(added for added, _, _ in counted)

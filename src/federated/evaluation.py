@@ -71,12 +71,17 @@ class Evaluator:
     @torch.no_grad()
     def _predict(self, data, index: torch.Tensor):
         """Per sample of `data[index]`, for the resident model: (summed loss, correct predictions,
-        counted targets); a sample is one target for images, its response tokens for text."""
+        counted targets); a sample is one target for images, its response tokens for text. With
+        several CPU processes evaluating at once (they share the machine's memory) each takes its
+        share of fl.eval_batch_size, so the run holds the activations of one such batch at a time,
+        as in one process."""
         model = self.module.model
         model.eval()
+        sharing = self.module.ranks.working if self.device.type == "cpu" else 1
+        batch_size = max(1, self.eval_batch_size // sharing)
         parts = [
             score(model(inputs), targets)
-            for inputs, targets in data.batches(index, data.eval_batch_size(self.eval_batch_size))
+            for inputs, targets in data.batches(index, data.eval_batch_size(batch_size))
         ]
         if not parts:
             empty = torch.empty(0, device=self.device)
@@ -84,27 +89,33 @@ class Evaluator:
         return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
     @staticmethod
-    def _global_metrics(losses, correct, counts) -> dict[str, float]:
-        total = counts.sum().clamp(min=1).double()
-        return {
-            "val/global_acc": (correct.sum() / total).item(),
-            "val/loss": (losses.double().sum() / total).item(),
-        }
+    def _totals(losses, correct, counts) -> torch.Tensor:
+        """(summed loss, correct, counted targets) of per-sample results, in float64."""
+        return torch.stack([part.double().sum() for part in (losses, correct, counts)])
+
+    @staticmethod
+    def _global_metrics(totals: torch.Tensor) -> dict[str, float]:
+        """val/global_acc and val/loss from the summed (loss, correct, counted targets)."""
+        loss, correct, counted = totals.tolist()
+        return {"val/global_acc": correct / max(counted, 1), "val/loss": loss / max(counted, 1)}
 
     def _evaluate_global_model(self):
-        """Every client deploys the global model, so one pass over all local test splits."""
-        federation = self.module.federation
-        test = federation.test
-        metrics = self._global_metrics(
-            *self._predict(test, torch.arange(len(test), device=self.device))
+        """Every client deploys the global model, so one pass over the global test set and one
+        over all local test splits; with several processes each scores its share of both."""
+        federation, ranks = self.module.federation, self.module.ranks
+        test, clients = federation.test, federation.clients
+        on_global = self._totals(
+            *self._predict(test, ranks.part(torch.arange(len(test), device=self.device)))
         )
-        clients = federation.clients
         index = torch.cat([clients[i].test for i in self.scored])
         owner = torch.cat([torch.full_like(clients[i].test, i) for i in self.scored])
-        _, correct, counted = self._predict(federation.train, index)
+        _, correct, counted = self._predict(federation.train, ranks.part(index))
+        owner = ranks.part(owner)
         counts = torch.bincount(owner, weights=counted.double(), minlength=len(clients))
         hits = torch.bincount(owner, weights=correct.double(), minlength=len(clients))
-        return metrics, hits.cpu(), counts.cpu()
+        for total in (on_global, hits, counts):
+            ranks.sum_(total)
+        return self._global_metrics(on_global), hits.cpu(), counts.cpu()
 
     def _evaluate_personal_models(self):
         """Client by client: load its deployed model, score its local test split and its share of
@@ -124,13 +135,10 @@ class Evaluator:
             module.deploy(client_id)
             _, correct, counted = self._predict(module.federation.train, clients[client_id].test)
             hits[client_id], counts[client_id] = correct.sum(), counted.sum()
-            on_global += torch.stack(
-                [part.double().sum() for part in self._predict(test, shares[client_id])]
-            )
+            on_global += self._totals(*self._predict(test, shares[client_id]))
         for total in (hits, counts, on_global):
             ranks.sum_(total)
-        metrics = self._global_metrics(*on_global.unsqueeze(1))
-        return metrics, hits.cpu(), counts.cpu()
+        return self._global_metrics(on_global), hits.cpu(), counts.cpu()
 
     def _global_test_shares(self) -> dict[int, torch.Tensor]:
         """One fixed random share of the global test set per scored client."""
