@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import src.layout
+from src.federated.distributed import Ranks
 from src.layout import Layout, choose_layout
 from src.run import build_module, train
 from tests.conftest import digits_config, run_cli, run_main
@@ -136,3 +138,17 @@ def test_a_sweep_of_forked_runs_runs_every_job_once(tmp_path: Path):
     assert sorted(p.parent.name[0] for p in tmp_path.glob("*/summary.json")) == ["0", "1"]
     logged = (done.stdout + done.stderr).count("fitting alg=fedavg")
     assert logged == 2, done.stdout[-3000:]  # rank 0 of each job, once
+
+
+def test_each_rank_scores_its_part_and_only_rank_0_after_a_fall_back():
+    """The evaluation's split (`Ranks.part`): contiguous parts covering every item once; after
+    the layout check fell back, rank 0 holds all of them and the others none."""
+    items = torch.arange(11)
+    ranks = [Ranks() for _ in range(3)]
+    for rank, r in enumerate(ranks):
+        r.size, r.rank = 3, rank
+    assert torch.equal(torch.cat([r.part(items) for r in ranks]), items)
+    for r in ranks:
+        r.first_trains_all = True
+    assert [len(r.part(items)) for r in ranks] == [11, 0, 0]
+    assert [r.working for r in ranks] == [1, 1, 1]
