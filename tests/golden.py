@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from src.config_checks import validate_config
+from src.errors import user_error
 from src.run import build_module, build_trainer
 from tests.compat_matrix import TINY, options, variants
 from tests.conftest import compose_config
@@ -29,6 +30,7 @@ from tests.conftest import compose_config
 # two rounds (the second starts from an aggregate), one thread: the same floats on every run
 BASE = [*TINY, "fl.rounds=2", "fl.eval_every=1", "trainer.threads=1", "trainer.processes=1"]
 LORA_MIXED = ["alg=fedlora", "alg.client_ranks=[2,4]"]
+FIRST_AGGREGATORS = ("mean", "zeropad", "rank_aware", "stack")
 
 
 def cells() -> dict[str, list[str]]:
@@ -37,8 +39,8 @@ def cells() -> dict[str, list[str]]:
     for alg in options("alg"):
         for label, extra in variants(alg):
             found[_name(f"alg {alg} {label}")] = [f"alg={alg}", *extra]
-    for aggregator in options("aggregator"):  # on LoRA with mixed ranks: every rule runs there
-        found[_name(f"aggregator {aggregator}")] = [*LORA_MIXED, f"aggregator={aggregator}"]
+    for aggregator in options("aggregator"):  # on LoRA, with mixed ranks where the rule can
+        found[_name(f"aggregator {aggregator}")] = [f"aggregator={aggregator}"]
     for attack in options("attack"):
         if attack != "none":  # a robust rule, so that every attack runs
             found[_name(f"attack {attack}")] = [
@@ -57,11 +59,29 @@ def _name(label: str) -> str:
 
 
 def run_cell(overrides: list[str], folder: Path) -> str:
-    """The cell's metrics.csv without the columns that measure time."""
-    cfg = compose_config([*BASE, *overrides], folder)
-    validate_config(cfg)
+    """The cell's metrics.csv without the columns that measure time, or its refusal. A cell that
+    names no aggregator runs with the first of `FIRST_AGGREGATORS` it is allowed (mixed ranks
+    need one that combines them); an aggregator's cell runs fedlora with mixed ranks if the rule
+    combines them, else with equal ranks."""
+    if not any(o.startswith("alg=") for o in overrides):  # an aggregator's cell
+        tried = [[*LORA_MIXED, *overrides], ["alg=fedlora", *overrides]]
+    elif not any(o.startswith("aggregator=") for o in overrides):
+        tried = [[*overrides, f"aggregator={aggregator}"] for aggregator in FIRST_AGGREGATORS]
+    else:
+        tried = [overrides]
+    for attempt in tried:
+        cfg = compose_config([*BASE, *attempt], folder)
+        try:
+            validate_config(cfg)
+            module = build_module(cfg, folder / "run")
+            break
+        except Exception as error:  # a refusal is recorded (the last one tried); a bug raises
+            reason = user_error(error)
+            if reason is None:
+                raise
+            if attempt is tried[-1]:
+                return f"refused: {reason}\n"
     torch.set_num_threads(1)
-    module = build_module(cfg, folder / "run")
     build_trainer(cfg, logger=False, enable_checkpointing=False).fit(module)
     rows = list(csv.DictReader(io.StringIO((folder / "run" / "metrics.csv").read_text())))
     kept = [c for c in rows[0] if not c.startswith("time/") and not c.endswith("_per_s")]
