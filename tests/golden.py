@@ -8,6 +8,9 @@ exact on any CPU.
 
     python -m tests.golden record tests/golden     # write <cell>.csv for every cell, MACHINE
     python -m tests.golden check tests/golden      # run every cell, report those that differ
+
+`tests/golden/compatibility.md` is docs/compatibility.md as it was: regenerated after a redesign
+(`python -m tests.compat_matrix docs/compatibility.md`), it must be the same table.
 """
 
 from __future__ import annotations
