@@ -157,23 +157,6 @@ def check_optimizer(cfg: DictConfig) -> None:
         ) from error
 
 
-def check_scaffold_optimizer(cfg: DictConfig) -> None:
-    """alg=scaffold: option II's c_i+ = c_i - c + (x - y_i) / (K lr) is the client's mean gradient
-    only for plain SGD steps. With AdamW each coordinate moves about lr per step whatever its
-    gradient, so the correction outgrows the gradient and flips sign every round (measured on
-    digits: chance accuracy); with momentum it diverged."""
-    if cfg.alg.name != "scaffold":
-        return
-    optim = cfg.optim
-    momentum = optim.get("momentum", 0)
-    _require(
-        optim._target_ == "torch.optim.SGD" and momentum == 0,
-        "alg=scaffold needs plain SGD clients (its control variates assume them), got "
-        + (f"optim.momentum={momentum}" if optim._target_ == "torch.optim.SGD" else optim._target_)
-        + "; use optim=sgd optim.momentum=0",
-    )
-
-
 # trainer.precision: what works with per-client optimizers and float32 LoRA factors
 PRECISIONS = ("32-true", "32", "bf16-mixed")
 FP16_SCALER = (
@@ -196,10 +179,6 @@ def check_precision(cfg: DictConfig) -> None:
         return
     why = PRECISION_WHY.get(str(value), "the others are not supported")
     raise ConfigError(f"trainer.precision must be 32-true or bf16-mixed, got {value}: {why}")
-
-
-# what privacy=dp_fedavg is defined for (README.md "Privacy")
-PRIVATE_ALGS = ("fedavg", "fedlora", "fedsa-flora")
 
 
 def check_processes(cfg: DictConfig) -> None:
@@ -230,7 +209,8 @@ def check_processes(cfg: DictConfig) -> None:
 
 
 def check_privacy(cfg: DictConfig) -> None:
-    """privacy=dp_fedavg: the algorithms, aggregator and weighting its noise is calibrated for."""
+    """privacy=dp_fedavg: the sampling and weighting its noise is calibrated for (the algorithm
+    and aggregator it needs: their declarations, src/federated/compatibility.py)."""
     node = cfg.get("privacy")
     if node is None:
         return
@@ -244,15 +224,6 @@ def check_privacy(cfg: DictConfig) -> None:
         )
         return
     option = f"privacy={name}"
-    _require(
-        cfg.alg.name in PRIVATE_ALGS,
-        f"{option} works with alg={', '.join(PRIVATE_ALGS)} only, got alg={cfg.alg.name}",
-    )
-    _require(
-        cfg.aggregator.name == "mean",
-        f"{option} works with aggregator=mean only (its noise is calibrated to the mean of "
-        f"clipped updates), got aggregator={cfg.aggregator.name}",
-    )
     sampling = OmegaConf.select(cfg, "fl.sampling", default="uniform")
     _require(
         sampling == "uniform",
@@ -293,7 +264,6 @@ def validate_config(cfg: DictConfig) -> None:
     check_targets(cfg)
     check_privacy(cfg)
     check_optimizer(cfg)
-    check_scaffold_optimizer(cfg)
 
 
 def check_dataset_matches(cfg: DictConfig, dataset) -> None:

@@ -37,6 +37,7 @@ from src.federated.client_state import ClientStateStore
 from src.federated.compatibility import (
     check_aggregator,
     check_attack,
+    check_client_optimizer,
     check_evaluable,
     check_privacy,
 )
@@ -108,6 +109,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         min(federation.summary["train_samples"]),
     )
     algorithm = instantiate(cfg.alg, _convert_="all")
+    check_client_optimizer(algorithm, cfg.optim)
     model = algorithm.prepare_model(build_base_model(cfg))
     algorithm.configure(federation, output_dir, cfg.seed)
     aggregator = instantiate(cfg.aggregator)
@@ -120,7 +122,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     if attack.malicious:
         log.info("attack=%s: malicious clients %s", attack.name, sorted(attack.malicious))
     faults = ClientFaults(**cfg.fault)
-    privacy = build_privacy(cfg, spec, federation.num_clients)
+    privacy = build_privacy(cfg, spec, federation.num_clients, algorithm, aggregator)
     if privacy is not None:  # clips each upload (last transform), noises the aggregate
         aggregator.postprocessors.append(privacy)
     return FederatedModule(
@@ -149,13 +151,15 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     )
 
 
-def build_privacy(cfg: DictConfig, spec, num_clients: int) -> DPFedAvg | None:
+def build_privacy(
+    cfg: DictConfig, spec, num_clients: int, algorithm, aggregator
+) -> DPFedAvg | None:
     """privacy=dp_fedavg (src/federated/privacy.py), planned for this run; None for privacy=none."""
     node = cfg.get("privacy")
     if node is None or node.name == "none":
         return None
     privacy = instantiate(node)
-    check_privacy(spec, privacy)
+    check_privacy(spec, privacy, algorithm, aggregator)
     privacy.plan(cfg.seed, num_clients, cfg.fl.clients_per_round, cfg.fl.rounds, spec)
     return privacy
 

@@ -120,11 +120,13 @@ def record(folder: Path, scratch: Path) -> None:
 
 
 def differing(reference: Path, scratch: Path) -> list[str]:
-    """The cells whose run now differs from the reference's file (or that it lacks)."""
+    """The recorded cells whose run now differs from the reference's file, or that are gone (a
+    cell added since, e.g. a new algorithm's, has nothing to be compared with)."""
+    now = cells()
     found = []
-    for name, overrides in cells().items():
-        stored = reference / f"{name}.csv"
-        if not stored.exists() or run_cell(overrides, scratch / name) != stored.read_text():
+    for stored in sorted(reference.glob("*.csv")):
+        name = stored.stem
+        if name not in now or run_cell(now[name], scratch / name) != stored.read_text():
             found.append(name)
     return found
 

@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from src.errors import ConfigError
 from src.federated.compatibility import check_privacy
 from src.federated.contract import LoraLayer, Role, SharedSpec
 from src.federated.privacy import DPFedAvg, update_norm
-from src.run import train
+from src.run import build_module, train
 from tests.conftest import SEPARABLE, compose_config
 
 TINY = ["model.depth=1", "model.embed_dim=32", "model.num_heads=2"]
@@ -268,10 +269,7 @@ REFUSED = [
     (["privacy.clip_lr=0"], "privacy.clip_lr must be > 0 (finite), got 0"),
     (["privacy.clipped_count_stddev=-1"], "privacy.clipped_count_stddev must be null or > 0"),
     (["+privacy.foo=1"], "privacy.foo is not an option of privacy=dp_fedavg"),
-    (
-        ["alg=scaffold"],
-        "privacy=dp_fedavg works with alg=fedavg, fedlora, fedsa-flora only, got alg=scaffold",
-    ),
+    (["alg=scaffold"], "privacy=dp_fedavg: alg=scaffold does not declare it sound"),
     (["aggregator=median"], "privacy=dp_fedavg works with aggregator=mean only"),
     (["aggregator.weighting=samples"], "aggregator.weighting=samples with privacy=dp_fedavg"),
     (["alg=fedsa-flora", "alg.cluster.enabled=true"], "alg.cluster.enabled=true with privacy"),
@@ -283,8 +281,10 @@ REFUSED = [
 def test_bad_privacy_settings_are_refused_with_one_line_naming_the_key(
     overrides, expected, tmp_path
 ):
-    with pytest.raises(ConfigError) as refused:
-        validate_config(compose_config([*QUICK, *overrides], tmp_path))
+    cfg = compose_config([*QUICK, *overrides], tmp_path)
+    with pytest.raises(ConfigError) as refused:  # the keys, then what the classes declare
+        validate_config(cfg)
+        build_module(cfg, tmp_path / "run")
     assert "\n" not in str(refused.value)
     assert expected in str(refused.value)
 
@@ -333,7 +333,8 @@ def test_mixed_ranks_are_refused():
         options="alg=fedsa-flora alg.client_ranks=[2, 4]",
     )
     with pytest.raises(ConfigError, match=r"privacy=dp_fedavg needs uploads of equal shapes.*"):
-        check_privacy(spec, DPFedAvg())
+        declared = SimpleNamespace(privacy=True)  # an algorithm and an aggregator that allow it
+        check_privacy(spec, DPFedAvg(), declared, declared)
 
 
 # ---------------------------------------------------------------------------- end to end

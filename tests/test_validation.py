@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from src.config_checks import check_dataset_matches, validate_config
 from src.errors import ConfigError
+from src.run import build_module
 from tests.conftest import CONF_DIR, compose_config, run_main
 
 QUICK = ["experiment=quickstart"]
@@ -84,8 +85,9 @@ BAD_VALUES = [
 @pytest.mark.parametrize("overrides, expected", BAD_VALUES, ids=lambda v: " ".join(v)[:60])
 def test_bad_value_names_key_value_and_what_is_allowed(overrides, expected, tmp_path):
     cfg = compose_config([*QUICK, *overrides], tmp_path)
-    with pytest.raises(ConfigError) as refused:
+    with pytest.raises(ConfigError) as refused:  # the keys, then what the classes declare
         validate_config(cfg)
+        build_module(cfg, tmp_path / "run")
     message = str(refused.value)
     assert "\n" not in message
     for part in expected:

@@ -66,6 +66,8 @@ class Aggregator:
     # otherwise every rank is given every upload (src/federated/distributed.py)
     sums_uploads = False
     robust = False  # withstands a minority of arbitrary uploads (median, trimmed mean, krum)
+    mean_of_uploads = False  # the aggregate is each coordinate's weighted mean over the uploads
+    privacy = False  # privacy=dp_fedavg's noise is calibrated to this rule
     checkpointed: tuple[str, ...] = ()  # attributes kept in checkpoints besides state and server
 
     def __init__(

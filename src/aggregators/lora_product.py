@@ -148,6 +148,9 @@ class ExactAggregator(MeanAggregator):
     and B, so no step of the effective weights corresponds). Clients receive A, B, the head and R
     (d_out x d_in per layer: dense, so costly)."""
 
+    privacy = False
+    mean_of_uploads = False  # the base weights take the mean of the products, not of the uploads
+
     checkpointed = ("residuals",)
 
     def __init__(self, name: str, **server):

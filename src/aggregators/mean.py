@@ -33,8 +33,10 @@ def leading_block(shape: torch.Size) -> tuple[slice, ...]:
 
 
 class MeanAggregator(Aggregator):
+    privacy = True  # privacy=dp_fedavg's noise is calibrated to this mean
     any_ranks = False  # True: accept mixed ranks even when the server sees both LoRA factors
     sums_uploads = True
+    mean_of_uploads = True
 
     @property
     def needs(self) -> Needs:
@@ -86,10 +88,12 @@ class MeanAggregator(Aggregator):
 
 
 class RankAwareMeanAggregator(MeanAggregator):
+    privacy = False
     any_ranks = True
 
 
 class ZeroPadAggregator(MeanAggregator):
+    privacy = False
     any_ranks = True
 
     def _result(self) -> TensorDict:

@@ -57,6 +57,10 @@ class Algorithm:
     which makes the algorithm personalised. Integer buffers (BatchNorm's `num_batches_tracked`)
     are counters, not statistics: they are never sent (see `check_buffers`)."""
 
+    # Declarations, checked before training (src/federated/compatibility.py):
+    privacy = False  # privacy=dp_fedavg is sound: one upload of trained values per client
+    plain_sgd = ""  # why the rule needs plain SGD client steps ('' if any optimizer serves)
+
     def __init__(self, name: str, private: Sequence[str] = (), local_buffers: bool = False):
         self.name = name
         if isinstance(private, str):

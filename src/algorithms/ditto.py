@@ -33,6 +33,8 @@ from src.errors import ConfigError
 
 
 class Ditto(FedLoRA):
+    privacy = False
+
     def __init__(
         self,
         name: str,

@@ -14,6 +14,8 @@ LARGE_MODEL = 50_000_000  # parameters; above this full fine-tuning of every cli
 
 
 class FedAvg(Algorithm):
+    privacy = True
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -92,6 +92,8 @@ def instance_weights(
 
 
 class FedDPA(FedLoRA):
+    privacy = False
+
     def __init__(
         self,
         name: str,

@@ -26,6 +26,8 @@ from src.federated.contract import LoraLayer, LoraRanks, Role, SharedSpec
 
 
 class FedLoRA(Algorithm):
+    privacy = True  # its subclasses declare their own
+
     def __init__(
         self,
         name: str,
@@ -199,6 +201,8 @@ class FFALoRA(FedLoRA):
     """FFA-LoRA (Sun et al., 2024): every A is frozen at its initialisation, which is identical on
     all clients (it comes from the shared model seed); only B and the head are trained and shared.
     Then dW = s (sum_k p_k B_k) A, so averaging B is exact. Equal ranks only."""
+
+    privacy = False
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         self.require_equal_ranks("averaging B is exact only over one shared A")

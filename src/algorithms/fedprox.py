@@ -27,6 +27,8 @@ from src.errors import ConfigError
 
 
 class FedProx(FedLoRA):
+    privacy = False
+
     def __init__(
         self,
         name: str,

@@ -53,6 +53,8 @@ class Unit:
 
 
 class FedSAFLoRA(FedLoRA):
+    privacy = True
+
     def __init__(
         self,
         name: str,

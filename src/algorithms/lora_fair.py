@@ -126,6 +126,8 @@ def refine_b(
 
 
 class LoRAFAIR(FedLoRA):
+    privacy = False
+
     def __init__(
         self,
         name: str,

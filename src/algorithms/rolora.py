@@ -65,6 +65,8 @@ def trains_b(round_idx: int) -> bool:
 
 
 class RoLoRA(FedLoRA):
+    privacy = False
+
     def __init__(
         self,
         name: str,

@@ -12,7 +12,7 @@ Server, over the sampled set S of N clients:
 The mean is the aggregator's: uniform by default, as in the paper (alg.weighting=uniform sets
 aggregator.weighting; samples: weighted by n_i). The paper has no official code.
 Option II assumes plain SGD steps: conf/alg/scaffold.yaml picks optim=sgd_plain, and another
-client optimizer is refused before training (src/config_checks.py: check_scaffold_optimizer).
+client optimizer is refused before training (its `plain_sgd` declaration).
 `use_lora=true` applies all of it to the LoRA factors and head (equal ranks).
 """
 
@@ -33,6 +33,9 @@ CONTROL = "scaffold_c:"  # prefix of a control variate's name (the parameter's n
 
 
 class Scaffold(FedLoRA):
+    privacy = False
+    plain_sgd = "its control variates assume them"
+
     def __init__(
         self,
         name: str,

@@ -13,6 +13,17 @@ ROBUST = "aggregator=median, trimmed_mean or krum"
 
 def check_aggregator(spec: SharedSpec, aggregator) -> None:
     agg, needs = f"aggregator={aggregator.name}", aggregator.needs
+    if spec.mean_rule and not aggregator.mean_of_uploads:
+        raise ConfigError(
+            f"{agg} does not return the mean of the uploads, but {spec.options}'s server rule "
+            f"needs it ({spec.mean_rule}); use aggregator=mean"
+        )
+    if spec.mean_rule and aggregator.weighting != "uniform":
+        raise ConfigError(
+            f"aggregator.weighting={aggregator.weighting} with {spec.options}: its server rule "
+            f"needs the uniform mean of the uploads ({spec.mean_rule}); use "
+            "aggregator.weighting=uniform"
+        )
     if needs.both_factors and not spec.layers:
         raise ConfigError(
             f"{agg} combines LoRA factors, but {spec.options} trains no LoRA adapters; use it "
@@ -118,12 +129,39 @@ def check_evaluable(federation, malicious: set[int], eval_clients: int | str = "
         )
 
 
-def check_privacy(spec: SharedSpec, privacy) -> None:
+def check_client_optimizer(algorithm, optim) -> None:
+    """An algorithm whose rule assumes plain SGD client steps says why in `plain_sgd`."""
+    if not algorithm.plain_sgd:
+        return
+    momentum = optim.get("momentum", 0)
+    sgd = optim._target_ == "torch.optim.SGD"
+    if sgd and momentum == 0:
+        return
+    raise ConfigError(
+        f"alg={algorithm.name} needs plain SGD clients ({algorithm.plain_sgd}), got "
+        + (f"optim.momentum={momentum}" if sgd else optim._target_)
+        + "; use optim=sgd optim.momentum=0"
+    )
+
+
+def check_privacy(spec: SharedSpec, privacy, algorithm, aggregator) -> None:
     """privacy=dp_fedavg calibrates its noise to a sum of clipped updates of equal shapes, one per
-    sampled client (the algorithm, aggregator and weighting are checked in src/config_checks.py)."""
+    sampled client, averaged by the plain mean: the algorithm and the aggregator declare whether
+    they are that (`privacy`); the weighting and sampling are checked in src/config_checks.py."""
     if privacy is None:
         return
     name = f"privacy={privacy.name}"
+    if not algorithm.privacy:
+        raise ConfigError(
+            f"{name}: alg={algorithm.name} does not declare it sound (`privacy = False` in its "
+            "class: DP-FedAvg clips one upload of trained values per client); use alg=fedavg, "
+            "fedlora or fedsa-flora"
+        )
+    if not aggregator.privacy:
+        raise ConfigError(
+            f"{name} works with aggregator=mean only (its noise is calibrated to the mean of "
+            f"clipped updates), got aggregator={aggregator.name}"
+        )
     if spec.heterogeneous:
         raise ConfigError(
             f"{name} needs uploads of equal shapes, but {spec.options} mixes ranks: a row of A "

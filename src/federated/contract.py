@@ -75,6 +75,8 @@ class SharedSpec(LoraRanks):
     `updates`: the uploads are differences from what the client received, not tensor values.
     `tensorwise`: why the algorithm's server rule needs every uploaded tensor reduced on its own
     (e.g. it alternates or refines the means of A and B); '' when it does not.
+    `mean_rule`: why the algorithm's server rule needs the aggregate to be the uniform mean of the
+    uploads (FedDyn); '' when any reduction serves it.
     """
 
     roles: Mapping[str, Role]
@@ -84,6 +86,7 @@ class SharedSpec(LoraRanks):
     personalized: bool = False
     updates: bool = False  # uploads are differences (e.g. y - x), not values of the tensors
     tensorwise: str = ""  # why rules that combine A and B into products cannot serve it
+    mean_rule: str = ""  # why the server rule needs the uniform mean of the uploads ('' if not)
     options: str = ""  # the config options that decide the sharing, for error messages
 
     @property
