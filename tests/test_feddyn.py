@@ -10,6 +10,7 @@ import torch
 from src.aggregators import MeanAggregator
 from src.algorithms.feddyn import DRIFT, FedDyn
 from src.federated.server import Server
+from src.federated.vectorised import ClientStart, train_together
 from src.run import train
 from tests.algorithm_harness import client_run, loss_grad, params_of, tiny_batches, tiny_model
 from tests.conftest import SEPARABLE, run_main
@@ -18,10 +19,10 @@ NUM_CLIENTS, LR, ALPHA = 4, 0.2, 0.3
 SIZES = [10, 10, 10, 10]  # equal clients: a_k = alpha, the paper's setting
 
 
-def _feddyn():
+def _feddyn(sizes=SIZES):
     alg = FedDyn("feddyn", alpha=ALPHA)
     model = alg.prepare_model(tiny_model())
-    clients = [SimpleNamespace(train=range(n)) for n in SIZES]
+    clients = [SimpleNamespace(train=range(n)) for n in sizes]
     alg.configure(SimpleNamespace(num_clients=NUM_CLIENTS, clients=clients), None, 0)
     server = Server(alg, MeanAggregator("mean", weighting="uniform"))
     server.setup(model, alg.shared_spec(model, clients_per_round=2))
@@ -96,3 +97,52 @@ def test_feddyn_learns_a_separable_task(make_digits_config):
     threads, AMD EPYC), so 0.3 leaves a margin of 0.22."""
     summary = train(make_digits_config("alg=feddyn", *SEPARABLE, "fl.rounds=4"))
     assert summary["final"]["val/global_acc"] >= 0.3
+
+
+def _clone(tensors):
+    return {n: t.detach().clone() for n, t in tensors.items()}
+
+
+def test_clients_trained_together_match_one_by_one():
+    """fl.parallel_clients: from a lambda_k that a first round made non-zero, and with different
+    a_k, the stacked rule gives each client's upload and lambda_k as one by one (1e-12)."""
+    alg, model, server = _feddyn(sizes=[10, 30, 10, 10])
+    store = {c: alg.initial_private_state(model) for c in (0, 1)}
+    server.begin(0)
+    for cid in (0, 1):
+        alg.download(model, server.payload(cid), store[cid], cid)
+        alg.local_update(model, client_run(tiny_batches(10 + cid), LR, cid))
+        server.add(_clone(alg.upload(model, cid)), 1.0, cid)
+        store[cid] = _clone(alg.private_state(model, cid))
+    server.finish()
+    alone = {}
+    for cid in (0, 1):
+        alg.download(model, server.payload(cid), store[cid], cid)
+        alg.local_update(model, client_run(tiny_batches(20 + cid), LR, cid))
+        alone[cid] = (_clone(alg.upload(model, cid)), _clone(alg.private_state(model, cid)))
+    starts = []
+    for cid in (0, 1):
+        alg.download(model, server.payload(cid), store[cid], cid)
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        context = _clone(alg.stacked_context(model))
+        batches = alg.local_batches(client_run(tiny_batches(20 + cid), LR, cid))
+        starts.append(ClientStart(cid, trained, batches, context))
+    results = train_together(
+        model, starts, lambda ps: torch.optim.SGD(ps, lr=LR), lambda loss: loss.backward(), alg
+    )
+    params = dict(model.named_parameters())
+    for cid, result in zip((0, 1), results, strict=True):
+        with torch.no_grad():
+            for name, tensor in result.trained.items():
+                params[name].copy_(tensor)
+        alg.end_stacked(model, result)
+        upload, drift = alone[cid]
+        for got, expected in (
+            (alg.upload(model, cid), upload),
+            (alg.private_state(model, cid), drift),
+        ):
+            assert got.keys() == expected.keys()
+            for n, tensor in expected.items():
+                torch.testing.assert_close(got[n], tensor, rtol=0, atol=1e-12)
+    assert any(t.abs().sum() > 0 for t in store[1].values())  # lambda_k was not zero
+    assert alg.vectorised_blocker(model) == ""

@@ -18,7 +18,8 @@ a_k = alg.alpha * mean(n) / n_k, as the authors' code scales it by the client's 
 Differences from the code: the client's optimizer is the configured one (the code: SGD with
 weight decay 1e-3 and gradient clipping at norm 10 on the loss and linear term); the global model
 evaluated is theta, which clients start from (the code also reports the plain mean of the
-uploads). The declaration `mean_rule` makes every aggregator that is not the uniform mean of the
+uploads). Clients trained together (fl.parallel_clients) apply the same rule to stacked tensors
+(`adjust_stacked_gradients`). The declaration `mean_rule` makes every aggregator that is not the uniform mean of the
 uploads refuse it before training (src/federated/compatibility.py).
 """
 
@@ -113,6 +114,25 @@ class FedDyn(FedLoRA):
         tensors = self.tensors(model)
         for name, drift in self.drift.items():
             drift.add_(tensors[name] - self.theta[name])
+
+    # ------------------------------------------------------------------ clients trained together
+    def stacked_context(self, model: nn.Module) -> TensorDict:
+        """lambda_k and a_k of the client just downloaded (theta is where it started)."""
+        device = next(model.parameters()).device
+        alpha = torch.tensor(self.client_alpha, dtype=torch.float64, device=device)
+        return {DRIFT + n: t for n, t in self.drift.items()} | {"alpha": alpha}
+
+    def adjust_stacked_gradients(self, params, grads, start, context) -> None:
+        for name, grad in grads.items():
+            if DRIFT + name in context:
+                alpha = context["alpha"].view(-1, *[1] * (grad.dim() - 1)).to(grad.dtype)
+                grad.add_(alpha * (params[name] - start[name] + context[DRIFT + name]))
+
+    def end_stacked(self, model: nn.Module, result) -> None:
+        """This client's theta and lambda_k, then lambda_k's update as one by one."""
+        self.theta = {n: result.start[n] for n in self.theta}
+        self.drift = {n: result.context[DRIFT + n].clone() for n in self.drift}
+        super().end_stacked(model, result)
 
     # ------------------------------------------------------------------ server
     def server_update(self, state: TensorDict, aggregate: TensorDict, step) -> None:
