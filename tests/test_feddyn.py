@@ -78,16 +78,18 @@ def test_alpha_follows_the_clients_share_of_the_data_as_the_authors_code():
 
 
 @pytest.mark.parametrize("aggregator", ["median", "krum", "trimmed_mean", "stack"])
-def test_its_declaration_alone_refuses_every_other_reduction(aggregator, monkeypatch, capfd):
-    code, out = run_main(
-        ["experiment=quickstart", "alg=feddyn", f"aggregator={aggregator}"], monkeypatch, capfd
-    )
+def test_its_declaration_alone_refuses_every_other_reduction(
+    aggregator, tmp_path, monkeypatch, capfd
+):
+    args = ["experiment=quickstart", "alg=feddyn", f"aggregator={aggregator}"]
+    code, out = run_main([*args, f"hydra.run.dir={tmp_path}"], monkeypatch, capfd)
     assert code == 2
     assert f"aggregator={aggregator} does not return the mean of the uploads" in out
 
 
-def test_a_sample_weighted_mean_is_refused(monkeypatch, capfd):
+def test_a_sample_weighted_mean_is_refused(tmp_path, monkeypatch, capfd):
     args = ["experiment=quickstart", "alg=feddyn", "aggregator.weighting=samples"]
+    args.append(f"hydra.run.dir={tmp_path}")
     code, out = run_main(args, monkeypatch, capfd)
     assert code == 2 and "aggregator.weighting=samples with alg=feddyn" in out
 
