@@ -5,6 +5,11 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key and the allowed values."""
 
 
+class InputError(RuntimeError):
+    """A file or download the run needs is missing or unusable (a dataset, pretrained weights);
+    the message names the config key to change."""
+
+
 class AllClientsFailedError(RuntimeError):
     """Every sampled client of a round failed: the run stops (its last checkpoint stays usable)."""
 
@@ -24,13 +29,8 @@ class RunInterrupted(RuntimeError):
 
 def user_error(error: BaseException | None) -> BaseException | None:
     """The user-facing error behind `error` (Hydra's instantiate wraps the ones its targets raise)."""
-    from src.data import DatasetNotFoundError
-    from src.models.vit import ModelLoadError
-
     while error is not None:
-        if isinstance(
-            error, (ConfigError, DatasetNotFoundError, ModelLoadError, AllClientsFailedError)
-        ):
+        if isinstance(error, (ConfigError, InputError, AllClientsFailedError)):
             return error
         error = error.__cause__
     return None

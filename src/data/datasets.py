@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from src.errors import ConfigError
+from src.errors import ConfigError, InputError
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ImageDataset:
     std: tuple[float, ...]
 
 
-class DatasetNotFoundError(RuntimeError):
+class DatasetNotFoundError(InputError):
     """The dataset files are not on disk and could not be downloaded."""
 
 

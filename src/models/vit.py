@@ -17,7 +17,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 
-from src.errors import ConfigError
+from src.errors import ConfigError, InputError
 from src.safe_load import first_line, load_tensors_only
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ _HUB_ERRORS = (OSError,) + tuple(
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(InputError):
     """A model or its weights cannot be built/loaded; the message names the config key to change."""
 
 
