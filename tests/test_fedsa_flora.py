@@ -264,7 +264,7 @@ def test_exported_adapter_loads_with_peft_and_predicts_the_same(make_digits_conf
         "alg=fedsa-flora", "alg.export_adapters=true", "alg.client_ranks=[4,8]", "fl.rounds=1"
     )
     module = _fit(cfg, build_module(cfg, tmp_path))
-    from src.models.export import export_adapters
+    from src.algorithms.export import export_adapters
 
     export_adapters(module, tmp_path / "adapters")
     # a client that trained, of the smaller rank (its adapter is r=4 of the resident r_max=8)

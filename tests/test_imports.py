@@ -79,3 +79,12 @@ def test_no_module_of_src_is_in_an_import_circle():
 def test_errors_import_nothing_of_src():
     """The error types are the bottom of the graph: every layer may raise them."""
     assert import_graph()["src.errors"] == set()
+
+
+def test_models_and_data_import_no_algorithm_aggregator_or_engine():
+    """The lowest layers: a model or a dataset knows nothing of how it is federated."""
+    allowed = ("src.errors", "src.safe_load", "src.models", "src.data")
+    for module, imported in import_graph().items():
+        if module.startswith(("src.models", "src.data")):
+            upward = sorted(m for m in imported if not m.startswith(allowed))
+            assert upward == [], f"{module} imports {upward}"

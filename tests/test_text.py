@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from src.algorithms.export import export_adapters
 from src.config_checks import validate_config
 from src.data import NaturalPartitioner
 from src.data.departments import DEPARTMENTS
@@ -24,7 +25,6 @@ from src.data.text import (
 )
 from src.errors import ConfigError
 from src.federated.data import DeviceTokens
-from src.models.export import export_adapters
 from src.models.tokenizers import ByteTokenizer
 from src.run import build_base_model, build_module, build_trainer
 from tests.conftest import ROOT, RecordingMean, compose_config

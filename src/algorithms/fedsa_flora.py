@@ -246,7 +246,7 @@ class FedSAFLoRA(FedLoRA):
 
     def finish_run(self, module, output_dir) -> None:
         if self.export_adapters:
-            from src.models.export import export_adapters
+            from src.algorithms.export import export_adapters
 
             export_adapters(module, Path(output_dir) / "adapters")
             log.info("adapters (peft format) written to %s", Path(output_dir) / "adapters")
