@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from src.errors import ConfigError
-from src.federated.attacks import Attack
+from src.federated.attacks import ATTACKS, SignFlip
 from src.run import train
 from tests.conftest import QUICKSTART_VIT
 
 
 def _attack(name, fraction=0.2, num_clients=10, seed=0):
-    attack = Attack(name, fraction)
+    attack = ATTACKS[name](fraction)
     attack.choose(num_clients, seed)
     return attack
 
@@ -69,10 +69,20 @@ def test_label_flip_permutes_the_classes_of_malicious_clients_only():
     assert attack.label_map(honest, 10) is None
 
 
-@pytest.mark.parametrize("name, fraction", [("flip", 0.2), ("gaussian", 1.5)])
+@pytest.mark.parametrize("name, fraction", [("sign_flip", 1.0), ("gaussian", 1.5)])
 def test_bad_attack_options_name_the_key(name, fraction):
-    with pytest.raises(ConfigError, match="attack"):
-        Attack(name, fraction)
+    with pytest.raises(ConfigError, match="attack.fraction must be in"):
+        ATTACKS[name](fraction)
+
+
+def test_every_attack_option_builds_its_own_class():
+    """One class per attack: each conf/attack option's `_target_` is the class of its name."""
+    from tests.compat_matrix import options
+    from tests.conftest import compose_config
+
+    for option in options("attack"):
+        target = compose_config([f"attack={option}"]).attack._target_
+        assert target.rsplit(".", 1)[1] == ATTACKS[option].__name__
 
 
 # Ten iid clients, all sampled, two of them sign-flipping (their update times -|N(0, 10^2)|).
@@ -117,7 +127,7 @@ def test_an_attack_without_attackers_or_without_honest_clients_is_refused_up_fro
     with pytest.raises(
         ConfigError, match=r"attack.fraction=0.05 and fl.num_clients=6 .* 0 clients"
     ):
-        check_attack(Attack("sign_flip", 0.05), MeanAggregator("mean"), 6, text=False)
+        check_attack(SignFlip(0.05), MeanAggregator("mean"), 6, text=False)
     with pytest.raises(ConfigError, match="all 10 clients malicious"):
-        check_attack(Attack("sign_flip", 0.99), MeanAggregator("mean"), 10, text=False)
-    check_attack(Attack("sign_flip", 0.2), MeanAggregator("mean"), 6, text=False)  # 1 attacker
+        check_attack(SignFlip(0.99), MeanAggregator("mean"), 10, text=False)
+    check_attack(SignFlip(0.2), MeanAggregator("mean"), 6, text=False)  # 1 attacker

@@ -5,6 +5,7 @@ naming the options involved and what to use instead (a ConfigError: exit code 2)
 from __future__ import annotations
 
 from src.errors import ConfigError
+from src.federated.attacks import NoAttack
 from src.federated.contract import Needs, SharedSpec
 from src.federated.evaluation import evaluable_clients
 
@@ -87,7 +88,7 @@ def _check_uploads(spec: SharedSpec, agg: str, needs: Needs) -> None:
 
 def check_attack(attack, aggregator, num_clients: int, text: bool) -> None:
     """An attack must have attackers, leave honest clients, and be survivable by the rule."""
-    if attack.name == "none":
+    if isinstance(attack, NoAttack):
         return
     name = f"attack={attack.name}"
     count = attack.count(num_clients)
@@ -102,7 +103,7 @@ def check_attack(attack, aggregator, num_clients: int, text: bool) -> None:
             f"{name} with attack.fraction={attack.fraction} makes all {num_clients} clients "
             "malicious: no honest client is left to evaluate; lower attack.fraction"
         )
-    if attack.name == "label_flip" and text:
+    if attack.needs_labels and text:
         raise ConfigError(f"{name} permutes class labels; text data has none")
     if attack.needs.robust_aggregator and not aggregator.robust:
         raise ConfigError(
