@@ -20,9 +20,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from src.errors import ConfigError
 
 # Configured by Hydra or Lightning (checked by them), not by us.
-NOT_OURS = ("hydra", "trainer", "logger")
+NOT_OURS = ("hydra", "trainer")
 # Keys that our code reads and removes before it instantiates the node.
-READ_BY_US = {"model": ("lora",)}  # the model's LoRA defaults, read by the LoRA algorithms
+READ_BY_US = {
+    "model": ("lora",),  # the model's LoRA defaults, read by the LoRA algorithms
+    "logger": ("name",),  # the option's name (src/loggers.py), not an argument
+}
 # What each annotation allows, for the messages.
 NAMES = {bool: "true or false (bool)", int: "an integer (int)", float: "a number (float)"}
 NAMES |= {str: "a string", type(None): "null"}
@@ -80,8 +83,9 @@ def check_value(key: str, value, hint) -> None:
 
 
 def accepted(target) -> tuple[dict[str, inspect.Parameter], dict, bool]:
-    """(parameters by name, their annotations, whether any other keyword is taken too) of a
-    function, or of a class's __init__ and the base-class __init__s that its **kwargs reach."""
+    """(parameters a config may set, by name; their annotations; whether any other keyword is
+    taken too) of a function, or of a class's __init__ and the base-class __init__s that its
+    **kwargs reach. Keyword-only parameters are the building code's (e.g. a logger's run)."""
     chain = [target]
     if inspect.isclass(target):
         chain = [vars(c)["__init__"] for c in target.__mro__[:-1] if "__init__" in vars(c)]
@@ -93,7 +97,8 @@ def accepted(target) -> tuple[dict[str, inspect.Parameter], dict, bool]:
             pass
         signature = inspect.signature(function).parameters.values()
         for p in signature:
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            # keyword-only parameters are given by the code that builds the node, not by config
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY):
                 params.setdefault(p.name, p)
         if all(p.kind is not p.VAR_KEYWORD for p in signature):
             return params, hints, False
@@ -137,7 +142,7 @@ def check_targets(cfg: DictConfig) -> None:
                 ]
                 raise ConfigError(
                     f"{path}.{key} is not an option of {option(cfg, path.split('.')[0])}; "
-                    f"its keys are: {', '.join(keys)}"
+                    + (f"its keys are: {', '.join(keys)}" if keys else "it takes no keys")
                 )
             if OmegaConf.is_missing(node, key):
                 raise ConfigError(f"{path}.{key} has no value (???); set it")

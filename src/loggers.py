@@ -9,6 +9,7 @@ import os
 import uuid
 from pathlib import Path
 
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
@@ -38,40 +39,63 @@ def wandb_run_id() -> str:
 def build_loggers(
     cfg: DictConfig, run_name: str, group: str, run_id: str | None = None
 ) -> list[Logger]:
-    """The configured loggers; `run_id`: the W&B run a resumed run continues."""
-    kind = cfg.logger.name
-    out = Path(cfg.paths.output_dir)
-    if kind == "none":
+    """The configured logger, built from its `_target_` (none for logger=none): its own keys
+    (`name` is the option's, not an argument), the run's folder and, for W&B, this run's name,
+    group, id, tags and config; `run_id`: the W&B run a resumed run continues."""
+    node = cfg.logger
+    if node.get("_target_") is None:
         return []
-    if kind == "csv":
-        return [CSVLogger(save_dir=str(out), name="csv", version="")]
-    if kind == "wandb":
-        mode = cfg.logger.mode or ("online" if wandb_logged_in() else "offline")
-        tags = [
-            cfg.alg.name,
-            cfg.model.name,
-            cfg.data.name,
-            cfg.partitioner.name,
-            cfg.aggregator.name,
-            f"seed={cfg.seed}",
-            *cfg.logger.tags,
-        ]
-        return [
-            WandbLogger(
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                name=run_name,
-                group=cfg.logger.group or group,
-                job_type=cfg.alg.name,  # W&B groups a sweep's runs by algorithm within the group
-                tags=tags,
-                save_dir=str(out),
-                mode=mode,
-                config=OmegaConf.to_container(cfg, resolve=True),
-                id=run_id,
-                resume="allow",  # the run id is new, or the one a resumed run continues
-            )
-        ]
-    raise ValueError(f"logger={kind} is not an option; choose one of wandb, csv, none")
+    keys = {key: node[key] for key in node if key not in ("_target_", "name")}
+    keys["save_dir"] = str(cfg.paths.output_dir)  # the run's folder
+    factory = get_method(node._target_)
+    if factory is wandb_logger:
+        keys |= dict(run_name=run_name, default_group=group, run_id=run_id, cfg=cfg)
+    return [factory(**keys)]
+
+
+def csv_logger(*, save_dir: str) -> CSVLogger:
+    """Lightning's CSVLogger, writing under <save_dir>/csv/."""
+    return CSVLogger(save_dir=save_dir, name="csv", version="")
+
+
+def wandb_logger(
+    project: str,
+    entity: str | None,
+    mode: str | None,
+    group: str | None,
+    tags: list,
+    *,
+    save_dir: str,
+    run_name: str,
+    default_group: str,
+    run_id: str | None,
+    cfg: DictConfig,
+) -> WandbLogger:
+    """W&B through Lightning's WandbLogger: online when logged in (or `mode`), the run tagged
+    with its algorithm, model, data, partitioner, aggregator and seed, and its whole config."""
+    mode = mode or ("online" if wandb_logged_in() else "offline")
+    tags = [
+        cfg.alg.name,
+        cfg.model.name,
+        cfg.data.name,
+        cfg.partitioner.name,
+        cfg.aggregator.name,
+        f"seed={cfg.seed}",
+        *tags,
+    ]
+    return WandbLogger(
+        project=project,
+        entity=entity,
+        name=run_name,
+        group=group or default_group,
+        job_type=cfg.alg.name,  # W&B groups a sweep's runs by algorithm within the group
+        tags=tags,
+        save_dir=save_dir,
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        id=run_id,
+        resume="allow",  # the run id is new, or the one a resumed run continues
+    )
 
 
 def finish_wandb(

@@ -41,3 +41,10 @@ def test_a_resumed_run_continues_its_wandb_run_without_repeating_rounds(make_dig
         for path in run_files
     ]
     assert steps == [[1], [2]]
+
+
+def test_the_csv_logger_is_built_from_its_target_and_writes_under_the_run(make_digits_config):
+    cfg = make_digits_config("logger=csv", "fl.rounds=1")
+    assert cfg.logger._target_ == "src.loggers.csv_logger"
+    train(cfg)
+    assert (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").is_file()
