@@ -52,10 +52,7 @@ class MeanAggregator(Aggregator):
         }
 
     def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
-        for name, acc in self._sums.items():
-            tensor = upload[name]
-            acc[leading_block(tensor.shape)].add_(tensor.to(acc.dtype), alpha=weight)
-            self._weight_by_shape[name][tensor.shape] += weight
+        add_to_sums(self._sums, self._weight_by_shape, upload, weight)
         self._total_weight += weight
 
     def _partial_sums(self) -> list[torch.Tensor]:
@@ -74,17 +71,10 @@ class MeanAggregator(Aggregator):
                     by_shape[shape] += weight
 
     def _result(self) -> TensorDict:
-        return {name: self._owner_mean(name) for name in self._sums}
-
-    def _owner_mean(self, name: str) -> torch.Tensor:
-        acc, current = self._sums[name], self.state[name]
-        by_shape = self._weight_by_shape[name]
-        if set(by_shape) == {acc.shape}:  # everyone sent the whole tensor
-            return acc / self._total_weight
-        owned = torch.zeros_like(acc)
-        for shape, weight in by_shape.items():
-            owned[leading_block(shape)] += weight
-        return torch.where(owned > 0, acc / torch.where(owned > 0, owned, 1.0), current)
+        return {
+            name: owner_mean(acc, self._weight_by_shape[name], self._total_weight, self.state[name])
+            for name, acc in self._sums.items()
+        }
 
 
 class RankAwareMeanAggregator(MeanAggregator):
@@ -100,14 +90,45 @@ class ZeroPadAggregator(MeanAggregator):
         return {name: acc / self._total_weight for name, acc in self._sums.items()}
 
 
+def add_to_sums(
+    sums: TensorDict,
+    weight_by_shape: dict[str, dict[torch.Size, float]],
+    upload: TensorDict,
+    weight: float,
+) -> None:
+    """Add `weight` x `upload` into the leading blocks of the full-size `sums`, and `weight` to
+    the shape each tensor had (a rank-r client fills the first r rows of an A)."""
+    for name, acc in sums.items():
+        tensor = upload[name]
+        acc[leading_block(tensor.shape)].add_(tensor.to(acc.dtype), alpha=weight)
+        weight_by_shape[name][tensor.shape] += weight
+
+
+def owner_mean(
+    acc: torch.Tensor,
+    by_shape: dict[torch.Size, float],
+    total_weight: float,
+    current: torch.Tensor,
+) -> torch.Tensor:
+    """The weighted mean of one tensor from its sum `acc`: each entry divided by the weight of
+    the uploads that held it; an entry none held stays `current`."""
+    if set(by_shape) == {acc.shape}:  # everyone sent the whole tensor
+        return acc / total_weight
+    owned = torch.zeros_like(acc)
+    for shape, weight in by_shape.items():
+        owned[leading_block(shape)] += weight
+    return torch.where(owned > 0, acc / torch.where(owned > 0, owned, 1.0), current)
+
+
 def owner_weighted_mean(
     uploads: list[TensorDict], weights: list[float], fallback: TensorDict
 ) -> TensorDict:
     """The rank-aware mean of a list of uploads, as full-size tensors: each entry is averaged over
-    the uploads that hold it; an entry none holds is taken from `fallback`."""
-    mean = RankAwareMeanAggregator("rank_aware")
-    mean.state = fallback
-    mean.begin()
+    the uploads that hold it; an entry none holds is taken from `fallback` (a pure function)."""
+    sums = {name: torch.zeros_like(t) for name, t in fallback.items()}
+    by_shape = {name: defaultdict(float) for name in fallback}
+    total = 0.0
     for upload, weight in zip(uploads, weights, strict=True):
-        mean.add(upload, weight, -1)
-    return mean._result()
+        add_to_sums(sums, by_shape, upload, weight)
+        total += weight
+    return {name: owner_mean(sums[name], by_shape[name], total, fallback[name]) for name in sums}
