@@ -1,4 +1,4 @@
-from src.aggregators.base import Aggregator, nbytes
+from src.aggregators.base import Aggregator
 from src.aggregators.lora_product import ExactAggregator, StackAggregator, SvdAggregator
 from src.aggregators.mean import MeanAggregator, RankAwareMeanAggregator, ZeroPadAggregator
 from src.aggregators.robust import KrumAggregator, MedianAggregator, TrimmedMeanAggregator
@@ -16,5 +16,4 @@ __all__ = [
     "SvdAggregator",
     "TrimmedMeanAggregator",
     "ZeroPadAggregator",
-    "nbytes",
 ]

@@ -17,7 +17,7 @@ import torch
 
 from src.aggregators.server_opt import ServerOptimizer
 from src.errors import ConfigError
-from src.federated.contract import Needs, SharedSpec
+from src.federated.contract import Needs, SharedSpec, nbytes
 
 TensorDict = dict[str, torch.Tensor]
 # (server state, aggregate, server optimiser step) -> None: moves the state in place
@@ -34,16 +34,6 @@ class AggregatePostprocessor(Protocol):
     def postprocess(
         self, aggregate: TensorDict, state: TensorDict, num_uploads: int, round_idx: int
     ) -> None: ...
-
-
-def nbytes(tensors: TensorDict, wire: dict[str, torch.dtype] | None = None) -> int:
-    """Bytes on the wire for a dict of tensors (numel x element size, of the `wire` dtype where
-    given: the server's float32 master copy of a bf16 tensor is sent as bf16)."""
-    wire = wire or {}
-    return sum(
-        t.numel() * (wire[n].itemsize if n in wire else t.element_size())
-        for n, t in tensors.items()
-    )
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

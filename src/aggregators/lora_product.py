@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from src.aggregators.base import Aggregator, TensorDict, master_copy, nbytes
+from src.aggregators.base import Aggregator, TensorDict, master_copy
 from src.aggregators.lora_math import factors_from_svd, stack_factors
 from src.aggregators.mean import MeanAggregator
 from src.errors import ConfigError
-from src.federated.contract import Needs, Role, SharedSpec
+from src.federated.contract import Needs, Role, SharedSpec, nbytes
 
 
 class StackAggregator(Aggregator):

@@ -21,11 +21,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from src.aggregators import nbytes
 from src.algorithms import Algorithm
 from src.algorithms.base import ClientRun
 from src.errors import ClientError
 from src.federated.client_state import ClientStateStore
+from src.federated.contract import nbytes
 from src.federated.data import Federation
 from src.federated.distributed import RoundExchange
 from src.federated.sampling import client_generator, client_seed

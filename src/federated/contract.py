@@ -127,3 +127,13 @@ class Needs:
     min_uploads: int = 1
     min_uploads_why: str = ""
     robust_aggregator: bool = False
+
+
+def nbytes(tensors: TensorDict, wire: dict[str, torch.dtype] | None = None) -> int:
+    """Bytes on the wire for a dict of tensors (numel x element size, of the `wire` dtype where
+    given: the server's float32 master copy of a bf16 tensor is sent as bf16)."""
+    wire = wire or {}
+    return sum(
+        t.numel() * (wire[n].itemsize if n in wire else t.element_size())
+        for n, t in tensors.items()
+    )
