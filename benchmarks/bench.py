@@ -129,7 +129,7 @@ def time_fedsweep(
     precision: str = "32-true",
 ) -> tuple[list[float], int, str, float]:
     """Round times of the real machinery, the group size it trained clients in, the layout
-    (`processes`: trainer.processes, auto = the default layout, src/layout.py) and the last
+    (`processes`: trainer.processes, auto = the default layout, src/federated/layout.py) and the last
     round's val/global_acc."""
     cfg = copy.deepcopy(cfg)
     cfg.fl.parallel_clients = parallel_clients

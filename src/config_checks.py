@@ -182,7 +182,7 @@ def check_precision(cfg: DictConfig) -> None:
 
 
 def check_processes(cfg: DictConfig) -> None:
-    """trainer.processes=N > 1 forks N one-thread processes on the CPU (src/layout.py); the
+    """trainer.processes=N > 1 forks N one-thread processes on the CPU (src/federated/layout.py); the
     trainer's own multi-process settings (trainer=ddp, trainer.devices) are the other way."""
     trainer = cfg.trainer
     processes = trainer.get("processes", "auto")

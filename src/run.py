@@ -44,11 +44,11 @@ from src.federated.compatibility import (
 from src.federated.data import Federation
 from src.federated.distributed import ClientShardingStrategy, end_process_group
 from src.federated.faults import ClientFaults
+from src.federated.layout import layout_for
 from src.federated.orchestrator import FederatedModule
 from src.federated.privacy import DPFedAvg
 from src.federated.server import Server
 from src.federated.transforms import TransformChain
-from src.layout import layout_for
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
 from src.outputs import RoundRecorder, summarize, write_summary
 from src.run_names import current_run_name, register_resolver
@@ -216,7 +216,7 @@ def set_threads(cfg: DictConfig) -> None:
 
 
 def set_layout(cfg: DictConfig, module: FederatedModule) -> dict:
-    """`trainer.processes` (src/layout.py): logged with the reason; returns the Trainer's
+    """`trainer.processes` (src/federated/layout.py): logged with the reason; returns the Trainer's
     arguments for forked processes (none for one process)."""
     layout = layout_for(
         cfg.trainer, torch.get_num_threads(), cfg.fl.parallel_clients, cfg.fl.rounds, module

@@ -1,4 +1,4 @@
-"""How a CPU run uses its cores (trainer.processes, src/layout.py): forked processes give the
+"""How a CPU run uses its cores (trainer.processes, src/federated/layout.py): forked processes give the
 metrics of one process (up to float summation order, as trainer=ddp does: tests/test_ddp.py),
 the automatic choice follows the probe, and the check after the first round falls back to one
 process when the processes lost; fl.parallel_clients=auto is checked the same way."""
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import src.layout
+import src.federated.layout
 from src.federated.distributed import Ranks
-from src.layout import Layout, choose_layout
+from src.federated.layout import Layout, choose_layout
 from src.run import build_module, train
 from tests.conftest import digits_config, run_cli, run_main
 from tests.test_ddp import SMALL, _assert_same_metrics, _rows
@@ -68,7 +68,7 @@ def test_auto_chooses_processes_only_on_a_clear_and_worthwhile_gain(tmp_path, mo
     module = build_module(digits_config(tmp_path, *SMALL), tmp_path)
     rates = {}
     monkeypatch.setattr(
-        src.layout, "compare_rates", lambda module, batches, cores, bf16: rates["now"]
+        src.federated.layout, "compare_rates", lambda module, batches, cores, bf16: rates["now"]
     )
     rates["now"] = (100.0, 200.0)  # processes twice as fast
     layout = choose_layout(module, cores=2, rounds=1000, memory_free=2**40)

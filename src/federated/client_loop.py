@@ -28,11 +28,11 @@ from src.federated.client_state import ClientStateStore
 from src.federated.contract import nbytes
 from src.federated.data import Federation
 from src.federated.distributed import RoundExchange
+from src.federated.layout import MARGIN
 from src.federated.sampling import client_generator, client_seed
 from src.federated.server import Server
 from src.federated.transforms import InjectedFault, TransformChain
 from src.federated.vectorised import ClientStart, choose_group_size, train_together
-from src.layout import MARGIN
 
 log = logging.getLogger(__name__)
 

@@ -94,7 +94,7 @@ class Ranks:
 class ClientShardingStrategy(DDPStrategy):
     """`trainer=ddp`: one process per device, no DistributedDataParallel wrapper (the orchestrator
     shards clients over the ranks and combines their uploads itself). `fork=True` (the automatic
-    CPU layout, src/layout.py): the other ranks are forked from this process when fitting starts,
+    CPU layout, src/federated/layout.py): the other ranks are forked from this process when fitting starts,
     so they share its memory (libraries, data, model) instead of building everything again."""
 
     def __init__(self, *args, fork: bool = False, **kwargs) -> None:

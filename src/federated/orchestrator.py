@@ -35,11 +35,11 @@ from src.federated.client_state import ClientStateStore
 from src.federated.data import Federation
 from src.federated.distributed import Ranks, RoundExchange
 from src.federated.evaluation import Evaluator
+from src.federated.layout import Layout, check_after_round
 from src.federated.objective import attention_kernels
 from src.federated.sampling import sample_clients
 from src.federated.server import Server
 from src.federated.transforms import TransformChain
-from src.layout import Layout, check_after_round
 from src.outputs import RoundRecorder
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class FederatedModule(pl.LightningModule):
 
     def _check_layout(self, round_s: float, loop_s: float, samples: int) -> None:
         """After the first round with the processes trainer.processes=auto chose: back to one
-        process with every core as a thread if they lost (src/layout.py). Every rank reaches the
+        process with every core as a thread if they lost (src/federated/layout.py). Every rank reaches the
         same decision from the same summed numbers."""
         layout, self.layout = self.layout, None  # checked once
         if layout.processes == 1 or not self.ranks.distributed:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from src.data.text import IGNORE_INDEX
-from src.layout import MARGIN
+from src.federated.layout import MARGIN
 
 if TYPE_CHECKING:
     from src.algorithms.base import Algorithm

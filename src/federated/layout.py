@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from src.federated.objective import attention_kernels, mean_loss
+from src.federated.sampling import sample_clients
 
 MARGIN = 1.10  # processes must train >= 10 % more samples per second than threads
 STARTUP_S = 3.0  # forking the processes and joining their process group, measured ~1-2 s
@@ -129,8 +130,6 @@ def check_after_round(layout: Layout, round_s: float, busiest_loop_s: float, sam
 def probe_batches(module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One pass over the largest client of round 1 (fl.batch_size batches and its last, smaller
     one): the batch mix a round trains on."""
-    from src.federated.sampling import sample_clients
-
     fed = module.federation
     sampled = sample_clients(fed.num_clients, module.clients_per_round, module.seed, 0)
     largest = max(sampled, key=lambda c: len(fed.clients[c].train))
@@ -264,8 +263,6 @@ class _Neighbours:
 # ---------------------------------------------------------------------- sizes
 def samples_per_round(module) -> int:
     """Samples a round trains on (round 1's sampled clients, every local epoch)."""
-    from src.federated.sampling import sample_clients
-
     fed = module.federation
     sampled = sample_clients(fed.num_clients, module.clients_per_round, module.seed, 0)
     if module.algorithm.trains_unsampled:
