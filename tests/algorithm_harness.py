@@ -63,30 +63,47 @@ def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def assert_together_equals_alone(alg, model, start, run, client_ids, make_optimizer) -> None:
-    """Every client of `client_ids` trained from `start` by `run(client_id)` (a ClientRun): the
-    uploads of clients trained together (src/federated/vectorised.py) equal those of the clients
-    trained one after the other (float64, 1e-12), and nothing blocks the batched path."""
+def assert_together_equals_alone(
+    alg, model, start, run, client_ids, make_optimizer, private=None
+) -> None:
+    """Every client of `client_ids` trained from `start` by `run(client_id)` (a ClientRun), with
+    its private state `private[client_id]` (none by default): the uploads and new private states
+    of clients trained together (src/federated/vectorised.py, with the stacked context and
+    `end_stacked`, as the client loop runs them) equal those of the clients trained one after
+    the other (float64, 1e-12), and nothing blocks the batched path."""
     from src.federated.vectorised import ClientStart, train_together
+
+    private = private or {}
+
+    def results(client_id):
+        return [alg.upload(model, client_id), alg.private_state(model, client_id)]
 
     alone = {}
     for client_id in client_ids:
-        alg.download(model, start, {}, client_id)
+        alg.download(model, start, private.get(client_id, {}), client_id)
         alg.local_update(model, run(client_id))
-        alone[client_id] = {n: t.clone() for n, t in alg.upload(model, client_id).items()}
+        alone[client_id] = [_clone(tensors) for tensors in results(client_id)]
     starts = []
     for client_id in client_ids:
-        alg.download(model, start, {}, client_id)
+        alg.download(model, start, private.get(client_id, {}), client_id)
         trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        starts.append(ClientStart(client_id, trained, alg.local_batches(run(client_id))))
-    results = train_together(model, starts, make_optimizer, lambda loss: loss.backward(), alg)
+        context = _clone(alg.stacked_context(model))
+        starts.append(ClientStart(client_id, trained, alg.local_batches(run(client_id)), context))
+    trained_together = train_together(
+        model, starts, make_optimizer, lambda loss: loss.backward(), alg
+    )
     params = dict(model.named_parameters())
-    for client_id, result in zip(client_ids, results, strict=True):
+    for client_id, result in zip(client_ids, trained_together, strict=True):
         with torch.no_grad():
             for n, tensor in result.trained.items():
                 params[n].copy_(tensor)
-        upload = alg.upload(model, client_id)
-        assert upload.keys() == alone[client_id].keys()
-        for n, tensor in alone[client_id].items():
-            torch.testing.assert_close(upload[n], tensor, rtol=0, atol=1e-12)
+        alg.end_stacked(model, result)
+        for together, expected in zip(results(client_id), alone[client_id], strict=True):
+            assert together.keys() == expected.keys()
+            for n, tensor in expected.items():
+                torch.testing.assert_close(together[n], tensor, rtol=0, atol=1e-12)
     assert alg.vectorised_blocker(model) == ""
+
+
+def _clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in tensors.items()}

@@ -2,6 +2,7 @@
 (float64, against the paper's Algorithm 1 written out with h and grad L_k), the refusal of
 every aggregator that is not the uniform mean, and learning."""
 
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -10,9 +11,15 @@ import torch
 from src.aggregators import MeanAggregator
 from src.algorithms.feddyn import DRIFT, FedDyn
 from src.federated.server import Server
-from src.federated.vectorised import ClientStart, train_together
 from src.run import train
-from tests.algorithm_harness import client_run, loss_grad, params_of, tiny_batches, tiny_model
+from tests.algorithm_harness import (
+    assert_together_equals_alone,
+    client_run,
+    loss_grad,
+    params_of,
+    tiny_batches,
+    tiny_model,
+)
 from tests.conftest import SEPARABLE, run_main
 
 NUM_CLIENTS, LR, ALPHA = 4, 0.2, 0.3
@@ -117,34 +124,10 @@ def test_clients_trained_together_match_one_by_one():
         server.add(_clone(alg.upload(model, cid)), 1.0, cid)
         store[cid] = _clone(alg.private_state(model, cid))
     server.finish()
-    alone = {}
-    for cid in (0, 1):
-        alg.download(model, server.payload(cid), store[cid], cid)
-        alg.local_update(model, client_run(tiny_batches(20 + cid), LR, cid))
-        alone[cid] = (_clone(alg.upload(model, cid)), _clone(alg.private_state(model, cid)))
-    starts = []
-    for cid in (0, 1):
-        alg.download(model, server.payload(cid), store[cid], cid)
-        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        context = _clone(alg.stacked_context(model))
-        batches = alg.local_batches(client_run(tiny_batches(20 + cid), LR, cid))
-        starts.append(ClientStart(cid, trained, batches, context))
-    results = train_together(
-        model, starts, lambda ps: torch.optim.SGD(ps, lr=LR), lambda loss: loss.backward(), alg
-    )
-    params = dict(model.named_parameters())
-    for cid, result in zip((0, 1), results, strict=True):
-        with torch.no_grad():
-            for name, tensor in result.trained.items():
-                params[name].copy_(tensor)
-        alg.end_stacked(model, result)
-        upload, drift = alone[cid]
-        for got, expected in (
-            (alg.upload(model, cid), upload),
-            (alg.private_state(model, cid), drift),
-        ):
-            assert got.keys() == expected.keys()
-            for n, tensor in expected.items():
-                torch.testing.assert_close(got[n], tensor, rtol=0, atol=1e-12)
+    make = partial(torch.optim.SGD, lr=LR)
+
+    def run(cid):
+        return client_run(tiny_batches(20 + cid), LR, cid)
+
+    assert_together_equals_alone(alg, model, server.payload(0), run, [0, 1], make, store)
     assert any(t.abs().sum() > 0 for t in store[1].values())  # lambda_k was not zero
-    assert alg.vectorised_blocker(model) == ""
