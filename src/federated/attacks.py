@@ -29,8 +29,9 @@ _STREAM = 0xA77AC  # keeps these draws apart from the other seeded streams
 
 class Attack(UploadTransform):
     """The malicious clients, shared by every attack: a fraction of the federation chosen once
-    from the seed. A subclass says what they do (`apply`, `batches`) and declares what it needs:
-    `breaks_the_mean` (its uploads turn any non-robust rule into noise), `needs_labels`."""
+    from the seed. A subclass says what they do (`forge`: what a malicious client sends,
+    `batches`) and declares what it needs: `breaks_the_mean` (its uploads turn any non-robust
+    rule into noise), `needs_labels`."""
 
     name = "none"
     breaks_the_mean = False
@@ -58,6 +59,17 @@ class Attack(UploadTransform):
         chosen = rng.choice(num_clients, size=self.count(num_clients), replace=False)
         self.malicious = {int(c) for c in chosen}
 
+    def apply(self, client_id, upload, origin, generator) -> TensorDict:
+        """An honest client's upload as it is; a malicious one's `forge`d."""
+        if client_id not in self.malicious:
+            return upload
+        return self.forge(upload, origin, generator)
+
+    def forge(self, upload: TensorDict, origin, generator) -> TensorDict:
+        """What a malicious client sends instead of `upload` (new tensors; the model untouched):
+        the upload itself where the attack acts elsewhere (label_flip's batches)."""
+        return upload
+
     def state_dict(self) -> dict:
         return {"malicious": sorted(self.malicious), "seed": self.seed}
 
@@ -79,10 +91,8 @@ class SignFlip(Attack):
     def needs_origin(self, client_id: int) -> bool:
         return client_id in self.malicious
 
-    def apply(self, client_id, upload, origin, generator) -> TensorDict:
+    def forge(self, upload, origin, generator) -> TensorDict:
         """origin + c (upload - origin), one c = -|N(0, 10^2)| per upload."""
-        if client_id not in self.malicious:
-            return upload
         factor = -_normal(generator, (), next(iter(upload.values()))).abs() * 10
         return {n: origin[n] + factor * (t - origin[n]) for n, t in upload.items()}
 
@@ -91,10 +101,8 @@ class GaussianNoise(Attack):
     name = "gaussian"
     breaks_the_mean = True
 
-    def apply(self, client_id, upload, origin, generator) -> TensorDict:
+    def forge(self, upload, origin, generator) -> TensorDict:
         """N(0, 100^2) noise in place of every tensor."""
-        if client_id not in self.malicious:
-            return upload
         return {n: _normal(generator, t.shape, t) * 100 for n, t in upload.items()}
 
 
@@ -102,10 +110,8 @@ class SameValue(Attack):
     name = "same_value"
     breaks_the_mean = True
 
-    def apply(self, client_id, upload, origin, generator) -> TensorDict:
+    def forge(self, upload, origin, generator) -> TensorDict:
         """Every coordinate set to one N(0, 100^2) number."""
-        if client_id not in self.malicious:
-            return upload
         value = _normal(generator, (), next(iter(upload.values()))) * 100
         return {n: torch.full_like(t, value.item()) for n, t in upload.items()}
 
