@@ -82,12 +82,12 @@ def assert_together_equals_alone(
     for client_id in client_ids:
         alg.download(model, start, private.get(client_id, {}), client_id)
         alg.local_update(model, run(client_id))
-        alone[client_id] = [_clone(tensors) for tensors in results(client_id)]
+        alone[client_id] = [clone_tensors(tensors) for tensors in results(client_id)]
     starts = []
     for client_id in client_ids:
         alg.download(model, start, private.get(client_id, {}), client_id)
         trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        context = _clone(alg.stacked_context(model))
+        context = clone_tensors(alg.stacked_context(model))
         starts.append(ClientStart(client_id, trained, alg.local_batches(run(client_id)), context))
     trained_together = train_together(
         model, starts, make_optimizer, lambda loss: loss.backward(), alg
@@ -105,5 +105,5 @@ def assert_together_equals_alone(
     assert alg.vectorised_blocker(model) == ""
 
 
-def _clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def clone_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in tensors.items()}

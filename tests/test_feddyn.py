@@ -15,6 +15,7 @@ from src.run import train
 from tests.algorithm_harness import (
     assert_together_equals_alone,
     client_run,
+    clone_tensors,
     loss_grad,
     params_of,
     tiny_batches,
@@ -108,10 +109,6 @@ def test_feddyn_learns_a_separable_task(make_digits_config):
     assert summary["final"]["val/global_acc"] >= 0.3
 
 
-def _clone(tensors):
-    return {n: t.detach().clone() for n, t in tensors.items()}
-
-
 def test_clients_trained_together_match_one_by_one():
     """fl.parallel_clients: from a lambda_k that a first round made non-zero, and with different
     a_k, the stacked rule gives each client's upload and lambda_k as one by one (1e-12)."""
@@ -121,8 +118,8 @@ def test_clients_trained_together_match_one_by_one():
     for cid in (0, 1):
         alg.download(model, server.payload(cid), store[cid], cid)
         alg.local_update(model, client_run(tiny_batches(10 + cid), LR, cid))
-        server.add(_clone(alg.upload(model, cid)), 1.0, cid)
-        store[cid] = _clone(alg.private_state(model, cid))
+        server.add(clone_tensors(alg.upload(model, cid)), 1.0, cid)
+        store[cid] = clone_tensors(alg.private_state(model, cid))
     server.finish()
     make = partial(torch.optim.SGD, lr=LR)
 

@@ -61,7 +61,7 @@ class FedDyn(FedLoRA):
         self.theta: TensorDict = {}  # the running client's received model
         self.drift: TensorDict = {}  # the running client's lambda_k, updated after training
         self.client_alpha = self.alpha
-        self.corrected: set[str] = set()  # the trained shared tensors: those with a lambda
+        self.corrected: list[str] = []  # the trained shared tensors: those with a lambda
 
     # ------------------------------------------------------------------ set-up
     def configure(self, federation, output_dir, seed: int) -> None:
@@ -72,7 +72,7 @@ class FedDyn(FedLoRA):
 
     def shared_spec(self, model: nn.Module, clients_per_round: int) -> SharedSpec:
         self.participation = clients_per_round / self.num_clients
-        self.corrected = set(self.trained_shared(model))  # buffers are only averaged
+        self.corrected = self.trained_shared(model)  # found once; buffers are only averaged
         spec = super().shared_spec(model, clients_per_round)
         why = "its correction Lambda is the mean of the clients' drifts, the model their mean"
         return dataclasses.replace(spec, mean_rule=why)
@@ -95,7 +95,7 @@ class FedDyn(FedLoRA):
         if client_id is None:  # the global model, for evaluation: nothing to train
             self.theta, self.drift = {}, {}
             return
-        names = self.trained_shared(model)
+        names = self.corrected
         self.theta = {n: payload[n].detach().clone() for n in names}
         device = next(model.parameters()).device  # the store keeps lambda_k on the host
         self.drift = {n: private[DRIFT + n].to(device).clone() for n in names}
