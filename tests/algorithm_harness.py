@@ -63,46 +63,53 @@ def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def run_client(alg, model, received, private, run):
+    """One client's round as the client loop runs it (download, local_update, finish); returns
+    (upload, private state kept), as copies."""
+    state = alg.download(model, received, private, run.client_id)
+    alg.local_update(model, state, run)
+    upload, kept = alg.finish(model, state)
+    return clone_tensors(upload), clone_tensors(kept)
+
+
 def assert_together_equals_alone(
     alg, model, start, run, client_ids, make_optimizer, private=None
 ) -> None:
     """Every client of `client_ids` trained from `start` by `run(client_id)` (a ClientRun), with
     its private state `private[client_id]` (none by default): the uploads and new private states
-    of clients trained together (src/federated/vectorised.py, with the stacked context and
-    `end_stacked`, as the client loop runs them) equal those of the clients trained one after
-    the other (float64, 1e-12), and nothing blocks the batched path."""
+    of clients trained together (src/federated/vectorised.py, with their stacked `work` and
+    `finish`, as the client loop runs them) equal those of the clients trained one after the
+    other (float64, 1e-12), and nothing blocks the batched path."""
+    from src.algorithms.base import batching_blocker
     from src.federated.vectorised import ClientStart, train_together
 
     private = private or {}
-
-    def results(client_id):
-        return [alg.upload(model, client_id), alg.private_state(model, client_id)]
-
-    alone = {}
+    alone = {
+        client_id: run_client(alg, model, start, private.get(client_id, {}), run(client_id))
+        for client_id in client_ids
+    }
+    starts, states = [], []
     for client_id in client_ids:
-        alg.download(model, start, private.get(client_id, {}), client_id)
-        alg.local_update(model, run(client_id))
-        alone[client_id] = [clone_tensors(tensors) for tensors in results(client_id)]
-    starts = []
-    for client_id in client_ids:
-        alg.download(model, start, private.get(client_id, {}), client_id)
+        state = alg.download(model, start, private.get(client_id, {}), client_id)
         trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        context = clone_tensors(alg.stacked_context(model))
-        starts.append(ClientStart(client_id, trained, alg.local_batches(run(client_id)), context))
+        work = clone_tensors(state.work)
+        batches = alg.client_run(run(client_id)).batches()
+        starts.append(ClientStart(client_id, trained, batches, work))
+        states.append(state)
     trained_together = train_together(
         model, starts, make_optimizer, lambda loss: loss.backward(), alg
     )
     params = dict(model.named_parameters())
-    for client_id, result in zip(client_ids, trained_together, strict=True):
+    for client_id, state, result in zip(client_ids, states, trained_together, strict=True):
         with torch.no_grad():
             for n, tensor in result.trained.items():
                 params[n].copy_(tensor)
-        alg.end_stacked(model, result)
-        for together, expected in zip(results(client_id), alone[client_id], strict=True):
+        state.work, state.steps, state.lr = result.work, result.steps, result.lr
+        for together, expected in zip(alg.finish(model, state), alone[client_id], strict=True):
             assert together.keys() == expected.keys()
             for n, tensor in expected.items():
                 torch.testing.assert_close(together[n], tensor, rtol=0, atol=1e-12)
-    assert alg.vectorised_blocker(model) == ""
+    assert batching_blocker(alg, model) == ""
 
 
 def clone_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from src.algorithms.fedprox import FedProx
 from src.algorithms.scaffold import CONTROL, Scaffold
 from src.errors import ConfigError
 from src.federated.server import Server
-from tests.algorithm_harness import client_run
+from tests.algorithm_harness import client_run, run_client
 
 STATS = ("norm.running_mean", "norm.running_var")
 
@@ -52,10 +52,10 @@ def _round(alg, model, server, store, clients):
     server.begin(0)
     uploads = {}
     for cid in clients:
-        alg.download(model, server.payload(cid), store.get(cid, {}), cid)
-        alg.local_update(model, client_run(_batches(cid), lr=0.05, client_id=cid))
-        uploads[cid] = {n: t.clone() for n, t in alg.upload(model, cid).items()}
-        store[cid] = {n: t.clone() for n, t in alg.private_state(model, cid).items()}
+        run = client_run(_batches(cid), lr=0.05, client_id=cid)
+        uploads[cid], store[cid] = run_client(
+            alg, model, server.payload(cid), store.get(cid, {}), run
+        )
         server.add(uploads[cid], 1.0, cid)
     server.finish()
     return uploads
@@ -86,8 +86,8 @@ def test_a_client_starts_from_the_servers_statistics_not_the_previous_clients():
     model, server = _setup(alg)
     initial = {n: server.state[n].clone() for n in STATS}
     server.begin(0)
-    alg.download(model, server.payload(0), {}, 0)
-    alg.local_update(model, client_run(_batches(0), lr=0.05, client_id=0))
+    state = alg.download(model, server.payload(0), {}, 0)
+    alg.local_update(model, state, client_run(_batches(0), lr=0.05, client_id=0))
     assert not torch.equal(model.norm.running_mean, initial["norm.running_mean"])
     alg.download(model, server.payload(1), {}, 1)  # the next client of the same round
     for name in STATS:

@@ -18,9 +18,9 @@ def test_global_and_personal_updates_follow_algorithm_1():
     model = alg.prepare_model(tiny_model())
     w_t = {n: t + 0.2 for n, t in params_of(model).items()}
     v = {n: t - 0.3 for n, t in params_of(model).items()}
-    alg.download(model, w_t, v, 0)
+    state = alg.download(model, w_t, v, 0)
     batches = tiny_batches(3)
-    alg.local_update(model, client_run(batches, LR))
+    alg.local_update(model, state, client_run(batches, LR))
     w, v_ref = dict(w_t), dict(v)
     for batch in batches:
         g = loss_grad(model, w, batch)
@@ -28,7 +28,7 @@ def test_global_and_personal_updates_follow_algorithm_1():
     for batch in batches:
         g = loss_grad(model, v_ref, batch)
         v_ref = {n: v_ref[n] - LR * (g[n] + LAM * (v_ref[n] - w_t[n])) for n in v_ref}
-    upload, private = alg.upload(model, 0), alg.private_state(model, 0)
+    upload, private = alg.finish(model, state)
     for n in w:
         torch.testing.assert_close(upload[n], w[n], rtol=0, atol=1e-12)
         torch.testing.assert_close(private[n], v_ref[n], rtol=0, atol=1e-12)

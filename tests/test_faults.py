@@ -95,10 +95,10 @@ def test_a_client_raising_a_real_error_stops_the_run_unless_on_error_drop(
     bad = sample_clients(cfg.fl.num_clients, cfg.fl.clients_per_round, cfg.seed, 0)[0]
     real_local_update = FedAvg.local_update
 
-    def broken_for_one_client(self, model, run):
+    def broken_for_one_client(self, model, state, run):
         if run.client_id == bad:
             raise ValueError("broken client")
-        return real_local_update(self, model, run)
+        return real_local_update(self, model, state, run)
 
     monkeypatch.setattr(FedAvg, "local_update", broken_for_one_client)
     with pytest.raises(ClientError, match=rf"round 1: client {bad} raised ValueError") as raised:

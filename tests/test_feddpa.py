@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.aggregators import MeanAggregator
+from src.algorithms.base import batching_blocker
 from src.algorithms.feddpa import FedDPA, instance_weights
 from src.errors import ConfigError, user_error
 from src.federated.objective import mean_loss
@@ -106,15 +107,16 @@ def _sgd(tensors, trained, batches, loss_of):
 def _trained_client(round_idx: int):
     alg, model = _prepared(local_weight=A_LOCAL)
     payload, private = _client_state(model, seed=1)
-    alg.download(model, payload, private, 0)
+    state = alg.download(model, payload, private, 0)
     batches = tiny_batches(3)
     run = dataclasses.replace(client_run(batches, LR), round_idx=round_idx)
-    alg.local_update(model, run)
-    return alg, model, payload, private, batches
+    alg.local_update(model, state, run)
+    upload, kept = alg.finish(model, state)
+    return payload, private, batches, model, upload, kept
 
 
 def test_local_then_global_phase_follow_the_reference_updates():
-    alg, model, payload, private, batches = _trained_client(round_idx=1)
+    payload, private, batches, model, upload, kept = _trained_client(round_idx=1)
     start = payload | private
     # 1. the local adapter, weight a, against the frozen global adapter, weight 1 - a, detached
     after_local = _sgd(
@@ -125,7 +127,6 @@ def test_local_then_global_phase_follow_the_reference_updates():
     )
     # 2. the global adapter and the head alone, from what the client received
     after_global = _sgd(after_local, payload, batches, lambda x, t: _forward(model, x, t, 1.0, 0.0))
-    upload, kept = alg.upload(model, 0), alg.private_state(model, 0)
     assert set(upload) == set(payload) and set(kept) == set(private)
     for name in payload:
         torch.testing.assert_close(upload[name], after_global[name], rtol=0, atol=1e-12)
@@ -134,12 +135,11 @@ def test_local_then_global_phase_follow_the_reference_updates():
 
 
 def test_round_zero_trains_only_the_global_adapter():
-    alg, model, payload, private, batches = _trained_client(round_idx=0)
+    payload, private, batches, model, upload, kept = _trained_client(round_idx=0)
     after = _sgd(payload | private, payload, batches, lambda x, t: _forward(model, x, t, 1.0, 0.0))
-    upload = alg.upload(model, 0)
     for name in payload:
         torch.testing.assert_close(upload[name], after[name], rtol=0, atol=1e-12)
-    for name, tensor in alg.private_state(model, 0).items():
+    for name, tensor in kept.items():
         assert torch.equal(tensor, private[name]), name
 
 
@@ -152,13 +152,13 @@ def test_server_averages_the_global_adapter_with_sample_weights_and_never_sees_t
     uploads, kept = {}, {}
     for cid, count in samples.items():
         _, private = _client_state(model, seed=10 + cid)
-        alg.download(model, server.payload(cid), private, cid)
+        state = alg.download(model, server.payload(cid), private, cid)
         run = dataclasses.replace(client_run(tiny_batches(20 + cid), LR, cid), round_idx=1)
-        alg.local_update(model, run)
-        upload = alg.upload(model, cid)
+        alg.local_update(model, state, run)
+        upload, private_kept = alg.finish(model, state)
         assert not any(".local." in name for name in upload), sorted(upload)
         uploads[cid] = {n: t.clone() for n, t in upload.items()}
-        kept[cid] = {n: t.clone() for n, t in alg.private_state(model, cid).items()}
+        kept[cid] = {n: t.clone() for n, t in private_kept.items()}
         assert kept[cid] and all(".local." in name for name in kept[cid])
         assert not torch.equal(
             kept[cid][_name("body", "B", "local")], private[_name("body", "B", "local")]
@@ -220,7 +220,7 @@ def test_deployed_client_weighs_the_global_adapter_by_w_and_the_local_by_one_min
 
 def test_clients_train_one_after_the_other():
     alg, model = _prepared()
-    assert "local adapter" in alg.vectorised_blocker(model)
+    assert "has its own local update" in batching_blocker(alg, model)
 
 
 @pytest.mark.parametrize("aggregator", ["stack", "svd", "exact"])

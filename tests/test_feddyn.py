@@ -15,9 +15,9 @@ from src.run import train
 from tests.algorithm_harness import (
     assert_together_equals_alone,
     client_run,
-    clone_tensors,
     loss_grad,
     params_of,
+    run_client,
     tiny_batches,
     tiny_model,
 )
@@ -48,10 +48,8 @@ def test_two_rounds_follow_algorithm_1():
         server.begin(0)
         trained = []
         for cid in sampled:
-            alg.download(model, server.payload(cid), store[cid], cid)
-            alg.local_update(model, client_run(tiny_batches(10 + cid), LR, cid))
-            upload = {n: t.clone() for n, t in alg.upload(model, cid).items()}
-            store[cid] = {n: t.clone() for n, t in alg.private_state(model, cid).items()}
+            run = client_run(tiny_batches(10 + cid), LR, cid)
+            upload, store[cid] = run_client(alg, model, server.payload(cid), store[cid], run)
             server.add(upload, 1.0, cid)
             # the paper: SGD on L_k(w) - <grad L_k(theta_k^{t-1}), w> + (a/2)||w - theta||^2
             w = {n: t.clone() for n, t in theta.items()}
@@ -116,10 +114,9 @@ def test_clients_trained_together_match_one_by_one():
     store = {c: alg.initial_private_state(model) for c in (0, 1)}
     server.begin(0)
     for cid in (0, 1):
-        alg.download(model, server.payload(cid), store[cid], cid)
-        alg.local_update(model, client_run(tiny_batches(10 + cid), LR, cid))
-        server.add(clone_tensors(alg.upload(model, cid)), 1.0, cid)
-        store[cid] = clone_tensors(alg.private_state(model, cid))
+        run = client_run(tiny_batches(10 + cid), LR, cid)
+        upload, store[cid] = run_client(alg, model, server.payload(cid), store[cid], run)
+        server.add(upload, 1.0, cid)
     server.finish()
     make = partial(torch.optim.SGD, lr=LR)
 

@@ -15,16 +15,16 @@ def test_local_steps_follow_the_proximal_gradient():
     alg = FedProx("fedprox", mu=mu)
     model = alg.prepare_model(tiny_model())
     w_t = {n: t + 0.5 for n, t in params_of(model).items()}  # the received global model
-    alg.download(model, w_t, {}, 0)
+    state = alg.download(model, w_t, {}, 0)
     batches = tiny_batches(1)
-    alg.local_update(model, client_run(batches, lr))
+    alg.local_update(model, state, client_run(batches, lr))
     w = {n: t.clone() for n, t in w_t.items()}
     for batch in batches:  # w <- w - lr (grad F(w) + mu (w - w_t))
         grad = loss_grad(model, w, batch)
         w = {n: w[n] - lr * (grad[n] + mu * (w[n] - w_t[n])) for n in w}
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), w[name], rtol=0, atol=1e-12)
-    assert alg.upload(model, 0).keys() == w.keys()
+    assert alg.finish(model, state)[0].keys() == w.keys()
 
 
 def test_mu_zero_is_plain_local_sgd():
@@ -33,8 +33,8 @@ def test_mu_zero_is_plain_local_sgd():
     for mu in (0.0, 1.0):
         alg = FedProx("fedprox", mu=mu)
         model = alg.prepare_model(tiny_model())
-        alg.download(model, {n: t + 0.5 for n, t in params_of(model).items()}, {}, 0)
-        alg.local_update(model, client_run(tiny_batches(1), lr))
+        state = alg.download(model, {n: t + 0.5 for n, t in params_of(model).items()}, {}, 0)
+        alg.local_update(model, state, client_run(tiny_batches(1), lr))
         results.append(params_of(model))
     model = tiny_model()
     with torch.no_grad():

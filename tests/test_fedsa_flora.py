@@ -20,11 +20,10 @@ from tests.conftest import ONE_BLOCK_VIT, RecordingMean, digits_config
 class RecordingFedSA(FedSAFLoRA):
     """fedsa-flora, keeping a copy of each client's private tensors right after its training."""
 
-    def upload(self, model, client_id):
-        self.trained_private[client_id] = {
-            n: t.clone() for n, t in self.private_state(model, client_id).items()
-        }
-        return super().upload(model, client_id)
+    def finish(self, model, state):
+        upload, private = super().finish(model, state)
+        self.trained_private[state.client_id] = {n: t.clone() for n, t in private.items()}
+        return upload, private
 
 
 def _fit(cfg, module):

@@ -142,7 +142,7 @@ def test_stack_merges_into_the_base_and_the_forward_is_base_plus_weighted_update
     assert (params[pair.base] - (W0 + delta)).abs().max() < 1e-10
     x = torch.randn(7, D_IN, dtype=torch.float64)
     # the global model: LoRA re-initialised, B = 0, so the layer is the merged base
-    alg.download(model, stack.global_payload(), {}, None)
+    alg.deploy(model, stack.global_payload(), {}, None)
     out = model.proj(x)
     bias = params["proj.base_layer.bias"]
     assert (out - (x @ W0.T + bias + x @ delta.T)).abs().max() < 1e-10
@@ -240,7 +240,7 @@ def test_svd_aggregator_sends_each_client_its_rank_of_the_global_update():
         assert svd.download_bytes(cid, payload) == 8 * (r * (D_IN + D_OUT) + head)
     x = torch.randn(5, D_IN, dtype=torch.float64)
     W0 = dict(model.named_parameters())[pair.base].detach().clone()
-    alg.download(model, svd.global_payload(), {}, None)  # the global model is base + dW, exactly
+    alg.deploy(model, svd.global_payload(), {}, None)  # the global model is base + dW, exactly
     out = model.proj(x)
     assert (out - (x @ (W0 + delta).T + model.proj.base_layer.bias)).abs().max() < 1e-10
     alg.download(model, svd.broadcast(0), {}, 0)  # a client receives the original base again
@@ -296,7 +296,7 @@ def test_client_download_sets_rank_and_scale_alpha_over_rk():
         A_k, B_k = payload[pair.a][:r], payload[pair.b][:, :r]
         expected = model.proj.base_layer(x) + (ALPHA / r) * x @ A_k.T @ B_k.T
         assert (model.proj(x) - expected).abs().max() < 1e-12
-        upload = alg.upload(model, cid)
+        upload = alg.shared_views(model, cid)
         assert upload[pair.a].shape == (r, D_IN) and upload[pair.b].shape == (D_OUT, r)
 
 
@@ -313,7 +313,7 @@ def test_exact_folds_the_residual_so_the_global_model_is_the_exact_average():
     _round(exact, uploads, weights, range(4))
     W = dict(model.named_parameters())[pair.base]
     assert torch.equal(W, W0)  # the aggregator never writes into the model
-    alg.download(model, exact.global_payload(), {}, None)  # the base weight with R folded in
+    alg.deploy(model, exact.global_payload(), {}, None)  # the base weight with R folded in
     s = ALPHA / 8
     merged = W + s * exact.state[pair.b] @ exact.state[pair.a]
     assert (merged - (W0 + _explicit_delta(As, Bs, weights, ranks))).abs().max() < 1e-10

@@ -4,7 +4,6 @@ summation order."""
 
 import csv
 import logging
-from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -87,41 +86,39 @@ def _copies(tensors):
 def test_training_together_equals_training_one_after_the_other(name, make_optimizer):
     """A client that has finished keeps the tensors it finished with (momentum, Adam and weight
     decay would move its rows further), a short batch is masked, and the algorithm's hooks
-    (FedProx's proximal gradient, SCAFFOLD's correction and c_i+, perfed's pull and x_k step) have
-    stacked forms: uploads, private states and losses as one client after the other, float64,
-    1e-12."""
+    (FedProx's proximal gradient, SCAFFOLD's correction and c_i+, perfed's pull and x_k step) are
+    step rules that serve stacked tensors, with each client's `work` stacked, as they are: uploads,
+    private states and losses as one client after the other, float64, 1e-12."""
     alg = ALGORITHMS[name]()
     model = alg.prepare_model(tiny_model())
     received = {client_id: _received(alg, model, client_id) for client_id in SIZES}
     alone = {}
     for client_id in SIZES:
-        alg.download(model, *received[client_id], client_id)
-        loss_sum, seen = alg.local_update(model, _run(client_id, make_optimizer))
-        upload = _copies(alg.upload(model, client_id))
-        alone[client_id] = (upload, _copies(alg.private_state(model, client_id)), loss_sum, seen)
+        state = alg.download(model, *received[client_id], client_id)
+        loss_sum, seen = alg.local_update(model, state, _run(client_id, make_optimizer))
+        upload, private = alg.finish(model, state)
+        alone[client_id] = (_copies(upload), _copies(private), loss_sum, seen)
 
-    starts = []
+    starts, states = [], []
     for client_id in SIZES:
-        alg.download(model, *received[client_id], client_id)
+        state = alg.download(model, *received[client_id], client_id)
         trained = _copies({n: p for n, p in model.named_parameters() if p.requires_grad})
-        context = _copies(alg.stacked_context(model))
-        batches = alg.local_batches(_run(client_id, make_optimizer))
-        starts.append(ClientStart(client_id, trained, batches, context))
-    make = partial(alg.local_optimizer, _run(0, make_optimizer))
+        work = _copies(state.work)
+        batches = alg.client_run(_run(client_id, make_optimizer)).batches()
+        starts.append(ClientStart(client_id, trained, batches, work))
+        states.append(state)
+    make = alg.client_run(_run(0, make_optimizer)).make_optimizer
     results = train_together(model, starts, make, lambda loss: loss.backward(), alg)
     params = dict(model.named_parameters())
-    for client_id, result in zip(SIZES, results, strict=True):
+    for client_id, state, result in zip(SIZES, states, results, strict=True):
         with torch.no_grad():
             for n, tensor in result.trained.items():
                 params[n].copy_(tensor)
-        alg.end_stacked(model, result)
+        state.work, state.steps, state.lr = result.work, result.steps, result.lr
         upload, private, loss_sum, seen = alone[client_id]
         assert result.seen == seen
         assert result.loss_sum == pytest.approx(loss_sum, rel=1e-6)  # the loss is float32
-        for mine, theirs in (
-            (alg.upload(model, client_id), upload),
-            (alg.private_state(model, client_id), private),
-        ):
+        for mine, theirs in zip(alg.finish(model, state), (upload, private), strict=True):
             assert mine.keys() == theirs.keys()
             for n, tensor in theirs.items():
                 torch.testing.assert_close(mine[n], tensor, rtol=0, atol=1e-12)

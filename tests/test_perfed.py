@@ -119,8 +119,8 @@ def test_one_local_step_and_the_x_step_match_the_formulas(coupling):
     x = torch.tensor([0.3, -0.2], dtype=torch.float64)
     images = torch.randn(4, 3, dtype=torch.float64)
     labels = torch.tensor([0, 1, 1, 0])
-    alg.download(model, {"x": x}, {}, 0)
-    assert alg.x_k.dtype == torch.float64  # x_k in the personal model's precision
+    state = alg.download(model, {"x": x}, {}, 0)
+    assert state.work["x_k"].dtype == torch.float64  # x_k in the personal model's precision
 
     # by hand: grad f(w0), then w1 = w0 - lr (grad f + lam P^T grad R(P w0 - x))
     loss = nn.functional.cross_entropy(model(images), labels)
@@ -130,9 +130,9 @@ def test_one_local_step_and_the_x_step_match_the_formulas(coupling):
     w1 = w0 - 0.1 * (grad_f + 2.0 * P.T @ grad_R(P @ w0 - x))
     x1 = x - 0.05 * 2.0 * grad_R(x - P @ w1)
 
-    alg.local_update(model, _client_run([(images, labels)]))  # R = tau = 1: one step
+    alg.local_update(model, state, _client_run([(images, labels)]))  # R = tau = 1: one step
     torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in params]), w1)
-    torch.testing.assert_close(alg.upload(model, 0)["x"], x1)
+    torch.testing.assert_close(alg.finish(model, state)[0]["x"], x1)
 
 
 @pytest.mark.parametrize("grad_clip", [60.0, None])
@@ -150,7 +150,7 @@ def test_grad_f_is_clipped_before_the_regulariser_and_weight_decay_acts(grad_cli
     x = torch.tensor([0.3, -0.2], dtype=torch.float64)
     images = 1000.0 * torch.randn(4, 3, dtype=torch.float64)  # a gradient far above 60
     labels = torch.tensor([0, 1, 1, 0])
-    alg.download(model, {"x": x}, {}, 0)
+    state = alg.download(model, {"x": x}, {}, 0)
 
     loss = nn.functional.cross_entropy(model(images), labels)
     grad_f = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
@@ -160,7 +160,7 @@ def test_grad_f_is_clipped_before_the_regulariser_and_weight_decay_acts(grad_cli
     P = RandomProjection(2, w0.numel(), 5).dense()
     w1 = w0 - 0.1 * (grad_f + 0.01 * w0 + 2.0 * P.T @ torch.sign(P @ w0 - x))
 
-    alg.local_update(model, _client_run([(images, labels)]))
+    alg.local_update(model, state, _client_run([(images, labels)]))
     torch.testing.assert_close(
         torch.cat([p.detach().reshape(-1) for p in params]), w1, rtol=0, atol=1e-12
     )
@@ -179,9 +179,9 @@ def test_a_trained_tensor_without_a_gradient_takes_no_step():
     alg = PerFed("perfed", d=2, local_rounds=1, steps=2)
     model = alg.prepare_model(PartlyUsed().double())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    alg.download(model, {"x": torch.zeros(2, dtype=torch.float64)}, {}, 0)
+    state = alg.download(model, {"x": torch.zeros(2, dtype=torch.float64)}, {}, 0)
     batch = (torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
-    alg.local_update(model, _client_run([batch]))
+    alg.local_update(model, state, _client_run([batch]))
     after = dict(model.named_parameters())
     assert torch.equal(after["unused.weight"], before["unused.weight"])
     assert not torch.equal(after["used.weight"], before["used.weight"])
@@ -228,9 +228,9 @@ def test_with_lora_the_personal_model_is_the_adapters_and_head_only():
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or n.startswith("head.") for n in trained)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trained}
-    alg.download(model, {"x": torch.zeros(4)}, {}, 0)
+    state = alg.download(model, {"x": torch.zeros(4)}, {}, 0)
     batch = (torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,)))
-    alg.local_update(model, _client_run([batch, batch]))
+    alg.local_update(model, state, _client_run([batch, batch]))
     assert alg.projection.D == sum(p.numel() for n, p in model.named_parameters() if n in trained)
     for name, p in model.named_parameters():
         if name in frozen:

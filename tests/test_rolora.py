@@ -56,14 +56,15 @@ def test_each_round_trains_one_factor_alternating_and_the_server_product_is_exac
         server.begin(round_idx)
         factors, weights, moved = [], [], set()
         for client_id, count in BATCHES.items():
-            alg.download(model, server.payload(client_id), {}, client_id)
+            state = alg.download(model, server.payload(client_id), {}, client_id)
             start = _copies(dict(model.named_parameters()))
-            alg.local_update(model, client_run(tiny_batches(client_id + 10 * round_idx, count), LR))
+            run = client_run(tiny_batches(client_id + 10 * round_idx, count), LR)
+            alg.local_update(model, state, run)
             params = _copies(dict(model.named_parameters()))
             changed = {n for n in (A, B) if not torch.equal(params[n], start[n])}
             assert len(changed) == 1, changed  # exactly one factor trained on this client
             moved |= changed
-            upload = _copies(alg.upload(model, client_id))
+            upload = _copies(alg.finish(model, state)[0])
             assert set(upload) == HEAD | changed  # and only it (with the head) is sent
             factors.append((params[A], params[B]))
             weights.append(WEIGHTS[client_id])
@@ -94,7 +95,7 @@ def test_the_factor_comes_from_the_round_index_so_a_resumed_run_continues_on_it(
         alg.download(model, server.payload(0), {}, 0)
         params = dict(model.named_parameters())
         assert params[trained].requires_grad and not params[frozen].requires_grad
-        assert frozen not in alg.upload(model, 0)
+        assert frozen not in alg.shared_views(model, 0)
 
 
 @pytest.mark.parametrize("round_idx", [0, 1])

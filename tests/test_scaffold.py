@@ -10,7 +10,14 @@ from src.aggregators import MeanAggregator
 from src.algorithms.scaffold import CONTROL, Scaffold
 from src.federated.server import Server
 from src.run import train
-from tests.algorithm_harness import client_run, loss_grad, params_of, tiny_batches, tiny_model
+from tests.algorithm_harness import (
+    client_run,
+    loss_grad,
+    params_of,
+    run_client,
+    tiny_batches,
+    tiny_model,
+)
 from tests.conftest import ONE_BLOCK_VIT, SEPARABLE
 
 NUM_CLIENTS, LR = 4, 0.2
@@ -27,10 +34,8 @@ def _scaffold():
 
 def _client_round(alg, model, server, store, cid):
     payload = server.payload(cid)
-    alg.download(model, payload, store[cid], cid)
-    alg.local_update(model, client_run(tiny_batches(10 + cid), LR, cid))
-    upload = {n: t.clone() for n, t in alg.upload(model, cid).items()}
-    store[cid] = {n: t.clone() for n, t in alg.private_state(model, cid).items()}
+    run = client_run(tiny_batches(10 + cid), LR, cid)
+    upload, store[cid] = run_client(alg, model, payload, store[cid], run)
     return upload
 
 

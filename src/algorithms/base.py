@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,12 +38,46 @@ class ClientRun:
     make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
     backward: Callable[[torch.Tensor], None]
     passes: Callable[[], Iterator[Batch]]  # one shuffled pass over the client's train split
+    steps: int | None = None  # exactly this many batches (cycling) instead of `epochs` passes
 
-    def batches(self, steps: int | None = None) -> Iterator[Batch]:
+    def batches(self) -> Iterator[Batch]:
         """`fl.local_epochs` passes over the data, or exactly `steps` batches (cycling)."""
-        if steps is None:
+        if self.steps is None:
             return (batch for _ in range(self.epochs) for batch in self.passes())
-        return itertools.islice((b for _ in itertools.count() for b in self.passes()), steps)
+        return itertools.islice((b for _ in itertools.count() for b in self.passes()), self.steps)
+
+
+@dataclass
+class ClientState:
+    """One client's round, from `download` to `finish`. It is passed to every client hook and
+    never kept on the algorithm, so clients trained together each have their own."""
+
+    client_id: int | None
+    received: TensorDict  # what the server sent
+    private: TensorDict  # the client's private state, as stored
+    # per-client tensors the step rules read and may change in place (a control variate, the
+    # model received); stacked along a leading client dimension when clients train together
+    work: TensorDict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # anything else carried to `finish` (not stacked)
+    steps: int = 0  # optimizer steps taken (set by the local loop)
+    lr: float = 0.0  # the optimizer's learning rate
+
+
+def per_client(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-client number (0-d for one client, [K] for K clients trained together) shaped to
+    broadcast against `like` (a tensor with the same leading client dimension, if any)."""
+    return value.reshape(value.shape + (1,) * (like.dim() - value.dim())).to(like.dtype)
+
+
+def batching_blocker(algorithm: Algorithm, model: nn.Module) -> str:
+    """Why clients of `algorithm` cannot train together (fl.parallel_clients), or '' when they
+    can: the base local loop (its optimizer and batches may be the algorithm's own) and a model
+    without BatchNorm statistics."""
+    if type(algorithm).local_update is not Algorithm.local_update:
+        return f"alg={algorithm.name} has its own local update"
+    if algorithm.buffer_names(model):
+        return "the model has BatchNorm statistics (buffers), which one batched forward mixes"
+    return ""
 
 
 class Algorithm:
@@ -165,46 +199,42 @@ class Algorithm:
 
     def initial_private_state(self, model: nn.Module) -> TensorDict:
         """What every client holds before it first trains (stored once for all)."""
-        return self.private_state(model, None)
-
-    def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
-        """Views of the client's private tensors, for the client state store."""
-        tensors = self.tensors(model)
-        return {name: tensors[name].detach() for name in self.private_names(model)}
+        return self.private_views(model, None)
 
     # ------------------------------------------------------------------ client half
     @torch.no_grad()
+    def load(self, model: nn.Module, tensors: TensorDict, client_id: int | None) -> None:
+        """Copy `tensors` into the resident model's tensors of the same names, in place."""
+        own = self.tensors(model)
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
+
     def download(
-        self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
-    ) -> None:
-        """Copy what the server sent and the client's private state into the resident model, in
-        place (`client_id` None: the global model, no private state)."""
-        tensors = self.tensors(model)
-        for name, tensor in (payload | private).items():
-            tensors[name].copy_(tensor)
+        self, model: nn.Module, received: TensorDict, private: TensorDict, client_id: int
+    ) -> ClientState:
+        """Load what the server sent and the client's private state into the resident model;
+        returns the client's state for its round (the tensors its step rules need in `work`)."""
+        self.load(model, received | private, client_id)
+        return ClientState(client_id, received, private)
 
-    def deploy(
-        self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
-    ) -> None:
-        """Load the model client `client_id` deploys (for evaluation): by default what it trains."""
-        self.download(model, payload, private, client_id)
+    def client_run(self, run: ClientRun) -> ClientRun:
+        """The client's optimizer and batches: the configured optimizer (optim.*) and
+        fl.local_epochs passes over its data by default."""
+        return run
 
-    def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
-        """Train on the client's batches (`local_batches`) with its optimizer (`local_optimizer`),
-        then `end_local_update`; returns (sum of per-target losses, targets seen): samples for
-        images, response tokens for text."""
-        optimizer = self.local_optimizer(run, [p for p in model.parameters() if p.requires_grad])
-        loss_sum, seen, steps = self.train(model, optimizer, self.local_batches(run), run.backward)
-        self.end_local_update(model, steps, optimizer.param_groups[0]["lr"])
+    def local_update(
+        self, model: nn.Module, state: ClientState, run: ClientRun
+    ) -> tuple[float, int]:
+        """Train on the client's batches with its optimizer; returns (sum of per-target losses,
+        targets seen): samples for images, response tokens for text. An algorithm with its own
+        local loop overrides this (its clients then train one after the other)."""
+        run = self.client_run(run)
+        optimizer = run.make_optimizer([p for p in model.parameters() if p.requires_grad])
+        loss_sum, seen, state.steps = self.train(
+            model, optimizer, run.batches(), run.backward, state.work
+        )
+        state.lr = optimizer.param_groups[0]["lr"]
         return loss_sum, seen
-
-    def local_optimizer(self, run: ClientRun, params: list) -> torch.optim.Optimizer:
-        """The client's optimizer: the configured one (optim.*) by default."""
-        return run.make_optimizer(params)
-
-    def local_batches(self, run: ClientRun) -> Iterator[Batch]:
-        """The client's batches: fl.local_epochs passes over its data by default."""
-        return run.batches()
 
     def train(
         self,
@@ -212,91 +242,65 @@ class Algorithm:
         optimizer: torch.optim.Optimizer,
         batches,
         backward: Callable[[torch.Tensor], None],
+        work: TensorDict,
     ) -> tuple[float, int, int]:
-        """The local loop: forward, backward, `adjust_gradients`, step, `after_step`. Returns
-        (sum of per-target losses, targets seen, optimizer steps)."""
+        """The local loop: forward, backward, `adjust_gradients`, step, `after_step` (both with
+        `work`). Returns (sum of per-target losses, targets seen, optimizer steps)."""
         model.train()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         loss_sum, seen, step = 0.0, 0, 0  # device tensors: read once per client, not per step
         for step, (inputs, targets) in enumerate(batches, start=1):
             loss, count = mean_loss(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             backward(loss)
-            self.adjust_gradients(model)
+            with torch.no_grad():
+                self.adjust_gradients(params, work)
             optimizer.step()
-            self.after_step(model, step)
+            with torch.no_grad():
+                self.after_step(params, work, step)
             loss_sum = loss_sum + loss.detach() * count
             seen = seen + count
         return float(loss_sum), int(seen), step
 
-    def adjust_gradients(self, model: nn.Module) -> None:
-        """Hook between backward and the optimizer step (e.g. a regulariser's gradient)."""
+    # The two step rules are written once for one client and for clients trained together
+    # (fl.parallel_clients, src/federated/vectorised.py): `params` (each with its `.grad`, None
+    # where no gradient reached it) and `work` then carry a leading client dimension. A rule
+    # made of element-wise operations serves both as it is; `per_client` shapes a per-client
+    # number to broadcast in either case.
+    def adjust_gradients(self, params: TensorDict, work: TensorDict) -> None:
+        """Between backward and the optimizer step: edit `params[n].grad` in place (e.g. a
+        regulariser's gradient)."""
 
-    def after_step(self, model: nn.Module, step: int) -> None:
-        """Hook after optimizer step number `step` (1-based) of the client's round."""
+    def after_step(self, params: TensorDict, work: TensorDict, step: int) -> None:
+        """After optimizer step number `step` (1-based); may change `work` in place."""
 
-    def end_local_update(self, model: nn.Module, steps: int, lr: float) -> None:
-        """Hook after the client's last step (`steps` taken, at learning rate `lr`), before its
-        upload is read."""
+    def finish(self, model: nn.Module, state: ClientState) -> tuple[TensorDict, TensorDict]:
+        """After the client's last step, its trained tensors in the resident model: (what it
+        uploads, the private state it keeps). Views of the model by default: the server and the
+        client state store read (or copy) them before the next client overwrites the model."""
+        return self.shared_views(model, state.client_id), self.private_views(model, state.client_id)
 
-    # ------------------------------------------------------------------ clients trained together
-    # The stacked forms of the client hooks, for clients trained together in one batched
-    # computation (fl.parallel_clients, src/federated/vectorised.py). Every tensor has a leading
-    # client dimension: `params` the trained tensors, `start` what each client started the round
-    # from, `context` the per-client tensors `stacked_context` read right after each download.
-    def vectorised_blocker(self, model: nn.Module) -> str:
-        """Why clients of this algorithm cannot train together, or '' when they can: the plain
-        local loop (its optimizer and batches may be the algorithm's own), with hooks that have
-        stacked forms."""
-        own, base = type(self), Algorithm
-        if own.local_update is not base.local_update or own.train is not base.train:
-            return f"alg={self.name} has its own local update"
-        for hook, stacked in (
-            ("after_step", "after_stacked_step"),
-            ("adjust_gradients", "adjust_stacked_gradients"),
-            ("end_local_update", "end_stacked"),
-        ):
-            if getattr(own, hook) is not getattr(base, hook) and (
-                getattr(own, stacked) is getattr(base, stacked)
-            ):
-                return f"alg={self.name}'s {hook} has no stacked form"
-        if self.buffer_names(model):
-            return "the model has BatchNorm statistics (buffers), which one batched forward mixes"
-        return ""
+    def upload_origin(self, model: nn.Module, state: ClientState) -> TensorDict:
+        """What the client would upload had it not trained (called right after `download`):
+        the point its update starts from, which e.g. a sign-flipping attacker reverses."""
+        return {n: t.clone() for n, t in self.shared_views(model, state.client_id).items()}
 
-    def group_key(self, client_id: int) -> object:
-        """Clients with equal keys can train together (e.g. they use the same LoRA scale)."""
-        return None
-
-    def stacked_context(self, model: nn.Module) -> TensorDict:
-        """Per-client tensors the stacked hooks need, read right after `download` (e.g. a
-        client's control variate); stacked along the client dimension."""
-        return {}
-
-    def adjust_stacked_gradients(
-        self, params: TensorDict, grads: TensorDict, start: TensorDict, context: TensorDict
+    def deploy(
+        self, model: nn.Module, received: TensorDict, private: TensorDict, client_id: int | None
     ) -> None:
-        """`adjust_gradients` for clients trained together: edit `grads` in place."""
+        """Load the model client `client_id` deploys, for evaluation (None: the global model,
+        no private state): by default the one it trains."""
+        self.load(model, received | private, client_id)
 
-    def after_stacked_step(self, params: TensorDict, context: TensorDict, step: int) -> None:
-        """`after_step` for clients trained together (every client still training has taken
-        `step` steps; `context` may be changed in place)."""
-
-    def end_stacked(self, model: nn.Module, result) -> None:
-        """`end_local_update` for one client of a group, its trained tensors loaded in `model`;
-        `result` (a `ClientResult`) holds its start, context, steps and lr. An algorithm that
-        keeps the running client's state in attributes restores them here first."""
-        self.end_local_update(model, result.steps, result.lr)
-
-    def upload(self, model: nn.Module, client_id: int) -> TensorDict:
-        """What the client sends back: views of its shared parameters (read before the next
-        client overwrites the resident model)."""
+    def shared_views(self, model: nn.Module, client_id: int | None) -> TensorDict:
+        """Views of the client's shared tensors in the resident model."""
         tensors = self.tensors(model)
         return {name: tensors[name].detach() for name in self.shared_names(model)}
 
-    def upload_origin(self, model: nn.Module, client_id: int) -> TensorDict:
-        """What the client would upload had it not trained (called right after `download`):
-        the point its update starts from, which e.g. a sign-flipping attacker reverses."""
-        return {name: t.clone() for name, t in self.upload(model, client_id).items()}
+    def private_views(self, model: nn.Module, client_id: int | None) -> TensorDict:
+        """Views of the client's private tensors in the resident model."""
+        tensors = self.tensors(model)
+        return {name: tensors[name].detach() for name in self.private_names(model)}
 
     # ------------------------------------------------------------------ server half
     def server_payload(self, aggregator, client_id: int | None) -> TensorDict:

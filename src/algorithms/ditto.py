@@ -23,16 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
-from src.algorithms.base import ClientRun, TensorDict
-from src.algorithms.fedlora import FedLoRA
-from src.algorithms.proximal import add_proximal_gradient, snapshot
+from src.algorithms.adapters import ModelOrAdapters
+from src.algorithms.base import Algorithm, ClientRun, ClientState, TensorDict
+from src.algorithms.proximal import add_proximal, snapshot
 from src.errors import ConfigError
 
 
-class Ditto(FedLoRA):
+class Ditto(ModelOrAdapters):
     privacy = False
 
     def __init__(
@@ -47,55 +46,44 @@ class Ditto(FedLoRA):
             raise ConfigError(f"alg.lam must be >= 0, got {lam}")
         super().__init__(name, lora if use_lora else None, trainable)  # one rank: lora.r
         self.lam = float(lam)
-        self.anchor: TensorDict = {}  # w_t, as loaded
-        self.personal: TensorDict = {}  # v_k, as stored
-        self.trained_global: TensorDict = {}  # w_k: the upload
-        self._pull = False  # the prox term is on while the personal model trains
 
     @property
     def personalized(self) -> bool:
         return True
 
-    def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
-        """v_k: every shared tensor (after local_update the resident model holds v_k)."""
-        tensors = self.tensors(model)
-        return {name: tensors[name].detach() for name in self.shared_names(model)}
+    def initial_private_state(self, model: nn.Module) -> TensorDict:
+        """v_k starts as the initial model's shared tensors."""
+        return self.shared_views(model, None)
 
     # ------------------------------------------------------------------ client
-    @torch.no_grad()
-    def download(self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id):
-        """w_t into the resident model (to train the global part first); v_k kept aside."""
-        super().download(model, payload, {}, client_id)
-        self.anchor = snapshot(model, self.shared_names(model))  # w_t as loaded (fresh LoRA init)
-        self.personal = private
+    def download(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):
+        """w_t into the resident model (to train the global part first); v_k waits in the
+        state. notes["anchor"]: w_t as loaded (a fresh LoRA init included)."""
+        self.load(model, received, client_id)
+        state = ClientState(client_id, received, private)
+        state.notes["anchor"] = snapshot(model, self.shared_names(model))
+        return state
 
-    def deploy(self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id):
-        super().download(model, payload, private, client_id)  # v_k overrides w_t
+    def deploy(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):
+        self.load(model, received | private, client_id)  # v_k overrides w_t
 
-    def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
+    def local_update(self, model: nn.Module, state: ClientState, run: ClientRun):
+        """w_k as FedAvg trains it (the upload), then v_k pulled towards w_t (work: w_t)."""
         trained = [p for p in model.parameters() if p.requires_grad]
         loss_sum, seen, _ = self.train(
-            model, run.make_optimizer(trained), run.batches(), run.backward
+            model, run.make_optimizer(trained), run.batches(), run.backward, {}
         )
-        self.trained_global = snapshot(model, self.shared_names(model))
-        tensors = self.tensors(model)
-        with torch.no_grad():
-            for name, tensor in self.personal.items():
-                tensors[name].copy_(tensor)
-        self._pull = True
-        try:  # the personal model's loss is not the federation's: not counted in train/loss
-            self.train(model, run.make_optimizer(trained), run.batches(), run.backward)
-        finally:
-            self._pull = False
+        state.notes["trained_global"] = snapshot(model, self.shared_names(model))
+        Algorithm.load(self, model, state.private, state.client_id)  # v_k, as stored
+        # the personal model's loss is not the federation's: not counted in train/loss
+        anchor = state.notes["anchor"]
+        self.train(model, run.make_optimizer(trained), run.batches(), run.backward, anchor)
         return loss_sum, seen
 
-    def adjust_gradients(self, model: nn.Module) -> None:
-        """While v trains: grad += lam (v - w_t)."""
-        if self._pull:
-            add_proximal_gradient(model, self.anchor, self.lam)
+    def adjust_gradients(self, params: TensorDict, work: TensorDict) -> None:
+        """While v trains (work: w_t): grad += lam (v - w_t); nothing while w trains."""
+        add_proximal(params, work, self.lam)
 
-    def upload(self, model: nn.Module, client_id: int) -> TensorDict:
-        return self.trained_global  # w_k (the resident model now holds v_k)
-
-    def upload_origin(self, model: nn.Module, client_id: int) -> TensorDict:
-        return {name: t.clone() for name, t in self.anchor.items()}
+    def finish(self, model: nn.Module, state: ClientState) -> tuple[TensorDict, TensorDict]:
+        """Uploads w_k; keeps v_k, every shared tensor (the resident model now holds v_k)."""
+        return state.notes["trained_global"], self.shared_views(model, state.client_id)

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from src.algorithms.fedlora import FedLoRA
+from src.algorithms.adapters import ModelOrAdapters
 from src.models.qwen import CausalLM
 
 TensorDict = dict[str, torch.Tensor]
@@ -27,7 +27,7 @@ def peft_key(name: str, wrapper: str = "") -> str:
 
 
 def write_adapter(
-    folder: Path, algorithm: FedLoRA, tensors: TensorDict, rank: int, wrapper: str = ""
+    folder: Path, algorithm: ModelOrAdapters, tensors: TensorDict, rank: int, wrapper: str = ""
 ) -> None:
     """One adapter of rank `rank`: the LoRA factors and any other module in `tensors` (e.g. the
     head, saved as a peft `modules_to_save` module). `wrapper`: a name prefix to drop."""
@@ -50,7 +50,7 @@ def write_adapter(
 def export_adapters(module, folder: Path) -> None:
     """Each client's deployed adapter (`client_XXXX/`, at its rank r_k) and the global shared
     part (`global/`, at r_max, with the B's that the server does not hold left at zero)."""
-    algorithm: FedLoRA = module.algorithm
+    algorithm: ModelOrAdapters = module.algorithm
     wrapper = "lm." if isinstance(module.model, CausalLM) else ""
     for client_id in range(module.federation.num_clients):
         rank = algorithm.client_rank(client_id)

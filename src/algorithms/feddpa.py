@@ -72,8 +72,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import cast_adapter_dtype, set_adapter
 from torch import nn
 
-from src.algorithms.base import ClientRun, TensorDict
-from src.algorithms.fedlora import FedLoRA
+from src.algorithms.adapters import ModelOrAdapters
+from src.algorithms.base import ClientRun, ClientState, TensorDict
 from src.errors import ConfigError
 from src.federated.contract import LoraLayer as SharedLayer
 from src.federated.contract import SharedSpec
@@ -91,7 +91,7 @@ def instance_weights(
     return max_weight * similarity.mean(dim=1)
 
 
-class FedDPA(FedLoRA):
+class FedDPA(ModelOrAdapters):
     privacy = False
 
     def __init__(
@@ -175,7 +175,7 @@ class FedDPA(FedLoRA):
         self.federation, self.seed = federation, seed
 
     def shared_spec(self, model: nn.Module, clients_per_round: int) -> SharedSpec:
-        """FedLoRA's spec, with the local adapter's layers listed too: their factors never leave
+        """The adapters' spec, with the local adapter's layers listed too: their factors never leave
         the clients, so the rules that need whole products B A refuse FedDPA up front."""
         spec = super().shared_spec(model, clients_per_round)
         local = tuple(
@@ -193,9 +193,6 @@ class FedDPA(FedLoRA):
             options=f"alg={self.name} (its local adapter stays on each client)",
         )
         return self.spec
-
-    def vectorised_blocker(self, model: nn.Module) -> str:
-        return f"alg={self.name} trains its local adapter, then its global adapter"
 
     @staticmethod
     def _adapted(model: nn.Module) -> list[LoraLayer]:
@@ -237,20 +234,17 @@ class FedDPA(FedLoRA):
         return [p for n, p in model.named_parameters() if n in wanted]
 
     # ------------------------------------------------------------------ client
-    @torch.no_grad()
-    def download(
-        self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
-    ) -> None:
+    def load(self, model: nn.Module, tensors: TensorDict, client_id: int | None) -> None:
         """(G, head) from the server and the client's L into the model; G alone is active."""
         self._deployed = None
-        super().download(model, payload, private, client_id)
+        super().load(model, tensors, client_id)
         self._use(model, [GLOBAL])
 
     def deploy(
         self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
     ) -> None:
         """The client's G and L, combined per input (see `_weigh_inputs`)."""
-        self.download(model, payload, private, client_id)
+        self.load(model, payload | private, client_id)
         if client_id is None:
             return
         if self.federation is None:
@@ -260,7 +254,7 @@ class FedDPA(FedLoRA):
         self._anchor_generator = torch.Generator().manual_seed(int(seed[0]))
         self._use(model, [GLOBAL, LOCAL])
 
-    def local_update(self, model: nn.Module, run: ClientRun) -> tuple[float, int]:
+    def local_update(self, model: nn.Module, state: ClientState, run: ClientRun):
         """1. the local adapter (from round 1 on) against the frozen global one, 2. the global
         adapter and the head alone: the upload; returns phase 2's loss (the federation's)."""
         if run.round_idx > 0:  # as the reference: round 0 trains the global adapter only
@@ -273,14 +267,14 @@ class FedDPA(FedLoRA):
                 stopped=[GLOBAL],
             )
             try:
-                self.train(model, run.make_optimizer(local), run.batches(), run.backward)
+                self.train(model, run.make_optimizer(local), run.batches(), run.backward, {})
             finally:
                 self._use(model, [GLOBAL])
         shared = self._params(model, self.shared_names(model))
         self._use(model, [GLOBAL], trained=shared)
         try:
             loss_sum, seen, _ = self.train(
-                model, run.make_optimizer(shared), run.batches(), run.backward
+                model, run.make_optimizer(shared), run.batches(), run.backward, {}
             )
         finally:
             self._use(model, [GLOBAL])

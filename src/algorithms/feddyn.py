@@ -18,8 +18,8 @@ a_k = alg.alpha * mean(n) / n_k, as the authors' code scales it by the client's 
 Differences from the code: the client's optimizer is the configured one (the code: SGD with
 weight decay 1e-3 and gradient clipping at norm 10 on the loss and linear term); the global model
 evaluated is theta, which clients start from (the code also reports the plain mean of the
-uploads). Clients trained together (fl.parallel_clients) apply the same rule to stacked tensors
-(`adjust_stacked_gradients`). The declaration `mean_rule` makes every aggregator that is not the uniform mean of the
+uploads). Clients trained together (fl.parallel_clients) apply the same rule to stacked tensors.
+The declaration `mean_rule` makes every aggregator that is not the uniform mean of the
 uploads refuse it before training (src/federated/compatibility.py).
 """
 
@@ -31,15 +31,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from src.algorithms.base import TensorDict
-from src.algorithms.fedlora import FedLoRA
+from src.algorithms.adapters import ModelOrAdapters
+from src.algorithms.base import ClientState, TensorDict, per_client
 from src.errors import ConfigError
 from src.federated.contract import SharedSpec
 
 DRIFT = "feddyn_lambda:"  # prefix of a client's lambda_k (the parameter's name follows)
 
 
-class FedDyn(FedLoRA):
+class FedDyn(ModelOrAdapters):
     privacy = False
 
     def __init__(
@@ -58,9 +58,6 @@ class FedDyn(FedLoRA):
         self.participation = 1.0  # |P| / m
         self.alpha_of: list[float] = []  # a_k per client
         self.mean_drift: TensorDict = {}  # the server's Lambda (checkpointed)
-        self.theta: TensorDict = {}  # the running client's received model
-        self.drift: TensorDict = {}  # the running client's lambda_k, updated after training
-        self.client_alpha = self.alpha
         self.corrected: list[str] = []  # the trained shared tensors: those with a lambda
 
     # ------------------------------------------------------------------ set-up
@@ -85,54 +82,37 @@ class FedDyn(FedLoRA):
         trained = set(self.trained_names(model))
         return [n for n in self.shared_names(model) if n in trained]
 
-    def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
-        return {DRIFT + n: t for n, t in self.drift.items()}
-
     # ------------------------------------------------------------------ client
-    @torch.no_grad()
-    def download(self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id):
-        super().download(model, payload, {}, client_id)
-        if client_id is None:  # the global model, for evaluation: nothing to train
-            self.theta, self.drift = {}, {}
-            return
-        names = self.corrected
-        self.theta = {n: payload[n].detach().clone() for n in names}
+    # work: "theta:" the model received, DRIFT lambda_k (on the device), "alpha" a_k
+    def download(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):
+        self.load(model, received, client_id)
         device = next(model.parameters()).device  # the store keeps lambda_k on the host
-        self.drift = {n: private[DRIFT + n].to(device).clone() for n in names}
-        self.client_alpha = self.alpha_of[client_id]
+        work = {"theta:" + n: received[n].detach().clone() for n in self.corrected}
+        work |= {DRIFT + n: private[DRIFT + n].to(device).clone() for n in self.corrected}
+        alpha = self.alpha_of[client_id]
+        work["alpha"] = torch.tensor(alpha, dtype=torch.float64, device=device)
+        return ClientState(client_id, received, private, work)
 
-    @torch.no_grad()
-    def adjust_gradients(self, model: nn.Module) -> None:
+    def deploy(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):
+        """theta (lambda_k is not part of the model)."""
+        self.load(model, received, client_id)
+
+    def adjust_gradients(self, params: TensorDict, work: TensorDict) -> None:
         """grad += a_k (w - theta + lambda_k)."""
-        for name, p in model.named_parameters():
-            if name in self.theta and p.grad is not None:
-                p.grad.add_(p - self.theta[name] + self.drift[name], alpha=self.client_alpha)
+        for name, p in params.items():
+            if DRIFT + name in work and p.grad is not None:
+                alpha = per_client(work["alpha"], p.grad)
+                p.grad.add_(alpha * (p - work["theta:" + name] + work[DRIFT + name]))
 
-    @torch.no_grad()
-    def end_local_update(self, model: nn.Module, steps: int, lr: float) -> None:
-        """lambda_k <- lambda_k + (w_k - theta)."""
-        tensors = self.tensors(model)
-        for name, drift in self.drift.items():
-            drift.add_(tensors[name] - self.theta[name])
-
-    # ------------------------------------------------------------------ clients trained together
-    def stacked_context(self, model: nn.Module) -> TensorDict:
-        """lambda_k and a_k of the client just downloaded (theta is where it started)."""
-        device = next(model.parameters()).device
-        alpha = torch.tensor(self.client_alpha, dtype=torch.float64, device=device)
-        return {DRIFT + n: t for n, t in self.drift.items()} | {"alpha": alpha}
-
-    def adjust_stacked_gradients(self, params, grads, start, context) -> None:
-        for name, grad in grads.items():
-            if DRIFT + name in context:
-                alpha = context["alpha"].view(-1, *[1] * (grad.dim() - 1)).to(grad.dtype)
-                grad.add_(alpha * (params[name] - start[name] + context[DRIFT + name]))
-
-    def end_stacked(self, model: nn.Module, result) -> None:
-        """This client's theta and lambda_k, then lambda_k's update as one by one."""
-        self.theta = {n: result.start[n] for n in self.theta}
-        self.drift = {n: result.context[DRIFT + n].clone() for n in self.drift}
-        super().end_stacked(model, result)
+    def finish(self, model: nn.Module, state: ClientState) -> tuple[TensorDict, TensorDict]:
+        """lambda_k <- lambda_k + (w_k - theta); uploads w_k, keeps lambda_k."""
+        tensors, work = self.tensors(model), state.work
+        with torch.no_grad():
+            drift = {
+                DRIFT + n: work[DRIFT + n].add_(tensors[n] - work["theta:" + n])
+                for n in self.corrected
+            }
+        return self.shared_views(model, state.client_id), drift
 
     # ------------------------------------------------------------------ server
     def server_update(self, state: TensorDict, aggregate: TensorDict, step) -> None:

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
+from src.algorithms.adapters import ModelOrAdapters
 from src.algorithms.base import TensorDict
-from src.algorithms.fedlora import FedLoRA
-from src.algorithms.proximal import add_proximal, add_proximal_gradient, snapshot
+from src.algorithms.proximal import add_proximal, snapshot
 from src.errors import ConfigError
 
 
-class FedProx(FedLoRA):
+class FedProx(ModelOrAdapters):
     privacy = False
 
     def __init__(
@@ -44,17 +43,13 @@ class FedProx(FedLoRA):
         lora = lora if use_lora else None
         super().__init__(name, lora, trainable, client_ranks, local_buffers=local_buffers)
         self.mu = float(mu)
-        self.anchor: TensorDict = {}  # w_t: the running client's starting point
 
-    @torch.no_grad()
-    def download(self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id):
-        super().download(model, payload, private, client_id)
-        self.anchor = snapshot(model, self.shared_names(model))
+    def download(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):
+        """work: w_t, what the client starts from (its shared tensors as loaded)."""
+        state = super().download(model, received, private, client_id)
+        state.work = snapshot(model, self.shared_names(model))
+        return state
 
-    def adjust_gradients(self, model: nn.Module) -> None:
+    def adjust_gradients(self, params: TensorDict, work: TensorDict) -> None:
         """grad += mu (w - w_t) on every shared parameter."""
-        add_proximal_gradient(model, self.anchor, self.mu)
-
-    def adjust_stacked_gradients(self, params, grads, start, context) -> None:
-        """The same for clients trained together (every trained tensor is shared here)."""
-        add_proximal(grads, params, start, self.mu)
+        add_proximal(params, work, self.mu)

@@ -33,7 +33,7 @@ from torch import nn
 
 from src.aggregators.clustering import cluster_rows
 from src.aggregators.mean import leading_block, owner_weighted_mean
-from src.algorithms.fedlora import FedLoRA, TensorDict
+from src.algorithms.adapters import ModelOrAdapters, TensorDict
 from src.errors import ConfigError
 from src.federated.contract import SharedSpec
 
@@ -52,7 +52,7 @@ class Unit:
     weight: float
 
 
-class FedSAFLoRA(FedLoRA):
+class FedSAFLoRA(ModelOrAdapters):
     privacy = True
 
     def __init__(

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.algorithms.fedlora import FedLoRA, TensorDict
+from src.algorithms.adapters import ModelOrAdapters, TensorDict
 from src.errors import ConfigError
 from src.federated.contract import SharedSpec
 
@@ -125,7 +125,7 @@ def refine_b(
     return [b + delta.detach() for b, delta in zip(b_bars, deltas, strict=True)], taken
 
 
-class LoRAFAIR(FedLoRA):
+class LoRAFAIR(ModelOrAdapters):
     privacy = False
 
     def __init__(

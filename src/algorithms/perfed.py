@@ -31,12 +31,13 @@ changing (< 1e-20).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from src.algorithms.base import Algorithm, ClientRun, TensorDict
+from src.algorithms.base import Algorithm, ClientRun, ClientState, TensorDict, per_client
 from src.algorithms.projection import RandomProjection
 from src.errors import ConfigError
 from src.federated.contract import Role, SharedSpec
@@ -97,7 +98,6 @@ class PerFed(Algorithm):
         self.grad_clip = None if grad_clip is None else float(grad_clip)
         self.weight_decay, self.train_all_clients = float(weight_decay), bool(train_all_clients)
         self.projection: RandomProjection | None = None
-        self.x_k: torch.Tensor | None = None  # the running client's copy of x
 
     # ------------------------------------------------------------------ what is whose
     @property
@@ -161,14 +161,19 @@ class PerFed(Algorithm):
             )
 
     # ------------------------------------------------------------------ client
-    def download(
-        self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
-    ) -> None:
-        """The personal model into the resident model; the server's x into x_k."""
-        super().download(model, {}, private, client_id)
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._ensure_projection(self._params)
-        self.x_k = payload["x"].detach().to(self._params[0].device, self.x_dtype(model), copy=True)
+    # The step rules read the trained tensors in `model.parameters()` order, flattened into w
+    # ([D], or [K, D] for K clients trained together), and work["x_k"] ([d] or [K, d]).
+    def download(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):
+        """The personal model into the resident model; the server's x into work["x_k"]."""
+        self.load(model, private, client_id)
+        trained = next(p for p in model.parameters() if p.requires_grad)
+        self._ensure_projection([p for p in model.parameters() if p.requires_grad])
+        x_k = received["x"].detach().to(trained.device, self.x_dtype(model), copy=True)
+        return ClientState(client_id, received, private, {"x_k": x_k})
+
+    def deploy(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):
+        """The personal model w_k (x is no model)."""
+        self.load(model, private, client_id)
 
     def coupling_grad(self, z: torch.Tensor) -> torch.Tensor:
         """grad R(z): z for l2 (R = 1/2 |z|^2), sign(z) for l1 (R = |z|_1)."""
@@ -177,69 +182,55 @@ class PerFed(Algorithm):
     # The local update: R rounds of tau personal SGD steps (counted in batches, not
     # fl.local_epochs), each followed by a step on x_k. Plain SGD with `person_lr` (the configured
     # client optimizer is not used: the rule fixes it).
-    def local_optimizer(self, run: ClientRun, params: list) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.person_lr, weight_decay=self.weight_decay)
+    def client_run(self, run: ClientRun) -> ClientRun:
+        def sgd(params: list) -> torch.optim.Optimizer:
+            return torch.optim.SGD(params, lr=self.person_lr, weight_decay=self.weight_decay)
 
-    def local_batches(self, run: ClientRun):
-        return run.batches(steps=self.local_rounds * self.steps)
+        return dataclasses.replace(run, make_optimizer=sgd, steps=self.local_rounds * self.steps)
 
-    @torch.no_grad()
-    def adjust_gradients(self, model: nn.Module) -> None:
+    def adjust_gradients(self, params: TensorDict, work: TensorDict) -> None:
         """grad = clip(grad f) + lam * P^T grad R(P w - x_k), for tensors that have a gradient."""
+        x_k = work["x_k"]
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
-        pull = self._pull(self._flat_w(), self.x_k)
-        for p, g in zip(self._params, pull.split([p.numel() for p in self._params]), strict=True):
+            self._clip([p for p in params.values() if p.grad is not None], x_k.dim() > 1)
+        pull = self._pull(self._flat_w(params, x_k), x_k)
+        sizes = [t[0].numel() if x_k.dim() > 1 else t.numel() for t in params.values()]
+        for p, g in zip(params.values(), pull.split(sizes, dim=-1), strict=True):
             if p.grad is not None:
-                p.grad.add_(g.view_as(p), alpha=self.lam)
+                p.grad.add_(g.view_as(p.grad), alpha=self.lam)
 
-    @torch.no_grad()
-    def after_step(self, model: nn.Module, step: int) -> None:
+    def _clip(self, params: list[torch.Tensor], stacked: bool) -> None:
+        """torch's clip_grad_norm_ of each client: the gradients scaled to an L2 norm of at most
+        `grad_clip` over all its tensors (per row when clients are `stacked`)."""
+        if not stacked:
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            return
+        grads = [p.grad for p in params]
+        norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads])
+        coef = (self.grad_clip / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(per_client(coef, g))
+
+    def after_step(self, params: TensorDict, work: TensorDict, step: int) -> None:
         """Every tau steps: x_k <- x_k - local_lr * lam * grad R(x_k - P w)."""
         if step % self.steps == 0:
-            self._step_x(self._flat_w(), self.x_k)
-
-    def _flat_w(self) -> torch.Tensor:
-        """w of the running client: its trained tensors flattened into one vector [D]."""
-        return torch.cat([p.detach().reshape(-1) for p in self._params])
+            x_k = work["x_k"]
+            residual = x_k - self.projection.matvec(self._flat_w(params, x_k))
+            x_k -= self.local_lr * self.lam * self.coupling_grad(residual)
 
     @staticmethod
-    def _flat_rows(params: TensorDict) -> torch.Tensor:
-        """w of every client trained together: [K, D], flattened in the same order."""
-        return torch.cat([t.reshape(len(t), -1) for t in params.values()], dim=1)
+    def _flat_w(params: TensorDict, x_k: torch.Tensor) -> torch.Tensor:
+        """w: the trained tensors flattened, per client when stacked ([K, D], as x_k is)."""
+        lead = x_k.shape[:-1]
+        return torch.cat([t.detach().reshape(*lead, -1) for t in params.values()], dim=-1)
 
     def _pull(self, flat_w: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
         """P^T grad R(P w - x_k), for one client ([D], [d]) or stacked ([K, D], [K, d])."""
         return self.projection.rmatvec(self.coupling_grad(self.projection.matvec(flat_w) - x_k))
 
-    def _step_x(self, flat_w: torch.Tensor, x_k: torch.Tensor) -> None:
-        """x_k <- x_k - local_lr * lam * grad R(x_k - P w), in place."""
-        residual = x_k - self.projection.matvec(flat_w)
-        x_k -= self.local_lr * self.lam * self.coupling_grad(residual)
+    def finish(self, model: nn.Module, state: ClientState) -> tuple[TensorDict, TensorDict]:
+        """Uploads x_k; keeps w_k (every trained tensor)."""
+        return {"x": state.work["x_k"]}, self.private_views(model, state.client_id)
 
-    # ------------------------------------------------------------------ clients trained together
-    # The trained tensors come in `model.parameters()` order, as `_params` (flattened the same).
-    def stacked_context(self, model: nn.Module) -> TensorDict:
-        return {"x_k": self.x_k}
-
-    def adjust_stacked_gradients(self, params, grads, start, context) -> None:
-        if self.grad_clip is not None:  # clip_grad_norm_ of each client (row)
-            norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in grads.values()])
-            coef = (self.grad_clip / (norms.norm(dim=0) + 1e-6)).clamp(max=1.0)
-            for g in grads.values():
-                g.mul_(coef.view(-1, *[1] * (g.ndim - 1)).to(g.dtype))
-        pull = self._pull(self._flat_rows(params), context["x_k"])
-        sizes = [t[0].numel() for t in params.values()]
-        for name, g in zip(params, pull.split(sizes, dim=1), strict=True):
-            if name in grads:
-                grads[name].add_(g.view_as(grads[name]), alpha=self.lam)
-
-    def after_stacked_step(self, params, context, step: int) -> None:
-        if step % self.steps == 0:
-            self._step_x(self._flat_rows(params), context["x_k"])
-
-    def end_stacked(self, model: nn.Module, result) -> None:
-        self.x_k = result.context["x_k"]
-
-    def upload(self, model: nn.Module, client_id: int) -> TensorDict:
-        return {"x": self.x_k}
+    def upload_origin(self, model: nn.Module, state: ClientState) -> TensorDict:
+        return {"x": state.work["x_k"].clone()}

@@ -17,18 +17,11 @@ def snapshot(model: nn.Module, names: list[str]) -> TensorDict:
 
 
 @torch.no_grad()
-def add_proximal(grads: TensorDict, params: TensorDict, anchor: TensorDict, coef: float) -> None:
-    """grads[n] += coef (params[n] - anchor[n]) for every gradient whose name `anchor` has (also
-    for tensors stacked along a client dimension)."""
+def add_proximal(params: TensorDict, anchor: TensorDict, coef: float) -> None:
+    """grad += coef (w - w_anchor) for every parameter with a gradient whose name `anchor` has
+    (also for tensors stacked along a client dimension)."""
     if coef == 0:
         return
-    for name, grad in grads.items():
-        if name in anchor:
-            grad.add_(params[name] - anchor[name], alpha=coef)
-
-
-def add_proximal_gradient(model: nn.Module, anchor: TensorDict, coef: float) -> None:
-    """The proximal gradient on the model's own parameters (those with a gradient)."""
-    params = {n: p for n, p in model.named_parameters() if p.grad is not None}
-    grads = {n: p.grad for n, p in params.items()}
-    add_proximal(grads, {n: p.detach() for n, p in params.items()}, anchor, coef)
+    for name, param in params.items():
+        if param.grad is not None and name in anchor:
+            param.grad.add_(param.detach() - anchor[name], alpha=coef)

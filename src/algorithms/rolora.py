@@ -54,7 +54,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from src.algorithms.fedlora import FedLoRA, TensorDict
+from src.algorithms.adapters import ModelOrAdapters, TensorDict
 from src.errors import ConfigError
 from src.federated.contract import SharedSpec
 
@@ -64,7 +64,7 @@ def trains_b(round_idx: int) -> bool:
     return round_idx % 2 == 0
 
 
-class RoLoRA(FedLoRA):
+class RoLoRA(ModelOrAdapters):
     privacy = False
 
     def __init__(
@@ -111,16 +111,14 @@ class RoLoRA(FedLoRA):
         return self.spec
 
     # ------------------------------------------------------------------ client half
-    def download(
-        self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id: int | None
-    ) -> None:
-        super().download(model, payload, private, client_id)
+    def load(self, model: nn.Module, tensors: TensorDict, client_id: int | None) -> None:
+        super().load(model, tensors, client_id)
         self._freeze_other_factor(model)  # so the optimizer (and a batched group) sees one factor
 
-    def upload(self, model: nn.Module, client_id: int) -> TensorDict:
+    def shared_views(self, model: nn.Module, client_id: int | None) -> TensorDict:
         """The round's trained factor and alg.trainable; the frozen factor is not sent."""
         frozen = self.frozen_names()
-        return {n: t for n, t in super().upload(model, client_id).items() if n not in frozen}
+        return {n: t for n, t in super().shared_views(model, client_id).items() if n not in frozen}
 
     # ------------------------------------------------------------------ server half
     def server_begin(self, aggregator, round_idx: int) -> None:

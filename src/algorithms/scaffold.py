@@ -24,15 +24,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from src.algorithms.base import TensorDict
-from src.algorithms.fedlora import FedLoRA
+from src.algorithms.adapters import ModelOrAdapters
+from src.algorithms.base import ClientState, TensorDict
 from src.errors import ConfigError
 from src.federated.contract import Role, SharedSpec
 
 CONTROL = "scaffold_c:"  # prefix of a control variate's name (the parameter's name follows)
 
 
-class Scaffold(FedLoRA):
+class Scaffold(ModelOrAdapters):
     privacy = False
     plain_sgd = "its control variates assume them"
 
@@ -46,10 +46,6 @@ class Scaffold(FedLoRA):
     ):
         super().__init__(name, lora if use_lora else None, trainable)
         self.sampling_rate = 1.0  # |S| / N, known once the federation is
-        self.x: TensorDict = {}  # the running client's received model
-        self.c: TensorDict = {}  # the server's control variate, as received
-        self.c_i: TensorDict = {}  # the running client's control variate
-        self.c_i_new: TensorDict = {}
 
     # ------------------------------------------------------------------ set-up
     def configure(self, federation, output_dir, seed: int) -> None:
@@ -76,67 +72,58 @@ class Scaffold(FedLoRA):
         params = dict(model.named_parameters())
         return {CONTROL + n: torch.zeros_like(params[n]) for n in self.controlled(model)}
 
-    def private_state(self, model: nn.Module, client_id: int | None) -> TensorDict:
-        return self.c_i_new  # c_i+, kept by the client
-
     # ------------------------------------------------------------------ client
-    @torch.no_grad()
-    def download(self, model: nn.Module, payload: TensorDict, private: TensorDict, client_id):
-        received = {n: t for n, t in payload.items() if not n.startswith(CONTROL)}
-        super().download(model, received, {}, client_id)
-        self.x = {n: t.detach().clone() for n, t in received.items()}
-        self.c = {n.removeprefix(CONTROL): t for n, t in payload.items() if n.startswith(CONTROL)}
+    # work: "x:" the model received, "c:" the server's c, "c_i:" the client's c_i (on the device)
+    def download(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):
+        x = {n: t for n, t in received.items() if not n.startswith(CONTROL)}
+        self.load(model, x, client_id)
         device = next(model.parameters()).device  # the store keeps c_i on the host
-        self.c_i = {n.removeprefix(CONTROL): t.to(device) for n, t in private.items()}
+        work = {"x:" + n: t.detach().clone() for n, t in x.items()}
+        for name, c in received.items():
+            if name.startswith(CONTROL):
+                n = name.removeprefix(CONTROL)
+                work["c:" + n], work["c_i:" + n] = c, private[name].to(device)
+        return ClientState(client_id, received, private, work)
 
-    def end_local_update(self, model: nn.Module, steps: int, lr: float) -> None:
-        """Option II: c_i+ = c_i - c + (x - y_i) / (K eta_l)."""
-        if steps == 0:  # an empty client: c_i would divide by zero
-            raise ConfigError(f"alg={self.name}: a sampled client has no training data")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            self.c_i_new = {
-                CONTROL + n: self.c_i[n] - self.c[n] + (self.x[n] - params[n]) / (steps * lr)
-                for n in self.c
-            }
+    def deploy(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):
+        """x: neither control variate is part of the model."""
+        x = {n: t for n, t in received.items() if not n.startswith(CONTROL)}
+        self.load(model, x, client_id)
 
-    @torch.no_grad()
-    def adjust_gradients(self, model: nn.Module) -> None:
+    def adjust_gradients(self, params: TensorDict, work: TensorDict) -> None:
         """g <- g - c_i + c."""
-        for name, p in model.named_parameters():
-            if name in self.c and p.grad is not None:
-                p.grad.add_(self.c[name] - self.c_i[name])
+        for name, p in params.items():
+            if "c:" + name in work and p.grad is not None:
+                p.grad.add_(work["c:" + name] - work["c_i:" + name])
 
-    # ------------------------------------------------------------------ clients trained together
-    def stacked_context(self, model: nn.Module) -> TensorDict:
-        """c and c_i of the client just downloaded."""
-        return {"c:" + n: c for n, c in self.c.items()} | {
-            "c_i:" + n: c for n, c in self.c_i.items()
-        }
+    def finish(self, model: nn.Module, state: ClientState) -> tuple[TensorDict, TensorDict]:
+        """Option II, c_i+ = c_i - c + (x - y_i) / (K eta_l); uploads (dy_i, dc_i) =
+        (y_i - x, c_i+ - c_i) and keeps c_i+."""
+        if state.steps == 0:  # an empty client: c_i would divide by zero
+            raise ConfigError(f"alg={self.name}: a sampled client has no training data")
+        work, tensors = state.work, self.tensors(model)
+        names = [n.removeprefix("c:") for n in work if n.startswith("c:")]
+        with torch.no_grad():
+            c_i_new = {
+                n: work["c_i:" + n]
+                - work["c:" + n]
+                + (work["x:" + n] - tensors[n]) / (state.steps * state.lr)
+                for n in names
+            }
+            dy = {
+                n.removeprefix("x:"): tensors[n.removeprefix("x:")].detach() - x
+                for n, x in work.items()
+                if n.startswith("x:")
+            }
+            dc = {CONTROL + n: c_i_new[n] - work["c_i:" + n] for n in names}
+        return dy | dc, {CONTROL + n: t for n, t in c_i_new.items()}
 
-    def adjust_stacked_gradients(self, params, grads, start, context) -> None:
-        for name in self.c:
-            grads[name].add_(context["c:" + name] - context["c_i:" + name])
-
-    def end_stacked(self, model: nn.Module, result) -> None:
-        """This client's x, c and c_i, then c_i+ as sequentially."""
-        self.x = {n: result.start[n] for n in self.x}
-        self.c = {n: result.context["c:" + n] for n in self.c}
-        self.c_i = {n: result.context["c_i:" + n] for n in self.c}
-        super().end_stacked(model, result)
-
-    def upload(self, model: nn.Module, client_id: int) -> TensorDict:
-        """(dy_i, dc_i) = (y_i - x, c_i+ - c_i)."""
-        tensors = self.tensors(model)
-        dy = {n: tensors[n].detach() - x for n, x in self.x.items()}
-        dc = {CONTROL + n: self.c_i_new[CONTROL + n] - self.c_i[n] for n in self.c}
-        return dy | dc
-
-    def upload_origin(self, model: nn.Module, client_id: int) -> TensorDict:
+    def upload_origin(self, model: nn.Module, state: ClientState) -> TensorDict:
         """An update starts from zero."""
-        return {n: torch.zeros_like(t) for n, t in self.x.items()} | {
-            CONTROL + n: torch.zeros_like(t) for n, t in self.c.items()
-        }
+        work = state.work
+        dy = {n.removeprefix("x:"): torch.zeros_like(t) for n, t in work.items() if n[:2] == "x:"}
+        dc = {CONTROL + n[2:]: torch.zeros_like(t) for n, t in work.items() if n[:2] == "c:"}
+        return dy | dc
 
     # ------------------------------------------------------------------ server
     def server_update(self, state: TensorDict, aggregate: TensorDict, step) -> None:

@@ -1,6 +1,6 @@
 """One round's client work on the one resident model: for each client of this DDP rank, load what
 the server sent and its private state (`Algorithm.download`), train (`Algorithm.local_update`),
-pass the upload through the transform chain and hand it to the round's exchange. With
+take what it uploads and keeps (`Algorithm.finish`), pass the upload through the transform chain and hand it to the round's exchange. With
 fl.parallel_clients=K, up to K clients train together instead (src/federated/vectorised.py):
 each is loaded in turn and its trained tensors copied, they train in one batched computation,
 then each one's result goes back into the model for its upload.
@@ -16,13 +16,12 @@ import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
 
 from src.algorithms import Algorithm
-from src.algorithms.base import ClientRun
+from src.algorithms.base import ClientRun, batching_blocker
 from src.errors import ClientError
 from src.federated.client_state import ClientStateStore
 from src.federated.contract import nbytes
@@ -111,8 +110,8 @@ class ClientLoop:
         return totals
 
     def groups(self, clients: list[int]) -> list[list[int]]:
-        """Clients trained together: up to `parallel_clients` of equal `Algorithm.group_key`
-        (e.g. LoRA rank), in the given order within a group; one by one when they cannot."""
+        """Clients trained together: up to `parallel_clients` of equal LoRA rank (one scale
+        s_k = alpha / r_k per group), in the given order within a group; one by one when they cannot."""
         if self.parallel_clients == 1 or self.blocker():
             return [[c] for c in clients]
         if self.parallel_clients == "auto":
@@ -123,7 +122,7 @@ class ClientLoop:
             self._alone_rate = self.batch_size / alone_s  # checked after the first round
         by_key: dict[object, list[int]] = {}
         for client_id in clients:
-            by_key.setdefault(self.algorithm.group_key(client_id), []).append(client_id)
+            by_key.setdefault(self.server.spec.rank(client_id), []).append(client_id)
         k = self.parallel_clients
         return [ids[i : i + k] for ids in by_key.values() for i in range(0, len(ids), k)]
 
@@ -156,7 +155,7 @@ class ClientLoop:
 
     def blocker(self) -> str:
         if self._blocker is None:
-            self._blocker = self.algorithm.vectorised_blocker(self.model)
+            self._blocker = batching_blocker(self.algorithm, self.model)
             if not self._blocker and self.federation.is_text:
                 self._blocker = "text batches are not trained together yet"
             if self._blocker:
@@ -172,10 +171,12 @@ class ClientLoop:
     def train_alone(self, client_id, round_idx, exchange, backward, totals: RoundTotals) -> None:
         payload = self.receive(client_id, totals)
         with self.client_errors(client_id, round_idx, totals):
-            upload, loss_sum, seen = self.run_client(client_id, round_idx, payload, backward)
+            upload, private, loss_sum, seen = self.run_client(
+                client_id, round_idx, payload, backward
+            )
         if client_id in totals.failed_ids:
             return
-        self.hand_in(client_id, round_idx, upload, loss_sum, seen, exchange, totals)
+        self.hand_in(client_id, round_idx, upload, private, loss_sum, seen, exchange, totals)
 
     def run_client(
         self,
@@ -183,24 +184,26 @@ class ClientLoop:
         round_idx: int,
         payload: TensorDict,
         backward: Callable[[torch.Tensor], None],
-    ) -> tuple[TensorDict, float, int]:
+    ) -> tuple[TensorDict, TensorDict, float, int]:
         """Load the payload and private state into the resident model, train locally; returns
-        (upload, loss sum, targets seen). The upload may hold views of the resident model: the
-        server reads (or copies) them before the next client overwrites the model."""
-        generator, origin, run = self.start_client(client_id, round_idx, payload, backward)
-        loss_sum, seen = self.algorithm.local_update(self.model, run)
-        upload = self.algorithm.upload(self.model, client_id)
-        return self.transforms.apply(client_id, upload, origin, generator), loss_sum, seen
+        (upload, private state kept, loss sum, targets seen). Both may hold views of the
+        resident model: they are read (or copied) before the next client overwrites it."""
+        generator, origin, run, state = self.start_client(client_id, round_idx, payload, backward)
+        loss_sum, seen = self.algorithm.local_update(self.model, state, run)
+        upload, private = self.algorithm.finish(self.model, state)
+        upload = self.transforms.apply(client_id, upload, origin, generator)
+        return upload, private, loss_sum, seen
 
     def start_client(self, client_id, round_idx, payload, backward):
-        """(generator, origin, ClientRun) of a client whose state is now in the resident model."""
+        """(generator, origin, ClientRun, ClientState) of a client whose state is now in the
+        resident model."""
         # Seeded first: everything random on the client (a fresh LoRA init, batch order, dropout)
         # depends only on (seed, round, client), not on which clients ran before.
         device = next(self.model.parameters()).device
         generator = client_generator(client_seed(self.seed, round_idx, client_id), device)
-        self.algorithm.download(self.model, payload, self.store.load(client_id), client_id)
+        state = self.algorithm.download(self.model, payload, self.store.load(client_id), client_id)
         origin = (
-            self.algorithm.upload_origin(self.model, client_id)
+            self.algorithm.upload_origin(self.model, state)
             if self.transforms.needs_origin(client_id)
             else None
         )
@@ -214,7 +217,7 @@ class ClientLoop:
         run = ClientRun(
             client_id, round_idx, self.local_epochs, self.make_optimizer, backward, one_pass
         )
-        return generator, origin, run
+        return generator, origin, run, state
 
     # ------------------------------------------------------------------ clients together
     def train_group(self, group, round_idx, exchange, backward, totals: RoundTotals) -> None:
@@ -224,21 +227,23 @@ class ClientLoop:
         for client_id in group:
             payload = self.receive(client_id, totals)
             with self.client_errors(client_id, round_idx, totals):
-                generator, origin, run = self.start_client(client_id, round_idx, payload, backward)
+                generator, origin, run, state = self.start_client(
+                    client_id, round_idx, payload, backward
+                )
             if client_id in totals.failed_ids:
                 continue
             trained = {n: t.detach().clone() for n, t in self.trained_tensors().items()}
-            context = {n: t.clone() for n, t in self.algorithm.stacked_context(self.model).items()}
-            batches = self.algorithm.local_batches(run)
-            starts.append(ClientStart(client_id, trained, batches, context))
-            started.append((client_id, generator, origin, run))
+            work = {n: t.clone() for n, t in state.work.items()}
+            run = self.algorithm.client_run(run)  # its optimizer and batches
+            starts.append(ClientStart(client_id, trained, run.batches(), work))
+            started.append((client_id, generator, origin, run, state))
         if not starts:
             return
         try:
             results = train_together(
                 self.model,
                 starts,
-                partial(self.algorithm.local_optimizer, started[0][3]),  # the same for all
+                started[0][3].make_optimizer,  # the same for all
                 backward,
                 self.algorithm,
             )
@@ -249,18 +254,25 @@ class ClientLoop:
                 "by one)"
             ) from error
         params = dict(self.model.named_parameters())
-        for (client_id, generator, origin, _), result in zip(started, results, strict=True):
+        for (client_id, generator, origin, _, state), result in zip(started, results, strict=True):
             with self.client_errors(client_id, round_idx, totals):
                 with torch.no_grad():
                     for name, tensor in result.trained.items():
                         params[name].copy_(tensor)
-                self.algorithm.end_stacked(self.model, result)
-                upload = self.algorithm.upload(self.model, client_id)
+                state.work, state.steps, state.lr = result.work, result.steps, result.lr
+                upload, private = self.algorithm.finish(self.model, state)
                 upload = self.transforms.apply(client_id, upload, origin, generator)
             if client_id in totals.failed_ids:
                 continue
             self.hand_in(
-                client_id, round_idx, upload, result.loss_sum, result.seen, exchange, totals
+                client_id,
+                round_idx,
+                upload,
+                private,
+                result.loss_sum,
+                result.seen,
+                exchange,
+                totals,
             )
 
     # ------------------------------------------------------------------ shared
@@ -291,14 +303,16 @@ class ClientLoop:
                 ) from error
             totals.drop(client_id, round_idx, f"raised {type(error).__name__}: {error}")
 
-    def hand_in(self, client_id, round_idx, upload, loss_sum, seen, exchange, totals) -> None:
+    def hand_in(
+        self, client_id, round_idx, upload, private, loss_sum, seen, exchange, totals
+    ) -> None:
         """A trained client's upload to the round's exchange, unless it is not finite."""
         if exchange.takes_upload(client_id):
             totals.up_bytes += nbytes(upload)  # sent, even if the server then rejects it
         if not all_finite(list(upload.values())):
             totals.drop(client_id, round_idx, "uploaded non-finite values", nonfinite=True)
             return
-        private = self.algorithm.private_state(self.model, client_id) or None
+        private = private or None
         weight = float(len(self.federation.clients[client_id].train))
         exchange.add(client_id, upload, weight, private)
         totals.loss_sum += loss_sum

@@ -335,7 +335,7 @@ class FederatedModule(pl.LightningModule):
     def deploy(self, client_id: int | None) -> None:
         """Load client `client_id`'s deployed model (None: the global model) into the model."""
         if client_id is None:
-            self.algorithm.download(self.model, self.server.payload(None), {}, None)
+            self.algorithm.deploy(self.model, self.server.payload(None), {}, None)
         else:
             self.algorithm.deploy(self.model, *self.deployed_state(client_id), client_id)
 

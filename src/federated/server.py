@@ -24,6 +24,7 @@ class Server:
         return self.aggregator.state is not None
 
     def setup(self, model: nn.Module, spec: SharedSpec) -> None:
+        self.spec = spec
         self.aggregator.setup(
             spec, self.algorithm.server_state(model), self.algorithm.base_weights(model)
         )

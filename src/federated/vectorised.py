@@ -14,8 +14,9 @@ optimizers. Same results as one client after the other, up to float summation or
   in its own rows, and the round's optimizer (its state included) is discarded afterwards;
 - a short batch is padded and masked (padding targets are ignored by the loss);
 - each client draws its batches from its own (seed, round, client) generator, as sequentially;
-- the algorithm's hooks have stacked forms (`Algorithm.adjust_stacked_gradients`,
-  `after_stacked_step`, `end_stacked`), with per-client tensors in a stacked context.
+- the algorithm's step rules (`Algorithm.adjust_gradients`, `after_step`) are the ones the
+  sequential loop runs, given the stacked tensors and each client's `ClientState.work` stacked;
+  after training each client's result goes back into the model for `Algorithm.finish`.
 What differs: dropout draws (one global stream for the group instead of one per client), so runs
 with dropout are equal in distribution, not number for number.
 """
@@ -55,14 +56,13 @@ class ClientStart:
     client_id: int
     start: TensorDict  # the trained tensors it starts from (copies)
     batches: Iterator[Batch]  # its local batches, drawn from its own generator
-    context: TensorDict = field(default_factory=dict)  # `Algorithm.stacked_context` (copies)
+    work: TensorDict = field(default_factory=dict)  # its `ClientState.work` (copies)
 
 
 @dataclass
 class ClientResult:
-    start: TensorDict  # what it started from
     trained: TensorDict  # its trained tensors after local training (rows of the stacked tensors)
-    context: TensorDict  # its context as the stacked hooks left it
+    work: TensorDict  # its work tensors as the step rules left them
     loss_sum: float  # sum of per-target losses
     seen: int  # targets trained on
     steps: int  # optimizer steps taken
@@ -100,11 +100,10 @@ def train_together(
     algorithm: Algorithm | None = None,
 ) -> list[ClientResult]:
     """Train `clients` together (see the module docstring); the model's own trained tensors are
-    left as they were. `algorithm`'s stacked hooks (`adjust_stacked_gradients`,
-    `after_stacked_step`) run around each optimizer step."""
+    left as they were. `algorithm`'s step rules (`adjust_gradients`, `after_step`) run around
+    each optimizer step on the stacked tensors."""
     stacked = {n: t.requires_grad_(True) for n, t in _stack([c.start for c in clients]).items()}
-    start = {n: t.detach().clone() for n, t in stacked.items()}
-    context = _stack([c.context for c in clients]) if clients[0].context else {}
+    work = _stack([c.work for c in clients]) if clients[0].work else {}
     optimizer = make_optimizer(list(stacked.values()))
     lr = float(optimizer.param_groups[0]["lr"])
 
@@ -115,13 +114,13 @@ def train_together(
     loss_sums = torch.zeros(count, dtype=torch.float64, device=device)  # read once, at the end
     seen = torch.zeros(count, dtype=torch.long, device=device)
     steps = [0] * count
-    finals: dict[int, tuple[TensorDict, TensorDict]] = {}  # trained, context: taken at the end
+    finals: dict[int, tuple[TensorDict, TensorDict]] = {}  # trained, work: taken at the end
     step = 0
     while True:
         batches = [None if k in finals else next(c.batches, None) for k, c in enumerate(clients)]
         for k, batch in enumerate(batches):
             if batch is None and k not in finals:
-                finals[k] = (_row(stacked, k), _row(context, k))
+                finals[k] = (_row(stacked, k), _row(work, k))
         rows = [k for k in range(count) if k not in finals]
         if not rows:
             break
@@ -147,24 +146,19 @@ def train_together(
         losses[rows] = per_target.sum(1) / counts[rows]  # each client's own mean loss
         optimizer.zero_grad(set_to_none=True)
         backward(losses.sum())
-        values = {n: t.detach() for n, t in stacked.items()}
         if algorithm is not None:
-            grads = {n: t.grad for n, t in stacked.items() if t.grad is not None}
             with torch.no_grad():
-                algorithm.adjust_stacked_gradients(values, grads, start, context)
+                algorithm.adjust_gradients(stacked, work)
         optimizer.step()
         if algorithm is not None:
             with torch.no_grad():
-                algorithm.after_stacked_step(values, context, step)
+                algorithm.after_step(stacked, work, step)
         loss_sums += losses.detach().double() * counts
         seen += counts
         for k in rows:
             steps[k] += 1
     loss_sums, seen = loss_sums.tolist(), seen.tolist()
-    return [
-        ClientResult(c.start, *finals[k], loss_sums[k], seen[k], steps[k], lr)
-        for k, c in enumerate(clients)
-    ]
+    return [ClientResult(*finals[k], loss_sums[k], seen[k], steps[k], lr) for k in range(count)]
 
 
 # ---------------------------------------------------------------------- fl.parallel_clients=auto
