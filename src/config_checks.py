@@ -230,12 +230,11 @@ def check_privacy(cfg: DictConfig) -> None:
         f"fl.sampling={sampling} with {option}: the accountant's sampling rate q = m / N holds "
         "for uniform sampling only; use fl.sampling=uniform",
     )
-    weighting = cfg.aggregator.get("weighting")
+    weighting = OmegaConf.select(cfg, "alg.weighting", default="samples")
     _require(
         weighting == "uniform",
-        f"aggregator.weighting={weighting} with {option}: every clipped update must weigh 1/m "
-        "(m = fl.clients_per_round); use aggregator.weighting=uniform, which privacy=dp_fedavg "
-        "sets",
+        f"alg.weighting={weighting} with {option}: every clipped update must weigh 1/m "
+        "(m = fl.clients_per_round); use alg.weighting=uniform, which privacy=dp_fedavg sets",
     )
     _require(
         not OmegaConf.select(cfg, "alg.cluster.enabled", default=False),

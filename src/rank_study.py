@@ -12,7 +12,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.aggregators import RankAwareMeanAggregator, ZeroPadAggregator
+from src.aggregators import RankAwareMeanAggregator, ServerOptimizer, ZeroPadAggregator
 from src.aggregators.lora_math import stack_factors, svd_factors
 
 
@@ -59,14 +59,14 @@ def dilution(As, weights, cfg: DictConfig) -> None:
     uploads = [{"A": start[: A.shape[0]].clone()} for A in As]
     results = {}
     for agg in (
-        ZeroPadAggregator("zeropad", server_lr=cfg.mix),
-        RankAwareMeanAggregator("rank_aware", server_lr=cfg.mix),
+        ZeroPadAggregator("zeropad"),
+        RankAwareMeanAggregator("rank_aware"),
     ):
         agg.state = {"A": start.clone()}
         agg.begin()
         for i, (upload, w) in enumerate(zip(uploads, weights, strict=True)):
             agg.add(upload, w, i)
-        agg.finish()
+        ServerOptimizer(lr=cfg.mix).step(agg.state, agg.aggregate())
         results[agg.name] = agg.state["A"]
     bounds = sorted({0, cfg.global_rank, *[min(A.shape[0], cfg.global_rank) for A in As]})
     print(f"    {'rows':>10} {'owners':>7} {'zeropad':>10} {'rank_aware':>11}")

@@ -113,8 +113,9 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     model = algorithm.prepare_model(build_base_model(cfg))
     algorithm.configure(federation, output_dir, cfg.seed)
     aggregator = instantiate(cfg.aggregator)
+    server_optimizer = instantiate(cfg.server_opt, _convert_="all")
     spec = algorithm.shared_spec(model, cfg.fl.clients_per_round)
-    check_aggregator(spec, aggregator)
+    check_aggregator(spec, aggregator, server_optimizer)
     attack = instantiate(cfg.attack)
     check_attack(attack, aggregator, federation.num_clients, federation.is_text)
     attack.choose(federation.num_clients, cfg.seed)
@@ -123,12 +124,17 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         log.info("attack=%s: malicious clients %s", attack.name, sorted(attack.malicious))
     faults = ClientFaults(**cfg.fault)
     privacy = build_privacy(cfg, spec, federation.num_clients, algorithm, aggregator)
-    if privacy is not None:  # clips each upload (last transform), noises the aggregate
-        aggregator.postprocessors.append(privacy)
+    server = Server(
+        algorithm,
+        aggregator,
+        server_optimizer,
+        postprocessors=[privacy] if privacy else [],  # privacy clips uploads, noises the aggregate
+        reporters=[privacy] if privacy else [],
+    )
     return FederatedModule(
         model=model,
         algorithm=algorithm,
-        server=Server(algorithm, aggregator, reporters=[privacy] if privacy else []),
+        server=server,
         federation=federation,
         optimizer=instantiate(cfg.optim),
         rounds=cfg.fl.rounds,

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from src.aggregators import MeanAggregator, ServerOptimizer
+from src.algorithms import Algorithm
 from src.errors import ConfigError
+from src.federated.contract import Role, SharedSpec
+from src.federated.server import Server
 
 
 def _random_uploads(num_clients: int, seed: int = 0):
@@ -16,13 +19,18 @@ def _random_uploads(num_clients: int, seed: int = 0):
     ]
 
 
-def aggregate(agg, state, uploads, weights):
-    """Run one round of `agg` from `state` over `uploads`; returns the new state."""
+def aggregate(agg, state, uploads, samples, optimizer=None, weighting="samples"):
+    """Run one round of `agg` on the server from `state` over `uploads` (`samples`: each client's
+    n_k, weighted by `weighting` as alg.weighting does), then the server optimiser's step
+    (`optimizer`; None: sgd with lr 1); returns the new state."""
+    server = Server(Algorithm("plain", weighting=weighting), agg, optimizer)
+    roles = {n: Role.OTHER for n in state}
+    server.spec = SharedSpec(roles=roles, uploads_per_round=len(uploads), weighting=weighting)
     agg.state = {n: t.clone() for n, t in state.items()}
-    agg.begin()
-    for client_id, (upload, w) in enumerate(zip(uploads, weights, strict=True)):
-        agg.add(upload, w, client_id)
-    agg.finish()
+    server.begin(0)
+    for client_id, (upload, n_k) in enumerate(zip(uploads, samples, strict=True)):
+        server.add(upload, n_k, client_id)
+    server.finish()
     return agg.state
 
 
@@ -37,9 +45,10 @@ def test_mean_equals_sample_weighted_mean_float64():
         assert result[name].dtype == torch.float64
 
 
-def test_server_lr_moves_a_fraction_of_the_way():
+def test_server_opt_lr_moves_a_fraction_of_the_way():
     old, a, b = _random_uploads(3, seed=1)
-    result = aggregate(MeanAggregator(name="mean", server_lr=0.25), old, [a, b], [1.0, 3.0])
+    server_opt = ServerOptimizer(lr=0.25)
+    result = aggregate(MeanAggregator(name="mean"), old, [a, b], [1.0, 3.0], server_opt)
     for name in old:
         mean = 0.25 * a[name] + 0.75 * b[name]
         expected = old[name] + 0.25 * (mean - old[name])
@@ -65,7 +74,7 @@ def test_fedavgm_momentum_accumulates_pseudo_gradients():
 
 
 def test_fedadam_step_matches_the_formula():
-    opt = ServerOptimizer(lr=0.1, opt="adam", betas=(0.9, 0.99), eps=1e-3)
+    opt = ServerOptimizer(name="adam", lr=0.1, betas=(0.9, 0.99), eps=1e-3)
     theta = {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}
     target = torch.tensor([3.0, -2.5], dtype=torch.float64)
     delta = target - theta["w"]
@@ -101,7 +110,7 @@ def _reddi_algorithm_2(opt, deltas, lr, b1, b2, tau, bias_correction=False):
 def test_adaptive_server_optimisers_follow_reddi_et_al(opt, bias_correction):
     gen = torch.Generator().manual_seed(7)
     lr, b1, b2, tau = 0.03, 0.9, 0.99, 1e-3
-    server = ServerOptimizer(lr, 0.0, opt, (b1, b2), tau, bias_correction)
+    server = ServerOptimizer(opt, lr, 0.0, (b1, b2), tau, bias_correction)
     theta = {"w": torch.randn(6, generator=gen, dtype=torch.float64)}
     start = theta["w"].clone()
     deltas = []
@@ -118,7 +127,7 @@ def test_yogi_and_adagrad_differ_from_adam():
     moved = {}
     for opt in ("adam", "yogi", "adagrad"):
         theta = {"w": torch.zeros(3, dtype=torch.float64)}
-        server = ServerOptimizer(0.1, 0.0, opt)
+        server = ServerOptimizer(opt, 0.1, 0.0)
         for target in (1.0, -2.0, 0.5):
             server.step(theta, {"w": torch.full((3,), target, dtype=torch.float64)})
         moved[opt] = theta["w"][0].item()
@@ -126,39 +135,81 @@ def test_yogi_and_adagrad_differ_from_adam():
 
 
 def test_server_optimiser_refusals_name_the_key():
-    with pytest.raises(ConfigError, match="aggregator.server_opt must be one of sgd, adam, yogi"):
-        ServerOptimizer(opt="rmsprop")
-    with pytest.raises(ConfigError, match="aggregator.server_momentum=0.9 is for server_opt=sgd"):
-        ServerOptimizer(momentum=0.9, opt="yogi")
-    with pytest.raises(ConfigError, match="aggregator.server_bias_correction=true"):
+    with pytest.raises(ConfigError, match="server_opt must be one of sgd, adam, yogi"):
+        ServerOptimizer(name="rmsprop")
+    with pytest.raises(ConfigError, match="server_opt.momentum=0.9 is for server_opt=sgd"):
+        ServerOptimizer(name="yogi", momentum=0.9)
+    with pytest.raises(ConfigError, match="server_opt.bias_correction=true"):
         ServerOptimizer(bias_correction=True)
 
 
 def test_uniform_weighting_ignores_sample_counts():
     uploads = _random_uploads(3, seed=4)
-    result = aggregate(MeanAggregator("mean", weighting="uniform"), uploads[0], uploads, [1, 50, 7])
+    mean = MeanAggregator("mean")
+    result = aggregate(mean, uploads[0], uploads, [1, 50, 7], weighting="uniform")
     for name in uploads[0]:
         expected = (uploads[0][name] + uploads[1][name] + uploads[2][name]) / 3
         torch.testing.assert_close(result[name], expected, rtol=1e-14, atol=1e-14)
-    with pytest.raises(ConfigError, match="aggregator.weighting must be one of samples, uniform"):
-        MeanAggregator("mean", weighting="equal")
+    with pytest.raises(ConfigError, match="alg.weighting must be one of samples, uniform"):
+        Algorithm("plain", weighting="equal")
 
 
 @pytest.mark.parametrize(
     "overrides,expected",
     [
         (["alg=fedavg"], "samples"),  # McMahan et al.: p_k = n_k / n
-        (["alg=fedavg", "aggregator=krum"], "uniform"),  # Blanchard et al.
         (["alg=scaffold"], "uniform"),  # Karimireddy et al.: mean over S
         (["alg=perfed"], "uniform"),  # the lp-proj reference's simpleaverage
         (["alg=perfed", "aggregator=krum"], "uniform"),
-        (["alg=fedavg", "aggregator.weighting=uniform"], "uniform"),
+        (["alg=fedavg", "alg.weighting=uniform"], "uniform"),
     ],
 )
 def test_each_papers_weighting_is_the_configured_default(overrides, expected):
+    """alg.weighting reaches the algorithm, whose SharedSpec the server weighs uploads by (krum
+    averages its selection uniformly whatever it is: tests/test_robust_aggregators.py)."""
     from hydra.utils import instantiate
 
     from tests.conftest import compose_config
 
     cfg = compose_config(overrides)
-    assert instantiate(cfg.aggregator).weighting == expected
+    assert instantiate(cfg.alg).weighting == expected
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "yogi", "adagrad"])
+def test_each_server_opt_option_builds_its_optimizer(name):
+    """server_opt=<name> picks the rule and server_opt.lr its learning rate."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"server_opt={name}", "server_opt.lr=0.1"])
+    optimizer = instantiate(cfg.server_opt, _convert_="all")
+    assert isinstance(optimizer, ServerOptimizer)
+    assert (optimizer.opt, optimizer.lr) == (name, 0.1)
+
+
+def test_the_servers_checkpoint_keeps_the_server_optimisers_moments():
+    """Server.state_dict: the aggregator's, the server optimiser's and the algorithm's state; a
+    checkpoint from before the server owned the optimiser (its state under the aggregator's
+    "server") loads too."""
+    uploads = _random_uploads(3, seed=5)
+    adam = ServerOptimizer(name="adam", lr=0.1)
+    mean = MeanAggregator("mean")
+    aggregate(mean, uploads[0], uploads[1:], [2.0, 3.0], adam)
+    server = Server(Algorithm("plain"), mean, adam)
+    saved = server.state_dict()
+    assert set(saved) == {"aggregator", "server_opt", "algorithm"}
+    assert "server" not in saved["aggregator"]
+    moments = saved["server_opt"]
+    assert moments["steps"] == 1 and set(moments["buffers"]["m"]) == {"w", "b"}
+    for old in (False, True):
+        state = dict(saved)
+        if old:
+            state["aggregator"] = saved["aggregator"] | {"server": state.pop("server_opt")}
+        restored = Server(Algorithm("plain"), MeanAggregator("mean"), ServerOptimizer("adam"))
+        restored.load_state_dict(state)
+        assert restored.optimizer.steps == 1
+        for name in ("m", "v"):
+            for n, t in adam.buffers[name].items():
+                assert torch.equal(restored.optimizer.buffers[name][n], t)
+        assert all(torch.equal(restored.state[n], t) for n, t in mean.state.items())

@@ -39,6 +39,11 @@ BAD_INPUTS = [
             "aggregator.num_byzantine=2 needs K > 2 * 2 + 2), but receives 5 (fl.clients_per_round)"
         ],
     ),
+    (["server_opt.lr=0"], ["server_opt.lr must be > 0, got 0"]),
+    (
+        ["alg=fedlora", "aggregator=exact", "server_opt=adam"],
+        ["aggregator=exact takes server_opt=sgd without momentum", "got server_opt=adam"],
+    ),
     (["fault.nan_fraction=2"], ["fault.nan_fraction must be in [0, 1], got 2"]),
     (["data=mnist", "data.loader.download=false"], ["MNIST", "not found"]),
     (

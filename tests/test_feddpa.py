@@ -144,7 +144,7 @@ def test_round_zero_trains_only_the_global_adapter():
 
 
 def test_server_averages_the_global_adapter_with_sample_weights_and_never_sees_the_local():
-    alg, model = _prepared()
+    alg, model = _prepared(weighting="samples")  # FedIT's n_k (the default, uniform: all 1)
     samples = {0: 7.0, 1: 2.0, 2: 11.0}
     server = Server(alg, MeanAggregator("mean"))
     server.setup(model, alg.shared_spec(model, len(samples)))

@@ -32,7 +32,7 @@ def _feddyn(sizes=SIZES):
     model = alg.prepare_model(tiny_model())
     clients = [SimpleNamespace(train=range(n)) for n in sizes]
     alg.configure(SimpleNamespace(num_clients=NUM_CLIENTS, clients=clients), None, 0)
-    server = Server(alg, MeanAggregator("mean", weighting="uniform"))
+    server = Server(alg, MeanAggregator("mean"))  # alg.weighting=uniform: FedDyn's default
     server.setup(model, alg.shared_spec(model, clients_per_round=2))
     return alg, model, server
 
@@ -94,10 +94,10 @@ def test_its_declaration_alone_refuses_every_other_reduction(
 
 
 def test_a_sample_weighted_mean_is_refused(tmp_path, monkeypatch, capfd):
-    args = ["experiment=quickstart", "alg=feddyn", "aggregator.weighting=samples"]
+    args = ["experiment=quickstart", "alg=feddyn", "alg.weighting=samples"]
     args.append(f"hydra.run.dir={tmp_path}")
     code, out = run_main(args, monkeypatch, capfd)
-    assert code == 2 and "aggregator.weighting=samples with alg=feddyn" in out
+    assert code == 2 and "alg.weighting=samples with alg=feddyn" in out
 
 
 def test_feddyn_learns_a_separable_task(make_digits_config):

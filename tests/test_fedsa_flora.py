@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
-from src.aggregators import MeanAggregator
+from src.aggregators import MeanAggregator, ServerOptimizer
 from src.aggregators.clustering import cluster_rows, elbow
 from src.algorithms import FedSAFLoRA
 from src.errors import ConfigError, user_error
@@ -114,10 +115,34 @@ def test_up_bytes_are_the_a_matrices_only(make_digits_config, tmp_path):
     assert sent["fedlora"] == clients * (a_bytes + b_bytes + head_bytes)
 
 
-def test_alg_server_lr_sets_the_aggregator_server_step(make_digits_config):
-    cfg = make_digits_config("alg=fedsa-flora", "alg.server_lr=0.1")
-    assert cfg.aggregator.server_lr == 0.1
-    assert make_digits_config("alg=fedlora").aggregator.server_lr == 1.0
+def test_server_opt_lr_reaches_the_servers_optimizer(make_digits_config, tmp_path):
+    """The residual step on A (0.1: the original system's "FLoRA momentum") is server_opt.lr, which
+    the run gives the server's optimiser; alg.server_lr, its old key, is refused by Hydra."""
+    cfg = make_digits_config("alg=fedsa-flora", "server_opt.lr=0.1")
+    assert build_module(cfg, tmp_path / "flora").server.optimizer.lr == 0.1
+    plain = make_digits_config("alg=fedlora")
+    assert build_module(plain, tmp_path / "fedlora").server.optimizer.lr == 1.0
+    with pytest.raises(ConfigCompositionException, match="Could not override 'alg.server_lr'"):
+        make_digits_config("alg=fedsa-flora", "alg.server_lr=0.1")
+
+
+def test_the_server_step_on_a_is_server_opt_lr_of_the_way_to_the_mean():
+    """A <- A + lr (A_bar - A) with lr = server_opt.lr (here 0.1), A_bar the weighted mean."""
+    alg = FedSAFLoRA("fedsa-flora", {"r": 4, "alpha": 8, "target_modules": ["proj"]})
+    alg.configure(SimpleNamespace(groups=None), None, seed=0)
+    alg.spec = SharedSpec(roles={"A": Role.LORA_A}, uploads_per_round=2)
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    uploads = [torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(2)]
+    server = Server(alg, MeanAggregator("mean"), ServerOptimizer(lr=0.1))
+    server.spec = alg.spec
+    server.aggregator.setup(alg.spec, {"A": A.clone()})
+    server.begin(0)
+    for cid, (upload, n_k) in enumerate(zip(uploads, [1.0, 3.0], strict=True)):
+        server.add({"A": upload}, n_k, cid)
+    server.finish()
+    A_bar = (1.0 * uploads[0] + 3.0 * uploads[1]) / 4
+    torch.testing.assert_close(server.state["A"], A + 0.1 * (A_bar - A), rtol=0, atol=1e-14)
 
 
 def test_personal_accuracy_covers_every_client(make_digits_config, tmp_path):
@@ -171,6 +196,7 @@ def test_clustered_server_writes_decisions_and_mixes_cluster_and_global(tmp_path
     alg.configure(SimpleNamespace(groups=None), tmp_path, seed=0)
     alg.spec = SharedSpec(roles={"weight": Role.OTHER}, uploads_per_round=len(rows))
     server = Server(alg, MeanAggregator("mean"))
+    server.spec = alg.spec
     server.aggregator.setup(alg.spec, {"weight": torch.zeros(4, 3, dtype=torch.float64)})
     server.begin(0)
     for cid, row in enumerate(rows):

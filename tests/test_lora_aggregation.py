@@ -11,6 +11,7 @@ from src.aggregators import (
     ExactAggregator,
     MeanAggregator,
     RankAwareMeanAggregator,
+    ServerOptimizer,
     StackAggregator,
     SvdAggregator,
     ZeroPadAggregator,
@@ -49,16 +50,17 @@ class TinyNet(nn.Module):
         return self.head(self.proj(x))
 
 
-def _setup(aggregator, model, alg, clients_per_round):
-    """What the run does before training: check the combination, then set the aggregator up from
-    the algorithm's SharedSpec, initial server state and base weights."""
+def _setup(aggregator, model, alg, clients_per_round, optimizer=None):
+    """What the run does before training: check the combination (with the server optimiser), then
+    set the aggregator up from the algorithm's SharedSpec, initial server state and base weights."""
     spec = alg.shared_spec(model, clients_per_round)
-    check_aggregator(spec, aggregator)
+    check_aggregator(spec, aggregator, optimizer or ServerOptimizer())
     aggregator.setup(spec, alg.server_state(model), alg.base_weights(model))
 
 
-def _federated(ranks, aggregator, seed=0):
-    """A float64 TinyNet with LoRA on `proj`, ranks cycled over clients, aggregator set up."""
+def _federated(ranks, aggregator, seed=0, optimizer=None):
+    """A float64 TinyNet with LoRA on `proj`, ranks cycled over clients, aggregator set up (and
+    checked with the server optimiser `optimizer`; None: sgd with lr 1)."""
     torch.manual_seed(seed)
     alg = FedLoRA(
         "fedlora",
@@ -67,7 +69,7 @@ def _federated(ranks, aggregator, seed=0):
         list(ranks),
     )
     model = alg.prepare_model(TinyNet().double())
-    _setup(aggregator, model, alg, len(ranks))
+    _setup(aggregator, model, alg, len(ranks), optimizer)
     return model, alg
 
 
@@ -87,11 +89,16 @@ def _uploads(alg, ranks, seed=0):
     return uploads, weights, As, Bs
 
 
-def _round(aggregator, uploads, weights, client_ids):
+def _round(aggregator, uploads, weights, client_ids, optimizer=None):
+    """One round of the aggregator alone, as the server's step runs it: the aggregate, the server
+    optimiser's step (`optimizer`; None: sgd with lr 1), then what follows the step."""
+    optimizer = optimizer or ServerOptimizer()
     aggregator.begin()
     for upload, w, cid in zip(uploads, weights, client_ids, strict=True):
         aggregator.add(upload, w, cid)
-    aggregator.finish()
+    aggregate = aggregator.aggregate()
+    optimizer.step(aggregator.state, aggregate)
+    aggregator.after_step(aggregate, optimizer.lr)
 
 
 # ---------------------------------------------------------------------------- stack (FLoRA)
@@ -326,13 +333,13 @@ def test_exact_folds_the_residual_so_the_global_model_is_the_exact_average():
     assert exact.download_bytes(0, payload) == sum(t.numel() * 8 for t in sent.values()) + residual
 
 
-@pytest.mark.parametrize("server_lr", [0.5, 1.0])
-def test_exact_takes_the_server_step_on_the_effective_weights(server_lr):
+@pytest.mark.parametrize("lr", [0.5, 1.0])
+def test_exact_takes_the_server_step_on_the_effective_weights(lr):
     """W' + s B'A' = (1 - lr)(W + s B A) + lr (W + sum_k p_k s B_k A_k), round after round (the
     clients of a round all start from W + s B A); the head takes the same step."""
     ranks = [8] * 4
-    exact = ExactAggregator("exact", server_lr=server_lr)
-    model, alg = _federated(ranks, exact)
+    exact, server_opt = ExactAggregator("exact"), ServerOptimizer(lr=lr)
+    model, alg = _federated(ranks, exact, optimizer=server_opt)
     pair, s = alg.pairs[0], ALPHA / 8
 
     def effective(payload):
@@ -341,22 +348,25 @@ def test_exact_takes_the_server_step_on_the_effective_weights(server_lr):
     for round_idx in range(3):  # round 0 starts from B = 0, the later ones from B A != 0
         before = {n: t.clone() for n, t in exact.global_payload().items()}
         uploads, weights, As, Bs = _uploads(alg, ranks, seed=round_idx)
-        _round(exact, uploads, weights, range(4))
+        _round(exact, uploads, weights, range(4), server_opt)
         after = exact.global_payload()
         average = before[pair.base] + _explicit_delta(As, Bs, weights, ranks)
-        expected = (1 - server_lr) * effective(before) + server_lr * average
+        expected = (1 - lr) * effective(before) + lr * average
         assert (effective(after) - expected).abs().max() < 1e-10
         p = torch.tensor(weights, dtype=torch.float64) / sum(weights)
         head = sum(p[k] * uploads[k]["head.bias"] for k in range(4))
-        expected_head = before["head.bias"] + server_lr * (head - before["head.bias"])
+        expected_head = before["head.bias"] + lr * (head - before["head.bias"])
         torch.testing.assert_close(after["head.bias"], expected_head, rtol=0, atol=1e-12)
 
 
 def test_exact_refuses_server_optimisers_without_an_effective_weight_step():
-    with pytest.raises(ConfigError, match="aggregator=exact takes server_opt=sgd"):
-        ExactAggregator("exact", server_opt="adam")
-    with pytest.raises(ConfigError, match="server_momentum=0.9"):
-        ExactAggregator("exact", server_momentum=0.9)
+    """Refused by check_aggregator, before training (its plain_step declaration)."""
+    with pytest.raises(ConfigError, match="aggregator=exact takes server_opt=sgd") as refused:
+        _federated([8] * 4, ExactAggregator("exact"), optimizer=ServerOptimizer(name="adam"))
+    assert "got server_opt=adam" in str(refused.value)
+    with pytest.raises(ConfigError, match="got server_opt=sgd with momentum 0.9"):
+        _federated([8] * 4, ExactAggregator("exact"), optimizer=ServerOptimizer(momentum=0.9))
+    _federated([8] * 4, ExactAggregator("exact"), optimizer=ServerOptimizer(lr=0.5))  # plain sgd
 
 
 def test_ffa_lora_freezes_a_and_shares_only_b_and_the_head():

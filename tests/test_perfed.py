@@ -8,9 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from src.aggregators import MeanAggregator
 from src.algorithms import PerFed
 from src.algorithms.base import ClientRun
 from src.algorithms.projection import RandomProjection
+from src.federated.contract import Role, SharedSpec
+from src.federated.server import Server
 from src.run import build_module, build_trainer, train
 from tests.conftest import RecordingMean, compose_config
 
@@ -199,7 +202,7 @@ def test_all_clients_train_and_the_sampled_x_k_are_simply_averaged(
         "model.num_heads=2", f"alg.train_all_clients={train_all_clients}",
     )  # fmt: skip
     module = build_module(cfg, tmp_path)
-    module.aggregator = RecordingMean(weighting=cfg.aggregator.weighting)
+    module.aggregator = RecordingMean()  # weighed by the server as alg.weighting says
     trainer = build_trainer(cfg, logger=False, enable_checkpointing=False)
     trainer.fit(module)
     recorded = module.aggregator
@@ -214,6 +217,26 @@ def test_all_clients_train_and_the_sampled_x_k_are_simply_averaged(
     }
     expected = set(range(6)) if train_all_clients else set(recorded.client_ids)
     assert moved == expected
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.3])
+def test_the_server_moves_x_by_beta_towards_the_simple_mean_of_the_x_k(beta):
+    """x <- (1 - beta) x + beta mean(x_k) (alg.beta, the reference's server rule, applied by
+    perfed's server_update); the server optimiser (server_opt=sgd, lr 1) takes that as it is."""
+    alg = PerFed("perfed", d=3, beta=beta)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, generator=gen, dtype=torch.float64)
+    uploads = [torch.randn(3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    spec = SharedSpec(roles={"x": Role.OTHER}, uploads_per_round=3, weighting=alg.weighting)
+    server = Server(alg, MeanAggregator("mean"))
+    server.spec = spec
+    server.aggregator.setup(spec, {"x": x.clone()})
+    server.begin(0)
+    for cid, (x_k, n_k) in enumerate(zip(uploads, [1.0, 5.0, 9.0], strict=True)):
+        server.add({"x": x_k}, n_k, cid)  # alg.weighting=uniform: the sample counts do not enter
+    server.finish()
+    expected = (1 - beta) * x + beta * sum(uploads) / 3
+    torch.testing.assert_close(server.state["x"], expected, rtol=0, atol=1e-14)
 
 
 def test_with_lora_the_personal_model_is_the_adapters_and_head_only():

@@ -14,8 +14,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from src.aggregators import MeanAggregator
 from src.aggregators.robust import TrimmedMeanAggregator
+from src.algorithms import Algorithm
 from src.federated.contract import Role, SharedSpec
 from src.federated.objective import attention_kernels
+from src.federated.server import Server
 from src.models.lora import add_lora
 from src.models.qwen import build_qwen_tiny
 from src.models.tokenizers import ByteTokenizer
@@ -51,12 +53,15 @@ def test_the_server_sums_bf16_uploads_in_float32(rule):
     start = {"w": torch.randn(shape, generator=gen).bfloat16()}
     uploads = [torch.randn(shape, generator=gen).bfloat16() for _ in range(5)]
     weights = [3.0, 1.0, 7.0, 2.0, 5.0]
-    rule.setup(SharedSpec(roles={"w": Role.OTHER}, uploads_per_round=5), start)
+    spec = SharedSpec(roles={"w": Role.OTHER}, uploads_per_round=5)
+    rule.setup(spec, start)
     assert rule.state["w"].dtype == torch.float32
-    rule.begin(0)
+    server = Server(Algorithm("plain"), rule)  # alg.weighting=samples: the weights are the n_k
+    server.spec = spec
+    server.begin(0)
     for k, (upload, weight) in enumerate(zip(uploads, weights, strict=True)):
-        rule.add({"w": upload}, weight, k)
-    rule.finish()
+        server.add({"w": upload}, weight, k)
+    server.finish()
     values = torch.stack([u.double() for u in uploads])
     if isinstance(rule, TrimmedMeanAggregator):  # one of five cut at each end, uniform
         expected = values.sort(0).values[1:4].mean(0)

@@ -51,7 +51,7 @@ def _with_norm(origin, direction, norm):
 
 def _round(privacy, uploads, origin, round_idx=0, state=None):
     """One round: each upload through `apply`, their plain mean (uniform, as aggregator=mean with
-    weighting=uniform) through `postprocess`; returns (sent uploads, aggregate)."""
+    alg.weighting=uniform) through `postprocess`; returns (sent uploads, aggregate)."""
     privacy.begin_round(list(range(len(uploads))), 0, round_idx)
     gen = torch.Generator().manual_seed(round_idx)
     sent = [privacy.apply(i, u, origin, gen) for i, u in enumerate(uploads)]
@@ -271,7 +271,7 @@ REFUSED = [
     (["+privacy.foo=1"], "privacy.foo is not an option of privacy=dp_fedavg"),
     (["alg=scaffold"], "privacy=dp_fedavg: alg=scaffold does not declare it sound"),
     (["aggregator=median"], "privacy=dp_fedavg works with aggregator=mean only"),
-    (["aggregator.weighting=samples"], "aggregator.weighting=samples with privacy=dp_fedavg"),
+    (["alg.weighting=samples"], "alg.weighting=samples with privacy=dp_fedavg"),
     (["alg=fedsa-flora", "alg.cluster.enabled=true"], "alg.cluster.enabled=true with privacy"),
     (["alg=fedsa-flora", "alg.groups=natural"], "alg.groups=natural with privacy=dp_fedavg"),
 ]
@@ -296,8 +296,8 @@ def test_privacy_none_takes_no_keys(tmp_path):
 
 
 def test_dp_fedavg_sets_uniform_weighting_and_none_leaves_samples(tmp_path):
-    assert compose_config(QUICK, tmp_path).aggregator.weighting == "uniform"
-    assert compose_config(["experiment=quickstart"], tmp_path).aggregator.weighting == "samples"
+    assert compose_config(QUICK, tmp_path).alg.weighting == "uniform"
+    assert compose_config(["experiment=quickstart"], tmp_path).alg.weighting == "samples"
     validate_config(compose_config(QUICK, tmp_path))  # the defaults pass
 
 

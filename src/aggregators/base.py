@@ -1,39 +1,22 @@
-"""The server half of a round: hold the global state, send it, reduce the uploads, step.
+"""The aggregation rule: how the server reduces a round's uploads to one aggregate.
 
-An aggregator is a small object with one job (like a Flower strategy). It sees tensors and the
-algorithm's `SharedSpec` only, never the model or the algorithm. It keeps the server's tensors
-(`state`), decides what each client receives (`broadcast`), sees the uploads one at a time (`add`,
-so a mean needs one running sum, not every upload) and turns them into the next state (`finish`:
-the aggregate, then the server optimiser step). What it requires of the sharing is its `needs`,
-checked before training (src/federated/compatibility.py).
+An aggregator sees tensors and the algorithm's `SharedSpec` only, never the model or the
+algorithm. It keeps the server's tensors (`state`) in the layout its rule needs and decides what
+each client receives (`broadcast`); in a round it sees the uploads one at a time (`add`, with the
+weight the server gives each: a mean needs one running sum, not every upload) and returns their
+reduction (`aggregate`). The server (src/federated/server.py) then post-processes the aggregate,
+lets the algorithm's server rule and the server optimiser move `state`, and calls `after_step`.
+What the rule requires of the sharing is its `needs`, checked before training
+(src/federated/compatibility.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
-
 import torch
 
-from src.aggregators.server_opt import ServerOptimizer
-from src.errors import ConfigError
 from src.federated.contract import Needs, SharedSpec, nbytes
 
 TensorDict = dict[str, torch.Tensor]
-# (server state, aggregate, server optimiser step) -> None: moves the state in place
-ServerUpdate = Callable[[TensorDict, TensorDict, Callable[[TensorDict, TensorDict], None]], None]
-
-
-# samples: client k weighs n_k (its train samples; FedAvg); uniform: every upload weighs 1
-WEIGHTINGS = ("samples", "uniform")
-
-
-class AggregatePostprocessor(Protocol):
-    """Changes the round's aggregate in place before the server step (e.g. adds DP noise)."""
-
-    def postprocess(
-        self, aggregate: TensorDict, state: TensorDict, num_uploads: int, round_idx: int
-    ) -> None: ...
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -47,10 +30,6 @@ def master_copy(tensor: torch.Tensor) -> torch.Tensor:
     return copy.float() if copy.dtype in LOW_PRECISION else copy
 
 
-def default_update(state: TensorDict, aggregate: TensorDict, step) -> None:
-    step(state, aggregate)
-
-
 class Aggregator:
     # True: a round's uploads are folded into sums, which DDP ranks combine with `all_reduce`;
     # otherwise every rank is given every upload (src/federated/distributed.py)
@@ -58,30 +37,11 @@ class Aggregator:
     robust = False  # withstands a minority of arbitrary uploads (median, trimmed mean, krum)
     mean_of_uploads = False  # the aggregate is each coordinate's weighted mean over the uploads
     privacy = False  # privacy=dp_fedavg's noise is calibrated to this rule
-    checkpointed: tuple[str, ...] = ()  # attributes kept in checkpoints besides state and server
+    plain_step = ""  # why the rule needs server_opt=sgd without momentum ('' if any serves)
+    checkpointed: tuple[str, ...] = ()  # attributes kept in checkpoints besides state
 
-    def __init__(
-        self,
-        name: str,
-        server_lr: float = 1.0,
-        server_momentum: float = 0.0,
-        server_opt: str = "sgd",
-        server_betas: tuple[float, float] = (0.9, 0.99),
-        server_eps: float = 1e-3,
-        server_bias_correction: bool = False,
-        weighting: str = "samples",
-    ):
+    def __init__(self, name: str):
         self.name = name
-        self.server = ServerOptimizer(
-            server_lr, server_momentum, server_opt, server_betas, server_eps, server_bias_correction
-        )
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(
-                f"aggregator.weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}"
-            )
-        self.weighting = weighting
-        # applied to the aggregate before the server step, in order (e.g. central DP noise)
-        self.postprocessors: list[AggregatePostprocessor] = []
         self.state: TensorDict | None = None
         self.bases: TensorDict = {}  # frozen base weights the server may change (LoRA layers)
         self.wire: dict[str, torch.dtype] = {}  # the model's dtype of each tensor sent
@@ -122,19 +82,9 @@ class Aggregator:
         self._begin()
 
     def add(self, upload: TensorDict, weight: float, client_id: int) -> None:
-        """One client's upload with its sample count `weight` (weighting=uniform: 1 each)."""
+        """One client's upload with its weight (SharedSpec.weighting: n_k, or 1 each)."""
         self.num_added += 1
-        self._add(upload, 1.0 if self.weighting == "uniform" else weight, client_id)
-
-    def finish(self, update: ServerUpdate = default_update) -> None:
-        """Aggregate and let `update` (the algorithm's server rule; by default the server
-        optimiser on every tensor) move the state; a round without uploads changes nothing."""
-        if self.num_added:
-            aggregate = self._result()
-            for postprocessor in self.postprocessors:
-                postprocessor.postprocess(aggregate, self.state, self.num_added, self.round_idx)
-            update(self.state, aggregate, self.server.step)
-            self._after_step(aggregate)
+        self._add(upload, weight, client_id)
 
     def all_reduce(self, ranks) -> None:
         """Under DDP, between the last `add` and `finish`: sum the ranks' partial sums in place
@@ -145,8 +95,8 @@ class Aggregator:
         """Extra per-round metrics for the loggers."""
         return {}
 
-    def _after_step(self, aggregate: TensorDict) -> None:
-        """Hook for what follows the server step (e.g. folding a residual into the base weights)."""
+    def after_step(self, aggregate: TensorDict, server_lr: float) -> None:
+        """What follows the server step (e.g. folding a residual into the base weights)."""
 
     def _begin(self) -> None:
         raise NotImplementedError
@@ -154,23 +104,17 @@ class Aggregator:
     def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
         raise NotImplementedError
 
-    def _result(self) -> TensorDict:
-        """The aggregate, with the same names and shapes as `state`."""
+    def aggregate(self) -> TensorDict:
+        """The reduction of the round's uploads (at least one), with `state`'s names and shapes."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         extra = {name: getattr(self, name) for name in self.checkpointed}
-        return {
-            "state": self.state,
-            "bases": self.bases,
-            "server": self.server.state_dict(),
-            **extra,
-        }
+        return {"state": self.state, "bases": self.bases, **extra}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state["state"]
         self.bases = state.get("bases", {})
-        self.server.load_state_dict(state["server"])
         for name in self.checkpointed:
             setattr(self, name, state[name])

@@ -28,8 +28,8 @@ from src.federated.contract import Needs, Role, SharedSpec, nbytes
 class StackAggregator(Aggregator):
     checkpointed = ("stacked",)  # last round's factors: what merge-mode clients download
 
-    def __init__(self, name: str, broadcast: str = "merge", **server):
-        super().__init__(name, **server)
+    def __init__(self, name: str, broadcast: str = "merge"):
+        super().__init__(name)
         if broadcast not in ("merge", "svd"):
             raise ConfigError(f"aggregator.broadcast must be one of merge, svd; got {broadcast}")
         self.mode = broadcast
@@ -116,7 +116,7 @@ class StackAggregator(Aggregator):
             acc.add_(upload[name], alpha=weight)
         self._weights.append(weight)
 
-    def _result(self) -> TensorDict:
+    def aggregate(self) -> TensorDict:
         total = sum(self._weights)
         result = {name: acc / total for name, acc in self._sums.items()}
         self.stacked, self._svd_cache = {}, {}
@@ -133,15 +133,15 @@ class StackAggregator(Aggregator):
 
 
 class SvdAggregator(StackAggregator):
-    def __init__(self, name: str, **server):
-        super().__init__(name, broadcast="svd", **server)
+    def __init__(self, name: str):
+        super().__init__(name, broadcast="svd")
 
 
 class ExactAggregator(MeanAggregator):
     """FedEx-LoRA (Singhal et al., 2025): A and B are averaged as in FedIT, and the residual is
     folded into the frozen base weights, so that the global model W + s B A is exactly
         (1 - lr) (W_old + s B_old A_old) + lr (W_old + sum_k p_k s B_k A_k),
-    i.e. the server step theta + lr (average - theta) on the effective weights (lr = server_lr;
+    i.e. the server step theta + lr (average - theta) on the effective weights (lr = server_opt.lr;
     lr = 1: the exact average of the client models, the paper's rule). With A and B moved by the
     same step, the residual is R = (1 - lr) s B_old A_old + lr sum_k p_k s B_k A_k - s B A.
     Equal ranks only; momentum and adaptive server optimisers are refused (their state lives on A
@@ -150,17 +150,9 @@ class ExactAggregator(MeanAggregator):
 
     privacy = False
     mean_of_uploads = False  # the base weights take the mean of the products, not of the uploads
+    plain_step = "its residual makes the step one on the effective weights W + s B A"
 
     checkpointed = ("residuals",)
-
-    def __init__(self, name: str, **server):
-        super().__init__(name, **server)
-        if self.server.opt != "sgd" or self.server.momentum:
-            raise ConfigError(
-                f"aggregator=exact takes server_opt=sgd with server_momentum=0 (a step on the "
-                f"effective weights); got server_opt={self.server.opt}, "
-                f"server_momentum={self.server.momentum}"
-            )
 
     @property
     def needs(self) -> Needs:
@@ -199,8 +191,8 @@ class ExactAggregator(MeanAggregator):
     def _partial_sums(self) -> list[torch.Tensor]:
         return super()._partial_sums() + list(self._products.values())
 
-    def _after_step(self, aggregate: TensorDict) -> None:
-        lr = self.server.lr
+    def after_step(self, aggregate: TensorDict, server_lr: float) -> None:
+        lr = server_lr
         for layer in self.spec.layers:
             average = self._products[layer.name] / self._total_weight
             target = (1 - lr) * self._previous[layer.name] + lr * average

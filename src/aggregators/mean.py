@@ -70,7 +70,7 @@ class MeanAggregator(Aggregator):
                 for shape, weight in rank_by_shape[name].items():
                     by_shape[shape] += weight
 
-    def _result(self) -> TensorDict:
+    def aggregate(self) -> TensorDict:
         return {
             name: owner_mean(acc, self._weight_by_shape[name], self._total_weight, self.state[name])
             for name, acc in self._sums.items()
@@ -86,7 +86,7 @@ class ZeroPadAggregator(MeanAggregator):
     privacy = False
     any_ranks = True
 
-    def _result(self) -> TensorDict:
+    def aggregate(self) -> TensorDict:
         return {name: acc / self._total_weight for name, acc in self._sums.items()}
 
 

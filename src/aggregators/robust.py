@@ -8,7 +8,8 @@ trimmed_mean: coordinate-wise, drop the floor(trim * K) smallest and largest val
 krum:         Blanchard et al. (2017): each upload's score is the sum of squared distances to its
               K - f - 2 nearest other uploads (f = num_byzantine; at least 1); the m uploads with
               the lowest scores are averaged (m = 1: Krum, m > 1: multi-Krum), uniformly as in the
-              paper (weighting=uniform, the default) or by sample counts (weighting=samples).
+              paper.
+The three treat every upload alike: the weights the server gives them (alg.weighting) do not enter.
 Then the server step, as for every aggregator. Uploads must have the server's shapes (equal ranks).
 """
 
@@ -27,15 +28,6 @@ class BufferedAggregator(Aggregator):
     """Keeps a copy of every upload of the round (they are views of the resident model)."""
 
     robust = True
-    weighted = False  # True: the rule uses the uploads' weights (krum's average)
-
-    def __init__(self, name: str, weighting: str = "uniform", **server):
-        super().__init__(name, weighting=weighting, **server)
-        if not self.weighted and weighting != "uniform":
-            raise ConfigError(
-                f"aggregator.weighting={weighting}: aggregator={name} is coordinate-wise and "
-                "ignores sample counts; use aggregator.weighting=uniform"
-            )
 
     @property
     def needs(self) -> Needs:
@@ -47,14 +39,12 @@ class BufferedAggregator(Aggregator):
 
     def _begin(self) -> None:
         self._uploads: list[TensorDict] = []
-        self._weights: list[float] = []
 
     def _add(self, upload: TensorDict, weight: float, client_id: int) -> None:
         # copies in the state's dtype: float32 for a bf16 model, so the rules sum in float32
         self._uploads.append(
             {name: upload[name].detach().to(t.dtype, copy=True) for name, t in self.state.items()}
         )
-        self._weights.append(weight)
 
     def _stacked(self, name: str) -> torch.Tensor:
         """[K, *shape]: this round's uploads of one tensor."""
@@ -62,7 +52,7 @@ class BufferedAggregator(Aggregator):
 
 
 class MedianAggregator(BufferedAggregator):
-    def _result(self) -> TensorDict:
+    def aggregate(self) -> TensorDict:
         out = {}
         for name in self.state:
             ordered = self._stacked(name).sort(dim=0).values
@@ -72,8 +62,8 @@ class MedianAggregator(BufferedAggregator):
 
 
 class TrimmedMeanAggregator(BufferedAggregator):
-    def __init__(self, name: str, trim: float = 0.2, **server):
-        super().__init__(name, **server)
+    def __init__(self, name: str, trim: float = 0.2):
+        super().__init__(name)
         if not 0.0 <= trim < 0.5:
             raise ConfigError(f"aggregator.trim must be in [0, 0.5), got {trim}")
         self.trim = float(trim)
@@ -85,7 +75,7 @@ class TrimmedMeanAggregator(BufferedAggregator):
         why = f"with fewer, floor({self.trim} * K) = 0 uploads are trimmed: the plain mean"
         return Needs(equal_shapes=True, min_uploads=least, min_uploads_why=why)
 
-    def _result(self) -> TensorDict:
+    def aggregate(self) -> TensorDict:
         out = {}
         for name in self.state:
             ordered = self._stacked(name).sort(dim=0).values
@@ -95,10 +85,8 @@ class TrimmedMeanAggregator(BufferedAggregator):
 
 
 class KrumAggregator(BufferedAggregator):
-    weighted = True
-
-    def __init__(self, name: str, num_byzantine: int = 1, m: int = 1, **server):
-        super().__init__(name, **server)
+    def __init__(self, name: str, num_byzantine: int = 1, m: int = 1):
+        super().__init__(name)
         if num_byzantine < 0:
             raise ConfigError(f"aggregator.num_byzantine must be >= 0, got {num_byzantine}")
         if m < 1:
@@ -125,12 +113,12 @@ class KrumAggregator(BufferedAggregator):
         # the smallest distances to others: skip the zero distance to itself (first after sorting)
         return distances.sort(dim=1).values[:, 1 : 1 + neighbours].sum(dim=1)
 
-    def _result(self) -> TensorDict:
+    def aggregate(self) -> TensorDict:
         order = self.scores().argsort()
         # m <= clients_per_round is checked before training; fewer arrive only when clients drop
         self.selected = order[: self.m].tolist()
-        weights = torch.tensor([self._weights[i] for i in self.selected], dtype=torch.float64)
-        weights = weights / weights.sum()
+        weights = torch.ones(len(self.selected), dtype=torch.float64)
+        weights = weights / weights.sum()  # the uniform mean of the selected
         return {
             name: sum(
                 w.item() * self._uploads[i][name]

@@ -1,4 +1,6 @@
-"""The server optimiser (Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2).
+"""The server optimiser (Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2),
+the config group `server_opt` (conf/server_opt/: sgd, adam, yogi, adagrad). The server owns it
+(src/federated/server.py); the algorithm's server rule decides what it steps.
 
 The server treats delta = aggregate - theta as a pseudo-gradient and applies
   sgd:     theta <- theta + lr * m,  m = momentum * m + delta   (momentum 0: plain; > 0: FedAvgM)
@@ -25,36 +27,34 @@ OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
 class ServerOptimizer:
     def __init__(
         self,
+        name: str = "sgd",
         lr: float = 1.0,
         momentum: float = 0.0,
-        opt: str = "sgd",
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-3,
         bias_correction: bool = False,
     ):
+        if name not in OPTIMIZERS:
+            raise ConfigError(f"server_opt must be one of {', '.join(OPTIMIZERS)}; got {name}")
         if lr <= 0:
-            raise ConfigError(f"aggregator.server_lr must be > 0, got {lr}")
+            raise ConfigError(f"server_opt.lr must be > 0, got {lr}")
         if not 0 <= momentum < 1:
-            raise ConfigError(f"aggregator.server_momentum must be in [0, 1), got {momentum}")
-        if opt not in OPTIMIZERS:
+            raise ConfigError(f"server_opt.momentum must be in [0, 1), got {momentum}")
+        if name != "sgd" and momentum:
             raise ConfigError(
-                f"aggregator.server_opt must be one of {', '.join(OPTIMIZERS)}; got {opt}"
-            )
-        if opt != "sgd" and momentum:
-            raise ConfigError(
-                f"aggregator.server_momentum={momentum} is for server_opt=sgd (FedAvgM); "
-                f"server_opt={opt} uses aggregator.server_betas"
+                f"server_opt.momentum={momentum} is for server_opt=sgd (FedAvgM); "
+                f"server_opt={name} uses server_opt.betas"
             )
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ConfigError(f"aggregator.server_betas must be two numbers in [0, 1), got {betas}")
+            raise ConfigError(f"server_opt.betas must be two numbers in [0, 1), got {betas}")
         if eps <= 0:
-            raise ConfigError(f"aggregator.server_eps must be > 0, got {eps}")
-        if bias_correction and opt == "sgd":
+            raise ConfigError(f"server_opt.eps must be > 0, got {eps}")
+        if bias_correction and name == "sgd":
             raise ConfigError(
-                "aggregator.server_bias_correction=true is for server_opt=adam, yogi or adagrad; "
+                "server_opt.bias_correction=true is for server_opt=adam, yogi or adagrad; "
                 "server_opt=sgd has no moment estimates to correct"
             )
-        self.lr, self.momentum, self.opt = lr, momentum, opt
+        self.lr, self.momentum, self.opt = lr, momentum, name
         self.betas, self.eps = tuple(float(b) for b in betas), eps
         self.bias_correction = bool(bias_correction)
         self.buffers: dict[str, TensorDict] = {"m": {}, "v": {}}

@@ -36,8 +36,9 @@ class ModelOrAdapters(Algorithm):
         client_ranks: int | Sequence[int] | None = None,
         private: Sequence[str] = (),
         local_buffers: bool = False,
+        weighting: str = "samples",
     ):
-        super().__init__(name, private, local_buffers)
+        super().__init__(name, private, local_buffers, weighting)
         self.lora = dict(lora) if lora else None
         self.trainable = list(trainable)
         if self.lora is None:
@@ -141,6 +142,7 @@ class ModelOrAdapters(Algorithm):
             ranks=self.lora_ranks.ranks,
             alpha=self.lora_ranks.alpha,
             personalized=self.personalized,
+            weighting=self.weighting,
             options=options,
         )
         return self.spec

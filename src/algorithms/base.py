@@ -1,14 +1,7 @@
 """Algorithms: what is trained, what crosses the network, how a client trains, and the server's
-own rule.
-
-An algorithm has both halves of federated learning (docs/architecture.md):
-- client: prepare the model (`prepare_model`), load what the server sent and the client's private
-  state into the one resident model (`download`), train (`local_update`), say what it sends back
-  (`upload`) and what it keeps (`private_state`);
-- server: what each client receives (`server_payload`), how uploads reach the aggregation rule
-  (`server_add`, `server_finish`) and how the aggregate moves the server state (`server_update`).
-It states what it shares in a `SharedSpec` (`shared_spec`), which is all aggregators and upload
-transforms learn about it.
+own rule. The hooks a new algorithm overrides are listed on `Algorithm` (docs/architecture.md
+walks through adding one). It states what it shares in a `SharedSpec` (`shared_spec`), which is
+all aggregators and upload transforms learn about it.
 """
 
 from __future__ import annotations
@@ -26,6 +19,8 @@ from src.federated.objective import mean_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TensorDict = dict[str, torch.Tensor]
+# samples: client k's upload weighs n_k, its train samples (FedAvg); uniform: every upload weighs 1
+WEIGHTINGS = ("samples", "uniform")
 
 
 @dataclass
@@ -81,7 +76,33 @@ def batching_blocker(algorithm: Algorithm, model: nn.Module) -> str:
 
 
 class Algorithm:
-    """`private`: name patterns (substrings) of trained tensors that never leave the client; they
+    """Both halves of one federated algorithm. The hooks (override what differs from FedAvg):
+
+    set-up
+      prepare_model(model)                  freeze / wrap the model the federation trains
+      configure(federation, output_dir, seed)  learn the clients' sizes, groups, where to write
+      shared_spec(model, clients_per_round)    what crosses the network (checked up front)
+      server_state(model), initial_private_state(model)  the server's and every client's start
+    client (one `ClientState` per client and round, passed in; nothing kept on `self`)
+      download(model, received, private, id) -> ClientState  load the model, set `state.work`
+      client_run(run) -> ClientRun          the client's optimizer and batches
+      local_update(model, state, run)       the local loop (override only for a loop of its own)
+      adjust_gradients(params, work), after_step(params, work, step)  the step rules, written
+                                            once for one client and for clients trained together
+      finish(model, state) -> (upload, private)  what the client sends and keeps
+      upload_origin(model, state)           what it would send untrained (attacks reverse it)
+      deploy(model, received, private, id)  the model a client (or the server: None) evaluates
+    server (`server`: src/federated/server.py)
+      server_payload(server, id)            what a client receives
+      server_begin / server_add / server_finish(server, ...)  regroup uploads (rarely)
+      server_update(state, aggregate, step) the server rule; `step` is the server optimiser
+      server_metrics(), server_state_dict(), load_server_state_dict(), finish_run(module, dir)
+    Declarations (class attributes, checked before training): `privacy`, `plain_sgd`; properties
+    `personalized`, `trains_unsampled`, `streams_uploads`. Helpers that say what is whose
+    (`shared_names`, `private_names`, `load`, `shared_views`, `private_views`) are overridden only
+    by bases such as `ModelOrAdapters` (src/algorithms/adapters.py).
+
+    `private`: name patterns (substrings) of trained tensors that never leave the client; they
     persist per client across rounds (the client state store) and make the algorithm personalised:
     each client deploys (shared tensors from the server, its own private tensors).
 
@@ -95,10 +116,21 @@ class Algorithm:
     privacy = False  # privacy=dp_fedavg is sound: one upload of trained values per client
     plain_sgd = ""  # why the rule needs plain SGD client steps ('' if any optimizer serves)
 
-    def __init__(self, name: str, private: Sequence[str] = (), local_buffers: bool = False):
+    def __init__(
+        self,
+        name: str,
+        private: Sequence[str] = (),
+        local_buffers: bool = False,
+        weighting: str = "samples",
+    ):
         self.name = name
         if isinstance(private, str):
             raise ConfigError(f"alg.private must be a list of name patterns, got {private!r}")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(
+                f"alg.weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}"
+            )
+        self.weighting = weighting  # how the server weighs each upload (SharedSpec.weighting)
         self.private = list(private)
         self.local_buffers = bool(local_buffers)
         self._buffer_names: tuple[int, list[str]] = (0, [])  # (id of the model, its names)
@@ -138,6 +170,7 @@ class Algorithm:
             roles={name: Role.OTHER for name in self.shared_names(model)},
             uploads_per_round=clients_per_round,
             personalized=self.personalized,
+            weighting=self.weighting,
             options=f"alg={self.name}",
         )
 
@@ -303,11 +336,11 @@ class Algorithm:
         return {name: tensors[name].detach() for name in self.private_names(model)}
 
     # ------------------------------------------------------------------ server half
-    def server_payload(self, aggregator, client_id: int | None) -> TensorDict:
+    def server_payload(self, server, client_id: int | None) -> TensorDict:
         """What client `client_id` receives (None: the global model)."""
         if client_id is None:
-            return aggregator.global_payload()
-        return aggregator.broadcast(client_id)
+            return server.aggregator.global_payload()
+        return server.aggregator.broadcast(client_id)
 
     @property
     def trains_unsampled(self) -> bool:
@@ -321,14 +354,17 @@ class Algorithm:
         round's uploads (under DDP they are then gathered, not summed)."""
         return True
 
-    def server_begin(self, aggregator, round_idx: int) -> None:
-        aggregator.begin(round_idx)
+    def server_begin(self, server, round_idx: int) -> None:
+        """A round starts (`server`: src/federated/server.py)."""
+        server.aggregator.begin(round_idx)
 
-    def server_add(self, aggregator, upload: TensorDict, weight: float, client_id: int) -> None:
-        aggregator.add(upload, weight, client_id)
+    def server_add(self, server, upload: TensorDict, weight: float, client_id: int) -> None:
+        """One client's upload, weighted, on its way to the aggregator."""
+        server.aggregator.add(upload, weight, client_id)
 
-    def server_finish(self, aggregator) -> None:
-        aggregator.finish(self.server_update)
+    def server_finish(self, server) -> None:
+        """After the round's last upload: the server's step (aggregate, rule, optimiser)."""
+        server.step()
 
     def server_update(self, state: TensorDict, aggregate: TensorDict, step) -> None:
         """Move the server state towards the aggregate: the server optimiser on every tensor."""

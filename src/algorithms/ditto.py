@@ -41,10 +41,13 @@ class Ditto(ModelOrAdapters):
         use_lora: bool = False,
         lora: dict | None = None,
         trainable: Sequence[str] = ("head",),
+        weighting: str = "samples",
     ):
         if lam < 0:
             raise ConfigError(f"alg.lam must be >= 0, got {lam}")
-        super().__init__(name, lora if use_lora else None, trainable)  # one rank: lora.r
+        super().__init__(
+            name, lora if use_lora else None, trainable, weighting=weighting
+        )  # one rank
         self.lam = float(lam)
 
     @property

@@ -40,7 +40,7 @@ Differences from the reference, and why:
 - the ViT's classification head is new and must be trained: it belongs to the global part (trained
   in phase 2, averaged with G, frozen in phase 1); the reference's LM head stays frozen.
 - none in the server's mean: uniform over the sampled clients, as the reference's FedAvg
-  (alg.weighting=uniform sets aggregator.weighting; samples: by n_k, FedIT's).
+  (alg.weighting=uniform; samples: by n_k, FedIT's).
 - the configured optimizer and fl.local_epochs instead of AdamW at 3e-4 for 3 epochs of batch 128.
 - the anchors x_k come from a generator seeded by (seed, client) at every deployment, not from
   Python's global `random`; a client with fewer than K training samples uses all of them.
@@ -102,7 +102,7 @@ class FedDPA(ModelOrAdapters):
         local_weight: float = 0.5,
         max_weight: float = 0.5,
         instance_num: int = 5,
-        weighting: str = "uniform",  # read by the aggregator (aggregator.weighting)
+        weighting: str = "uniform",  # the reference's mean over the sampled clients
     ):
         if not lora:
             raise ConfigError(
@@ -121,7 +121,7 @@ class FedDPA(ModelOrAdapters):
         ):
             if isinstance(value, bool) or not isinstance(value, int | float) or not fits(value):
                 raise ConfigError(f"alg.{key} must be {allowed}, got {value!r}")
-        super().__init__(name, lora, trainable)  # equal ranks: no client_ranks
+        super().__init__(name, lora, trainable, weighting=weighting)  # equal ranks: no client_ranks
         self.local_weight = float(local_weight)
         self.max_weight = float(max_weight)
         self.instance_num = int(instance_num)

@@ -49,11 +49,11 @@ class FedDyn(ModelOrAdapters):
         use_lora: bool = False,
         lora: dict | None = None,
         trainable: Sequence[str] = ("head",),
-        weighting: str = "uniform",  # read by the aggregator (aggregator.weighting)
+        weighting: str = "uniform",  # the only one its rule allows (SharedSpec.mean_rule)
     ):
         if not alpha > 0:
             raise ConfigError(f"alg.alpha must be > 0, got {alpha}")
-        super().__init__(name, lora if use_lora else None, trainable)
+        super().__init__(name, lora if use_lora else None, trainable, weighting=weighting)
         self.alpha = float(alpha)
         self.participation = 1.0  # |P| / m
         self.alpha_of: list[float] = []  # a_k per client

@@ -24,13 +24,14 @@ class FedLoRA(ModelOrAdapters):
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
         local_buffers: bool = False,
+        weighting: str = "samples",
     ):
         if not lora:
             raise ConfigError(
                 f"alg.lora must give the adapters' r, alpha, dropout and target_modules, got "
                 f"{lora}: alg={name} trains LoRA adapters (alg=fedavg trains the whole model)"
             )
-        super().__init__(name, lora, trainable, client_ranks, local_buffers=local_buffers)
+        super().__init__(name, lora, trainable, client_ranks, (), local_buffers, weighting)
 
 
 class FFALoRA(FedLoRA):

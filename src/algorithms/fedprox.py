@@ -37,11 +37,12 @@ class FedProx(ModelOrAdapters):
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
         local_buffers: bool = False,
+        weighting: str = "samples",
     ):
         if mu < 0:
             raise ConfigError(f"alg.mu must be >= 0, got {mu}")
         lora = lora if use_lora else None
-        super().__init__(name, lora, trainable, client_ranks, local_buffers=local_buffers)
+        super().__init__(name, lora, trainable, client_ranks, (), local_buffers, weighting)
         self.mu = float(mu)
 
     def download(self, model: nn.Module, received: TensorDict, private: TensorDict, client_id):

@@ -62,15 +62,15 @@ class FedSAFLoRA(ModelOrAdapters):
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
         private: Sequence[str] | None = None,
-        server_lr: float = 1.0,
         groups: str = "none",
         cluster: dict | None = None,
         export_adapters: bool = False,
         local_buffers: bool = False,
+        weighting: str = "samples",
     ):
         if private is None:  # B and every other trained tensor (the ViT's head) stay personal
             private = ["lora_B", *trainable]
-        super().__init__(name, lora, trainable, client_ranks, private, local_buffers)
+        super().__init__(name, lora, trainable, client_ranks, private, local_buffers, weighting)
         if not self.private:
             raise ConfigError("alg.private must keep something on the clients (e.g. [lora_B])")
         if any("lora_A" in p for p in self.private):
@@ -78,7 +78,6 @@ class FedSAFLoRA(ModelOrAdapters):
         if groups not in ("none", "natural"):
             raise ConfigError(f"alg.groups must be one of none, natural; got {groups!r}")
         self.groups = groups
-        self.server_lr = server_lr  # the aggregator's server_lr follows it (conf/aggregator/*)
         self.cluster = _cluster_config(cluster)
         self.export_adapters = bool(export_adapters)
         self.client_groups: list[int] | None = None  # group of each client (groups=natural)
@@ -140,43 +139,43 @@ class FedSAFLoRA(ModelOrAdapters):
         return self.client_groups is None and not self.cluster["enabled"]
 
     # ------------------------------------------------------------------ server half
-    def server_payload(self, aggregator, client_id: int | None) -> TensorDict:
+    def server_payload(self, server, client_id: int | None) -> TensorDict:
         cluster_id = None if client_id is None else self.client_cluster.get(client_id)
         if cluster_id is None:
-            return super().server_payload(aggregator, client_id)
+            return super().server_payload(server, client_id)
         mix, mean = self.cluster["mix"], self.cluster_means[cluster_id]
         return self.spec.views(
-            {name: (1 - mix) * mean[name] + mix * g for name, g in aggregator.state.items()},
+            {name: (1 - mix) * mean[name] + mix * g for name, g in server.state.items()},
             client_id,
         )
 
-    def server_begin(self, aggregator, round_idx: int) -> None:
+    def server_begin(self, server, round_idx: int) -> None:
         self.round_idx = round_idx
         self.last_k = None
         self._uploads: list[tuple[int, TensorDict, float]] = []
         if self.streams_uploads:
-            aggregator.begin(round_idx)
+            server.aggregator.begin(round_idx)
 
-    def server_add(self, aggregator, upload: TensorDict, weight: float, client_id: int) -> None:
+    def server_add(self, server, upload: TensorDict, weight: float, client_id: int) -> None:
         if self.streams_uploads:
-            return aggregator.add(upload, weight, client_id)
+            return server.aggregator.add(upload, weight, client_id)
         # uploads are views of the resident model: copy before the next client overwrites it
         self._uploads.append(
             (client_id, {n: t.detach().clone() for n, t in upload.items()}, weight)
         )
 
-    def server_finish(self, aggregator) -> None:
+    def server_finish(self, server) -> None:
         if self.streams_uploads:
-            return aggregator.finish(self.server_update)
+            return server.step()
         if not self._uploads:
             return
-        units = self._units(aggregator.state)
-        aggregator.begin(self.round_idx)
+        units = self._units(server.state)
+        server.aggregator.begin(self.round_idx)
         for unit in units:
-            aggregator.add(unit.tensors, unit.weight, unit.id)
-        aggregator.finish(self.server_update)
+            server.aggregator.add(unit.tensors, unit.weight, unit.id)
+        server.step()
         if self.cluster["enabled"] and len(units) >= max(2, self.clusters_needed):
-            self._cluster(units, aggregator.state)
+            self._cluster(units, server.state)
         elif self.cluster["enabled"]:  # clients dropped out this round (fault injection)
             log.warning(
                 "round %d: %d %ss uploaded, k-means needs %d (alg.cluster): no clustering this "

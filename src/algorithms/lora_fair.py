@@ -135,13 +135,14 @@ class LoRAFAIR(ModelOrAdapters):
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
         local_buffers: bool = False,
+        weighting: str = "samples",
         lam: float = 1.0,
         refine_steps: int = 1000,
         refine_lr: float = 0.01,
     ):
         if not lora:
             raise ConfigError(f"alg.lora={lora}: alg={name} refines LoRA factors; give alg.lora")
-        super().__init__(name, lora, trainable, client_ranks, (), local_buffers)
+        super().__init__(name, lora, trainable, client_ranks, (), local_buffers, weighting)
         self.require_equal_ranks("it averages A and B as FedIT does")
         if not _finite(lam) or lam < 0:
             raise ConfigError(f"alg.lam must be a finite number >= 0, got {lam!r}")
@@ -179,22 +180,22 @@ class LoRAFAIR(ModelOrAdapters):
             state[self.product_name(layer)] = state[layer.b].new_zeros(shape)
         return state
 
-    def server_payload(self, aggregator, client_id: int | None) -> TensorDict:
+    def server_payload(self, server, client_id: int | None) -> TensorDict:
         products = self.product_names  # server-side only: never sent
-        payload = super().server_payload(aggregator, client_id)
+        payload = super().server_payload(server, client_id)
         return {name: t for name, t in payload.items() if name not in products}
 
-    def server_begin(self, aggregator, round_idx: int) -> None:
+    def server_begin(self, server, round_idx: int) -> None:
         self.round_idx = round_idx
         self.last = {}  # a round without uploads refines nothing
-        aggregator.begin(round_idx)
+        server.aggregator.begin(round_idx)
 
-    def server_add(self, aggregator, upload: TensorDict, weight: float, client_id: int) -> None:
+    def server_add(self, server, upload: TensorDict, weight: float, client_id: int) -> None:
         products = {
             self.product_name(layer): product(upload[layer.a], upload[layer.b])
             for layer in self.pairs
         }
-        aggregator.add(upload | products, weight, client_id)
+        server.aggregator.add(upload | products, weight, client_id)
 
     def server_update(self, state: TensorDict, aggregate: TensorDict, step) -> None:
         layers = self.pairs

@@ -8,8 +8,9 @@ sent. A sampled client sets x_k <- x, then `local_rounds` (R) times:
     `steps` (tau) SGD steps (lr `person_lr`) on  f_k(w_k) + lam * R(P w_k - x_k)  w.r.t. w_k,
     x_k <- x_k - local_lr * lam * grad R(x_k - P w_k),
 with R = 1/2 |.|^2 (coupling=l2) or |.|_1 (coupling=l1, the robust choice), and uploads x_k:
-d numbers each way. Server: x <- (1 - beta) x + beta * agg(x_k), i.e. any aggregator with
-server_lr = beta. The client optimizer config (optim.*) is not used: the rule is plain SGD.
+d numbers each way. Server: x <- (1 - beta) x + beta * agg(x_k), with any aggregator as agg (then
+the server optimiser, server_opt, steps to that; its default sgd with lr 1 takes it as it is).
+The client optimizer config (optim.*) is not used: the rule is plain SGD.
 
 Defaults and options follow the reference code (github.com/desternylin/perfed, lp_proj), each
 pinned by tests/test_perfed.py (the table is in docs/fidelity.md):
@@ -67,10 +68,9 @@ class PerFed(Algorithm):
         grad_clip: float | None = 60.0,
         weight_decay: float | None = None,
         train_all_clients: bool = True,
-        server_lr: float | None = None,  # read by the aggregator (aggregator.server_lr)
-        weighting: str = "uniform",  # read by the aggregator (aggregator.weighting)
+        weighting: str = "uniform",  # the reference's simple mean of the x_k
     ):
-        super().__init__(name)
+        super().__init__(name, weighting=weighting)
         if coupling not in COUPLINGS:
             raise ConfigError(f"alg.coupling must be one of l1, l2; got {coupling!r}")
         for key, value in (("d", d), ("local_rounds", local_rounds), ("steps", steps)):
@@ -139,6 +139,7 @@ class PerFed(Algorithm):
             roles={"x": Role.OTHER},
             uploads_per_round=clients_per_round,
             personalized=True,
+            weighting=self.weighting,
             options=f"alg={self.name}",
         )
 
@@ -234,3 +235,11 @@ class PerFed(Algorithm):
 
     def upload_origin(self, model: nn.Module, state: ClientState) -> TensorDict:
         return {"x": state.work["x_k"].clone()}
+
+    # ------------------------------------------------------------------ server
+    def server_update(self, state: TensorDict, aggregate: TensorDict, step) -> None:
+        """x <- x + beta (agg(x_k) - x), i.e. (1 - beta) x + beta agg(x_k)."""
+        if self.beta == 1.0:
+            return step(state, aggregate)
+        x = state["x"]
+        step(state, {"x": torch.add(x, aggregate["x"].to(x.dtype) - x, alpha=self.beta)})

@@ -74,10 +74,11 @@ class RoLoRA(ModelOrAdapters):
         trainable: Sequence[str] = ("head",),
         client_ranks: int | Sequence[int] | None = None,
         local_buffers: bool = False,
+        weighting: str = "samples",
     ):
         if not lora:
             raise ConfigError(f"alg.lora={lora}: alg={name} alternates LoRA factors; give alg.lora")
-        super().__init__(name, lora, trainable, client_ranks, (), local_buffers)
+        super().__init__(name, lora, trainable, client_ranks, (), local_buffers, weighting)
         self.require_equal_ranks("every client must start a round from the same frozen factor")
         self.round_idx = 0  # the running round (server_begin); round 0 trains B
 
@@ -121,14 +122,14 @@ class RoLoRA(ModelOrAdapters):
         return {n: t for n, t in super().shared_views(model, client_id).items() if n not in frozen}
 
     # ------------------------------------------------------------------ server half
-    def server_begin(self, aggregator, round_idx: int) -> None:
+    def server_begin(self, server, round_idx: int) -> None:
         self.round_idx = round_idx
-        aggregator.begin(round_idx)
+        server.aggregator.begin(round_idx)
 
-    def server_add(self, aggregator, upload: TensorDict, weight: float, client_id: int) -> None:
+    def server_add(self, server, upload: TensorDict, weight: float, client_id: int) -> None:
         # the server's own frozen factor fills the place the aggregator expects; it is not stepped
-        frozen = {name: aggregator.state[name] for name in self.frozen_names()}
-        aggregator.add(upload | frozen, weight, client_id)
+        frozen = {name: server.state[name] for name in self.frozen_names()}
+        server.aggregator.add(upload | frozen, weight, client_id)
 
     def server_update(self, state: TensorDict, aggregate: TensorDict, step) -> None:
         frozen = self.frozen_names()

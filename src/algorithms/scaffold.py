@@ -7,10 +7,10 @@ steps with the corrected gradient  g_i(y_i) - c_i + c  (lr eta_l), then
     c_i+ = c_i - c + (x - y_i) / (K eta_l)                         (option II)
 and uploads (dy_i, dc_i) = (y_i - x, c_i+ - c_i): twice the bytes of FedAvg, each way.
 Server, over the sampled set S of N clients:
-    x <- x + eta_g mean(dy_i)        (the aggregator's server step: aggregator.server_lr = eta_g)
+    x <- x + eta_g mean(dy_i)        (the server optimiser's step: server_opt.lr = eta_g)
     c <- c + (|S| / N) mean(dc_i)
-The mean is the aggregator's: uniform by default, as in the paper (alg.weighting=uniform sets
-aggregator.weighting; samples: weighted by n_i). The paper has no official code.
+The mean is the aggregator's: uniform by default, as in the paper (alg.weighting=uniform;
+samples: weighted by n_i). The paper has no official code.
 Option II assumes plain SGD steps: conf/alg/scaffold.yaml picks optim=sgd_plain, and another
 client optimizer is refused before training (its `plain_sgd` declaration).
 `use_lora=true` applies all of it to the LoRA factors and head (equal ranks).
@@ -42,9 +42,9 @@ class Scaffold(ModelOrAdapters):
         use_lora: bool = False,
         lora: dict | None = None,
         trainable: Sequence[str] = ("head",),
-        weighting: str = "uniform",  # read by the aggregator (aggregator.weighting)
+        weighting: str = "uniform",  # the paper's mean over the sampled clients
     ):
-        super().__init__(name, lora if use_lora else None, trainable)
+        super().__init__(name, lora if use_lora else None, trainable, weighting=weighting)
         self.sampling_rate = 1.0  # |S| / N, known once the federation is
 
     # ------------------------------------------------------------------ set-up

@@ -12,19 +12,25 @@ from src.federated.evaluation import evaluable_clients
 ROBUST = "aggregator=median, trimmed_mean or krum"
 
 
-def check_aggregator(spec: SharedSpec, aggregator) -> None:
+def check_aggregator(spec: SharedSpec, aggregator, server_optimizer=None) -> None:
     agg, needs = f"aggregator={aggregator.name}", aggregator.needs
     if spec.mean_rule and not aggregator.mean_of_uploads:
         raise ConfigError(
             f"{agg} does not return the mean of the uploads, but {spec.options}'s server rule "
             f"needs it ({spec.mean_rule}); use aggregator=mean"
         )
-    if spec.mean_rule and aggregator.weighting != "uniform":
+    if spec.mean_rule and spec.weighting != "uniform":
         raise ConfigError(
-            f"aggregator.weighting={aggregator.weighting} with {spec.options}: its server rule "
-            f"needs the uniform mean of the uploads ({spec.mean_rule}); use "
-            "aggregator.weighting=uniform"
+            f"alg.weighting={spec.weighting} with {spec.options}: its server rule needs the "
+            f"uniform mean of the uploads ({spec.mean_rule}); use alg.weighting=uniform"
         )
+    if aggregator.plain_step and server_optimizer is not None:
+        opt = server_optimizer
+        if opt.opt != "sgd" or opt.momentum:
+            raise ConfigError(
+                f"{agg} takes server_opt=sgd without momentum ({aggregator.plain_step}); got "
+                f"server_opt={opt.opt}" + (f" with momentum {opt.momentum}" if opt.momentum else "")
+            )
     if needs.both_factors and not spec.layers:
         raise ConfigError(
             f"{agg} combines LoRA factors, but {spec.options} trains no LoRA adapters; use it "

@@ -77,6 +77,8 @@ class SharedSpec(LoraRanks):
     (e.g. it alternates or refines the means of A and B); '' when it does not.
     `mean_rule`: why the algorithm's server rule needs the aggregate to be the uniform mean of the
     uploads (FedDyn); '' when any reduction serves it.
+    `weighting`: how the server weighs each upload: samples (client k by n_k, its train samples)
+    or uniform (every upload 1); a rule that treats uploads alike (median, krum) ignores it.
     """
 
     roles: Mapping[str, Role]
@@ -87,6 +89,7 @@ class SharedSpec(LoraRanks):
     updates: bool = False  # uploads are differences (e.g. y - x), not values of the tensors
     tensorwise: str = ""  # why rules that combine A and B into products cannot serve it
     mean_rule: str = ""  # why the server rule needs the uniform mean of the uploads ('' if not)
+    weighting: str = "samples"  # samples | uniform (alg.weighting)
     options: str = ""  # the config options that decide the sharing, for error messages
 
     @property
