@@ -45,9 +45,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from src.federated.distributed import end_process_group, shard_clients
-from src.federated.objective import mean_loss
-from src.federated.sampling import client_generator, client_seed, sample_clients
+from src.contract.objective import mean_loss
+from src.contract.ranks import shard_clients
+from src.engine.distributed import end_process_group
+from src.engine.sampling import client_generator, client_seed, sample_clients
 from src.run import build_module, build_trainer, set_layout, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def time_fedsweep(
     precision: str = "32-true",
 ) -> tuple[list[float], int, str, float]:
     """Round times of the real machinery, the group size it trained clients in, the layout
-    (`processes`: trainer.processes, auto = the default layout, src/federated/layout.py) and the last
+    (`processes`: trainer.processes, auto = the default layout, src/engine/layout.py) and the last
     round's val/global_acc."""
     cfg = copy.deepcopy(cfg)
     cfg.fl.parallel_clients = parallel_clients

@@ -110,7 +110,16 @@ class Utilisation:
 def gpu_tests() -> dict:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "tests/test_precision.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "-rs",
+            "tests/engine/test_precision.py",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench import RESULTS, RoundTimes, compose_case
-from src.federated import data as federated_data
-from src.federated.checkpoint import LastRoundCheckpoint
+from src.engine import data as federated_data
+from src.engine.checkpoint import LastRoundCheckpoint
 from src.run import build_module, build_trainer, set_threads
 
 SAMPLES_PER_CLIENT = 10  # 8 train + 2 local test (partitioner.test_fraction=0.2)

@@ -40,7 +40,7 @@ def _null_or(test, allowed):
     return lambda v, c: v is None or (math.isfinite(v) and test(v)), f"null or {allowed}"
 
 
-# privacy=dp_fedavg (src/federated/privacy.py)
+# privacy=dp_fedavg (src/transforms/privacy.py)
 _PRIVACY_RULES = (
     ("privacy.clip", float, *_finite(lambda v: v > 0, "> 0 (finite)")),
     ("privacy.noise_multiplier", float, *_finite(lambda v: v >= 0, ">= 0 (finite)")),
@@ -182,7 +182,7 @@ def check_precision(cfg: DictConfig) -> None:
 
 
 def check_processes(cfg: DictConfig) -> None:
-    """trainer.processes=N > 1 forks N one-thread processes on the CPU (src/federated/layout.py); the
+    """trainer.processes=N > 1 forks N one-thread processes on the CPU (src/engine/layout.py); the
     trainer's own multi-process settings (trainer=ddp, trainer.devices) are the other way."""
     trainer = cfg.trainer
     processes = trainer.get("processes", "auto")
@@ -210,7 +210,7 @@ def check_processes(cfg: DictConfig) -> None:
 
 def check_privacy(cfg: DictConfig) -> None:
     """privacy=dp_fedavg: the sampling and weighting its noise is calibrated for (the algorithm
-    and aggregator it needs: their declarations, src/federated/compatibility.py)."""
+    and aggregator it needs: their declarations, src/engine/compatibility.py)."""
     node = cfg.get("privacy")
     if node is None:
         return

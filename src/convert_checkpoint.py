@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from src.engine.checkpoint import portable_numpy_state
 from src.errors import ConfigError
-from src.federated.checkpoint import portable_numpy_state
 from src.safe_load import load_tensors_only
 
 # how numpy 1.x and 2.x name the array constructor in a pickle

@@ -12,8 +12,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.aggregators import RankAwareMeanAggregator, ServerOptimizer, ZeroPadAggregator
+from src.aggregators import RankAwareMeanAggregator, ZeroPadAggregator
 from src.aggregators.lora_math import stack_factors, svd_factors
+from src.engine.server_opt import ServerOptimizer
 
 
 def _fro(x: torch.Tensor) -> float:

@@ -26,34 +26,34 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from torch import nn
 
 from src.config_checks import check_dataset_matches, validate_config
-from src.errors import ConfigError, RunInterrupted, user_error
-from src.federated.checkpoint import (
+from src.engine.checkpoint import (
     LastRoundCheckpoint,
     check_same_config,
     read_saved_run,
     resume_path,
 )
-from src.federated.client_state import ClientStateStore
-from src.federated.compatibility import (
+from src.engine.client_state import ClientStateStore
+from src.engine.compatibility import (
     check_aggregator,
     check_attack,
     check_client_optimizer,
     check_evaluable,
     check_privacy,
 )
-from src.federated.data import Federation
-from src.federated.distributed import ClientShardingStrategy, end_process_group
-from src.federated.faults import ClientFaults
-from src.federated.layout import layout_for
-from src.federated.orchestrator import FederatedModule
-from src.federated.privacy import DPFedAvg
-from src.federated.server import Server
-from src.federated.transforms import TransformChain
+from src.engine.data import Federation
+from src.engine.distributed import ClientShardingStrategy, end_process_group
+from src.engine.layout import layout_for
+from src.engine.orchestrator import FederatedModule
+from src.engine.server import Server
+from src.errors import ConfigError, RunInterrupted, user_error
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
 from src.outputs import RoundRecorder, summarize, write_summary
 from src.run_names import current_run_name, register_resolver
 from src.safe_load import first_line
 from src.threads import thread_count, wait_note
+from src.transforms.chain import TransformChain
+from src.transforms.faults import ClientFaults
+from src.transforms.privacy import DPFedAvg
 
 log = logging.getLogger("fedsweep")
 register_resolver()  # conf/config.yaml names sweep folders with it
@@ -160,7 +160,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
 def build_privacy(
     cfg: DictConfig, spec, num_clients: int, algorithm, aggregator
 ) -> DPFedAvg | None:
-    """privacy=dp_fedavg (src/federated/privacy.py), planned for this run; None for privacy=none."""
+    """privacy=dp_fedavg (src/transforms/privacy.py), planned for this run; None for privacy=none."""
     node = cfg.get("privacy")
     if node is None or node.name == "none":
         return None
@@ -222,7 +222,7 @@ def set_threads(cfg: DictConfig) -> None:
 
 
 def set_layout(cfg: DictConfig, module: FederatedModule) -> dict:
-    """`trainer.processes` (src/federated/layout.py): logged with the reason; returns the Trainer's
+    """`trainer.processes` (src/engine/layout.py): logged with the reason; returns the Trainer's
     arguments for forked processes (none for one process)."""
     layout = layout_for(
         cfg.trainer, torch.get_num_threads(), cfg.fl.parallel_clients, cfg.fl.rounds, module

@@ -1,5 +1,6 @@
 """The import graph of `src/`: no circle between modules, counting the imports inside functions
-too (a circle hidden in a function still ties the modules together)."""
+too (a circle hidden in a function still ties the modules together), and no import from a lower
+layer to a higher one (docs/architecture.md, "Layers")."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_the_finder_sees_a_circle():
 
 def test_no_module_of_src_is_in_an_import_circle():
     graph = import_graph()
-    assert "src.errors" in graph and "src.federated.orchestrator" in graph  # it read the tree
+    assert "src.errors" in graph and "src.engine.orchestrator" in graph  # it read the tree
     assert circles(graph) == []
 
 
@@ -81,10 +82,53 @@ def test_errors_import_nothing_of_src():
     assert import_graph()["src.errors"] == set()
 
 
-def test_models_and_data_import_no_algorithm_aggregator_or_engine():
-    """The lowest layers: a model or a dataset knows nothing of how it is federated."""
-    allowed = ("src.errors", "src.safe_load", "src.models", "src.data")
-    for module, imported in import_graph().items():
-        if module.startswith(("src.models", "src.data")):
-            upward = sorted(m for m in imported if not m.startswith(allowed))
-            assert upward == [], f"{module} imports {upward}"
+# Bottom to top; a module imports only from its own layer or lower ones, except that the three
+# plug-in packages (PLUGINS) share a layer but do not import each other.
+LAYERS = [
+    ("src.errors", "src.safe_load", "src.threads", "src.outputs"),
+    ("src.data", "src.models"),
+    ("src.contract",),
+    ("src.algorithms", "src.aggregators", "src.transforms"),
+    ("src.engine",),
+]
+PLUGINS = 3
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    """(layer, package) of a module of src; modules in no layer (the entry points: run, report,
+    config checks, loggers) are on top."""
+    for level, packages in enumerate(LAYERS):
+        for package in packages:
+            if module == package or module.startswith(package + "."):
+                return level, package
+    return len(LAYERS), module
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'a -> b' for every import of a module of a higher layer, or of a sibling package."""
+    found = []
+    for module, imported in graph.items():
+        level, package = layer_of(module)
+        for other in sorted(imported):
+            other_level, other_package = layer_of(other)
+            if other_level > level or (
+                other_level == level == PLUGINS and other_package != package
+            ):
+                found.append(f"{module} -> {other}")
+    return sorted(found)
+
+
+def test_the_layer_check_sees_an_upward_and_a_sideways_import():
+    graph = {
+        "src.contract.sharing": {"src.engine.server"},
+        "src.algorithms.x": {"src.aggregators.mean", "src.contract.sharing"},
+        "src.run": {"src.engine.server"},
+    }
+    assert upward_imports(graph) == [
+        "src.algorithms.x -> src.aggregators.mean",
+        "src.contract.sharing -> src.engine.server",
+    ]
+
+
+def test_no_module_imports_from_a_higher_layer_or_a_sibling_plugin_package():
+    assert upward_imports(import_graph()) == []

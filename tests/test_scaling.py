@@ -10,7 +10,7 @@ import pytest
 
 from src.data import IidPartitioner
 from src.data.datasets import load_synthetic
-from src.federated.data import Federation
+from src.engine.data import Federation
 from src.run import build_module, build_trainer
 from tests.conftest import compose_config
 

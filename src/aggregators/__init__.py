@@ -2,7 +2,6 @@ from src.aggregators.base import Aggregator
 from src.aggregators.lora_product import ExactAggregator, StackAggregator, SvdAggregator
 from src.aggregators.mean import MeanAggregator, RankAwareMeanAggregator, ZeroPadAggregator
 from src.aggregators.robust import KrumAggregator, MedianAggregator, TrimmedMeanAggregator
-from src.aggregators.server_opt import ServerOptimizer
 
 __all__ = [
     "Aggregator",
@@ -11,7 +10,6 @@ __all__ = [
     "MeanAggregator",
     "MedianAggregator",
     "RankAwareMeanAggregator",
-    "ServerOptimizer",
     "StackAggregator",
     "SvdAggregator",
     "TrimmedMeanAggregator",

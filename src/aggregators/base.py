@@ -4,17 +4,17 @@ An aggregator sees tensors and the algorithm's `SharedSpec` only, never the mode
 algorithm. It keeps the server's tensors (`state`) in the layout its rule needs and decides what
 each client receives (`broadcast`); in a round it sees the uploads one at a time (`add`, with the
 weight the server gives each: a mean needs one running sum, not every upload) and returns their
-reduction (`aggregate`). The server (src/federated/server.py) then post-processes the aggregate,
+reduction (`aggregate`). The server (src/engine/server.py) then post-processes the aggregate,
 lets the algorithm's server rule and the server optimiser move `state`, and calls `after_step`.
 What the rule requires of the sharing is its `needs`, checked before training
-(src/federated/compatibility.py).
+(src/engine/compatibility.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from src.federated.contract import Needs, SharedSpec, nbytes
+from src.contract.sharing import Needs, SharedSpec, nbytes
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -32,7 +32,7 @@ def master_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 class Aggregator:
     # True: a round's uploads are folded into sums, which DDP ranks combine with `all_reduce`;
-    # otherwise every rank is given every upload (src/federated/distributed.py)
+    # otherwise every rank is given every upload (src/engine/distributed.py)
     sums_uploads = False
     robust = False  # withstands a minority of arbitrary uploads (median, trimmed mean, krum)
     mean_of_uploads = False  # the aggregate is each coordinate's weighted mean over the uploads

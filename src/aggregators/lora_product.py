@@ -21,8 +21,8 @@ import torch
 from src.aggregators.base import Aggregator, TensorDict, master_copy
 from src.aggregators.lora_math import factors_from_svd, stack_factors
 from src.aggregators.mean import MeanAggregator
+from src.contract.sharing import Needs, Role, SharedSpec, nbytes
 from src.errors import ConfigError
-from src.federated.contract import Needs, Role, SharedSpec, nbytes
 
 
 class StackAggregator(Aggregator):

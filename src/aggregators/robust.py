@@ -20,8 +20,8 @@ import math
 import torch
 
 from src.aggregators.base import Aggregator, TensorDict
+from src.contract.sharing import Needs
 from src.errors import ConfigError
-from src.federated.contract import Needs
 
 
 class BufferedAggregator(Aggregator):

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from src.algorithms.base import Algorithm, TensorDict
+from src.contract.sharing import LoraLayer, LoraRanks, Role, SharedSpec
 from src.errors import ConfigError
-from src.federated.contract import LoraLayer, LoraRanks, Role, SharedSpec
 
 
 class ModelOrAdapters(Algorithm):

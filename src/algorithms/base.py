@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from src.contract.objective import mean_loss
+from src.contract.sharing import Role, SharedSpec
 from src.errors import ConfigError
-from src.federated.contract import Role, SharedSpec
-from src.federated.objective import mean_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 TensorDict = dict[str, torch.Tensor]
@@ -92,7 +92,7 @@ class Algorithm:
       finish(model, state) -> (upload, private)  what the client sends and keeps
       upload_origin(model, state)           what it would send untrained (attacks reverse it)
       deploy(model, received, private, id)  the model a client (or the server: None) evaluates
-    server (`server`: src/federated/server.py)
+    server (`server`: src/engine/server.py)
       server_payload(server, id)            what a client receives
       server_begin / server_add / server_finish(server, ...)  regroup uploads (rarely)
       server_update(state, aggregate, step) the server rule; `step` is the server optimiser
@@ -112,7 +112,7 @@ class Algorithm:
     which makes the algorithm personalised. Integer buffers (BatchNorm's `num_batches_tracked`)
     are counters, not statistics: they are never sent (see `check_buffers`)."""
 
-    # Declarations, checked before training (src/federated/compatibility.py):
+    # Declarations, checked before training (src/engine/compatibility.py):
     privacy = False  # privacy=dp_fedavg is sound: one upload of trained values per client
     plain_sgd = ""  # why the rule needs plain SGD client steps ('' if any optimizer serves)
 
@@ -296,7 +296,7 @@ class Algorithm:
         return float(loss_sum), int(seen), step
 
     # The two step rules are written once for one client and for clients trained together
-    # (fl.parallel_clients, src/federated/vectorised.py): `params` (each with its `.grad`, None
+    # (fl.parallel_clients, src/engine/vectorised.py): `params` (each with its `.grad`, None
     # where no gradient reached it) and `work` then carry a leading client dimension. A rule
     # made of element-wise operations serves both as it is; `per_client` shapes a per-client
     # number to broadcast in either case.
@@ -355,7 +355,7 @@ class Algorithm:
         return True
 
     def server_begin(self, server, round_idx: int) -> None:
-        """A round starts (`server`: src/federated/server.py)."""
+        """A round starts (`server`: src/engine/server.py)."""
         server.aggregator.begin(round_idx)
 
     def server_add(self, server, upload: TensorDict, weight: float, client_id: int) -> None:

@@ -53,7 +53,7 @@ Differences from the reference, and why:
 
 Equal ranks only. Rules that combine LoRA products (stack, svd, exact) are refused before
 training: the SharedSpec also lists the local adapter's layers, whose factors stay on the clients,
-so src/federated/compatibility.py sees that not every layer's product B A is uploaded (stack and
+so src/engine/compatibility.py sees that not every layer's product B A is uploaded (stack and
 exact would also merge the global product into the base weights under the local adapter, where it
 counts at weight 1 instead of w(x)).
 """
@@ -74,9 +74,9 @@ from torch import nn
 
 from src.algorithms.adapters import ModelOrAdapters
 from src.algorithms.base import ClientRun, ClientState, TensorDict
+from src.contract.sharing import LoraLayer as SharedLayer
+from src.contract.sharing import SharedSpec
 from src.errors import ConfigError
-from src.federated.contract import LoraLayer as SharedLayer
-from src.federated.contract import SharedSpec
 
 GLOBAL, LOCAL = "default", "local"  # peft adapter names
 _ANCHOR_STREAM = 0xD9A  # the seed stream of the anchors drawn at deployment

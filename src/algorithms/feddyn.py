@@ -20,7 +20,7 @@ weight decay 1e-3 and gradient clipping at norm 10 on the loss and linear term);
 evaluated is theta, which clients start from (the code also reports the plain mean of the
 uploads). Clients trained together (fl.parallel_clients) apply the same rule to stacked tensors.
 The declaration `mean_rule` makes every aggregator that is not the uniform mean of the
-uploads refuse it before training (src/federated/compatibility.py).
+uploads refuse it before training (src/engine/compatibility.py).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from torch import nn
 
 from src.algorithms.adapters import ModelOrAdapters
 from src.algorithms.base import ClientState, TensorDict, per_client
+from src.contract.sharing import SharedSpec
 from src.errors import ConfigError
-from src.federated.contract import SharedSpec
 
 DRIFT = "feddyn_lambda:"  # prefix of a client's lambda_k (the parameter's name follows)
 

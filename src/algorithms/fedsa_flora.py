@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.aggregators.clustering import cluster_rows
-from src.aggregators.mean import leading_block, owner_weighted_mean
 from src.algorithms.adapters import ModelOrAdapters, TensorDict
+from src.algorithms.clustering import cluster_rows
+from src.contract.means import leading_block, owner_weighted_mean
+from src.contract.sharing import SharedSpec
 from src.errors import ConfigError
-from src.federated.contract import SharedSpec
 
 log = logging.getLogger(__name__)
 

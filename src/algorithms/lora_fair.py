@@ -50,7 +50,7 @@ rounds) and end with a lower similarity than B_bar's own; the logged cosines sho
 Equal ranks only (the paper's setting; the derived code's zero-padding of mixed ranks is not
 taken). Aggregators that build factors or base weights from the products themselves (stack, svd,
 exact) are refused: they replace the FedIT means that LoRA-FAIR refines (the SharedSpec says so:
-`tensorwise`, checked before training in src/federated/compatibility.py).
+`tensorwise`, checked before training in src/engine/compatibility.py).
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.algorithms.adapters import ModelOrAdapters, TensorDict
+from src.contract.sharing import SharedSpec
 from src.errors import ConfigError
-from src.federated.contract import SharedSpec
 
 # the reference's early stop: the summed loss moved by less than STOP_TOL on STOP_PATIENCE steps
 STOP_TOL, STOP_PATIENCE = 1e-6, 5

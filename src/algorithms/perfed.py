@@ -13,7 +13,7 @@ the server optimiser, server_opt, steps to that; its default sgd with lr 1 takes
 The client optimizer config (optim.*) is not used: the rule is plain SGD.
 
 Defaults and options follow the reference code (github.com/desternylin/perfed, lp_proj), each
-pinned by tests/test_perfed.py (the table is in docs/fidelity.md):
+pinned by tests/algorithms/test_perfed.py (the table is in docs/fidelity.md):
 - `grad_clip=60`: grad f is clipped to L2 norm 60 (over all trained tensors) before the
   regulariser's gradient is added (null: no clipping);
 - `train_all_clients=true`: every client trains every round (its w_k moves); only the sampled
@@ -40,8 +40,8 @@ from torch import nn
 
 from src.algorithms.base import Algorithm, ClientRun, ClientState, TensorDict, per_client
 from src.algorithms.projection import RandomProjection
+from src.contract.sharing import Role, SharedSpec
 from src.errors import ConfigError
-from src.federated.contract import Role, SharedSpec
 
 COUPLINGS = ("l1", "l2")
 # alg.weight_decay=null: what the reference client of each coupling applies (module docstring)

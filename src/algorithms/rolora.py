@@ -44,7 +44,7 @@ Differences from the reference, and why:
 Equal ranks only (the paper's setting): with mixed ranks the average is no longer exact.
 Aggregators that combine both factors themselves (stack, svd, exact) are refused: no upload holds
 both, and the mean is already exact (the SharedSpec says so: `tensorwise`, checked before
-training in src/federated/compatibility.py).
+training in src/engine/compatibility.py).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from src.algorithms.adapters import ModelOrAdapters, TensorDict
+from src.contract.sharing import SharedSpec
 from src.errors import ConfigError
-from src.federated.contract import SharedSpec
 
 
 def trains_b(round_idx: int) -> bool:

@@ -26,8 +26,8 @@ from torch import nn
 
 from src.algorithms.adapters import ModelOrAdapters
 from src.algorithms.base import ClientState, TensorDict
+from src.contract.sharing import Role, SharedSpec
 from src.errors import ConfigError
-from src.federated.contract import Role, SharedSpec
 
 CONTROL = "scaffold_c:"  # prefix of a control variate's name (the parameter's name follows)
 

@@ -1,0 +1,330 @@
+"""One round's client work on the one resident model: for each client of this DDP rank, load what
+the server sent and its private state (`Algorithm.download`), train (`Algorithm.local_update`),
+take what it uploads and keeps (`Algorithm.finish`), pass the upload through the transform chain and hand it to the round's exchange. With
+fl.parallel_clients=K, up to K clients train together instead (src/engine/vectorised.py):
+each is loaded in turn and its trained tensors copied, they train in one batched computation,
+then each one's result goes back into the model for its upload.
+
+A client that raises an injected fault (or any error, with fault.on_error=drop) is dropped and
+counted; any other error is a bug and stops the run (`ClientError`). A non-finite upload is
+dropped and counted apart (`clients/nonfinite`): robustness, not a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from src.algorithms import Algorithm
+from src.algorithms.base import ClientRun, batching_blocker
+from src.contract.sharing import nbytes
+from src.engine.client_state import ClientStateStore
+from src.engine.data import Federation
+from src.engine.distributed import RoundExchange
+from src.engine.layout import MARGIN
+from src.engine.sampling import client_generator, client_seed
+from src.engine.server import Server
+from src.engine.vectorised import ClientStart, choose_group_size, train_together
+from src.errors import ClientError
+from src.transforms.chain import InjectedFault, TransformChain
+
+log = logging.getLogger(__name__)
+
+TensorDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class RoundTotals:
+    """What one rank's clients did in a round (summed over the ranks by the orchestrator)."""
+
+    loss_sum: float = 0.0  # sum of per-target training losses
+    seen: int = 0  # targets trained on: samples, or response tokens for text
+    failed: int = 0  # clients that raised and were dropped
+    nonfinite: int = 0  # clients whose upload was not finite
+    up_bytes: int = 0
+    down_bytes: int = 0
+    dropped: list[dict] = field(default_factory=list)  # round, client, reason
+    failed_ids: set[int] = field(default_factory=set)
+
+    def counts(self) -> list[float]:
+        return [
+            self.loss_sum,
+            self.seen,
+            self.failed,
+            self.nonfinite,
+            self.up_bytes,
+            self.down_bytes,
+        ]
+
+    def drop(self, client_id: int, round_idx: int, reason: str, nonfinite: bool = False) -> None:
+        if nonfinite:
+            self.nonfinite += 1
+        else:
+            self.failed += 1
+            self.failed_ids.add(client_id)
+        self.dropped.append({"round": round_idx + 1, "client": client_id, "reason": reason})
+        log.warning("round %d: client %d %s; dropped", round_idx + 1, client_id, reason)
+
+
+@dataclass
+class ClientLoop:
+    model: nn.Module
+    algorithm: Algorithm
+    server: Server
+    federation: Federation
+    store: ClientStateStore
+    transforms: TransformChain
+    make_optimizer: Callable[..., torch.optim.Optimizer]
+    local_epochs: int
+    batch_size: int
+    seed: int
+    drop_client_errors: bool  # fault.on_error=drop
+
+    parallel_clients: int | str = 1  # fl.parallel_clients: up to this many train together, auto
+    _blocker: str | None = None  # why they cannot (found once), '' when they can
+    _alone_rate: float | None = None  # auto's probe: samples/s one client alone, until checked
+
+    def train_round(
+        self,
+        clients: list[int],
+        round_idx: int,
+        exchange: RoundExchange,
+        backward: Callable[[torch.Tensor], None],
+        check_interrupt: Callable[[], None],
+    ) -> RoundTotals:
+        """Train `clients` (alone, or in groups trained together), handing each upload to
+        `exchange`; `check_interrupt` runs before each client or group (it raises when a stop
+        was asked for)."""
+        totals = RoundTotals()
+        for group in self.groups(clients):
+            check_interrupt()
+            if len(group) == 1:
+                self.train_alone(group[0], round_idx, exchange, backward, totals)
+            else:
+                self.train_group(group, round_idx, exchange, backward, totals)
+        return totals
+
+    def groups(self, clients: list[int]) -> list[list[int]]:
+        """Clients trained together: up to `parallel_clients` of equal LoRA rank (one scale
+        s_k = alpha / r_k per group), in the given order within a group; one by one when they cannot."""
+        if self.parallel_clients == 1 or self.blocker():
+            return [[c] for c in clients]
+        if self.parallel_clients == "auto":
+            self.parallel_clients, why, alone_s = self.choose_group_size(clients)
+            log.info("fl.parallel_clients=auto: %d (%s)", self.parallel_clients, why)
+            if self.parallel_clients == 1:
+                return [[c] for c in clients]
+            self._alone_rate = self.batch_size / alone_s  # checked after the first round
+        by_key: dict[object, list[int]] = {}
+        for client_id in clients:
+            by_key.setdefault(self.server.spec.rank(client_id), []).append(client_id)
+        k = self.parallel_clients
+        return [ids[i : i + k] for ids in by_key.values() for i in range(0, len(ids), k)]
+
+    def choose_group_size(self, clients: list[int]) -> tuple[int, str, float]:
+        """auto: from memory and a short timing on the first client's first batch (a generator of
+        its own: the clients' batches, the model and the RNG streams are left as they were)."""
+        trained = self.trained_tensors()
+        device = next(iter(trained.values())).device
+        index = self.federation.clients[clients[0]].train
+        generator = torch.Generator(device=device).manual_seed(0)
+        with self.federation.train.uncounted():
+            batch = next(self.federation.train.batches(index, self.batch_size, generator))
+        return choose_group_size(self.model, trained, batch, len(clients))
+
+    def check_group_size(self, loop_s: float, samples: int) -> None:
+        """After the first round with the group size auto chose: back to one client after the
+        other if the round took longer than its samples one by one at the probe's speed
+        (plus `MARGIN`): the probe times one batch, the round is what counts."""
+        if self._alone_rate is None:
+            return
+        alone_s, self._alone_rate = samples / self._alone_rate, None  # checked once
+        lost = loop_s > MARGIN * alone_s
+        log.info(
+            "fl.parallel_clients=auto check: the first round's clients trained in %.1f s with "
+            "%d together; one by one, estimated: %.1f s: %s", loop_s, self.parallel_clients,
+            alone_s, "one after the other from round 2 on" if lost else "kept",
+        )  # fmt: skip
+        if lost:
+            self.parallel_clients = 1
+
+    def blocker(self) -> str:
+        if self._blocker is None:
+            self._blocker = batching_blocker(self.algorithm, self.model)
+            if not self._blocker and self.federation.is_text:
+                self._blocker = "text batches are not trained together yet"
+            if self._blocker:
+                log.info(
+                    "fl.parallel_clients=%s: clients train one after the other (%s)",
+                    self.parallel_clients,
+                    self._blocker,
+                )
+                self.parallel_clients = 1
+        return self._blocker
+
+    # ------------------------------------------------------------------ one client
+    def train_alone(self, client_id, round_idx, exchange, backward, totals: RoundTotals) -> None:
+        payload = self.receive(client_id, totals)
+        with self.client_errors(client_id, round_idx, totals):
+            upload, private, loss_sum, seen = self.run_client(
+                client_id, round_idx, payload, backward
+            )
+        if client_id in totals.failed_ids:
+            return
+        self.hand_in(client_id, round_idx, upload, private, loss_sum, seen, exchange, totals)
+
+    def run_client(
+        self,
+        client_id: int,
+        round_idx: int,
+        payload: TensorDict,
+        backward: Callable[[torch.Tensor], None],
+    ) -> tuple[TensorDict, TensorDict, float, int]:
+        """Load the payload and private state into the resident model, train locally; returns
+        (upload, private state kept, loss sum, targets seen). Both may hold views of the
+        resident model: they are read (or copied) before the next client overwrites it."""
+        generator, origin, run, state = self.start_client(client_id, round_idx, payload, backward)
+        loss_sum, seen = self.algorithm.local_update(self.model, state, run)
+        upload, private = self.algorithm.finish(self.model, state)
+        upload = self.transforms.apply(client_id, upload, origin, generator)
+        return upload, private, loss_sum, seen
+
+    def start_client(self, client_id, round_idx, payload, backward):
+        """(generator, origin, ClientRun, ClientState) of a client whose state is now in the
+        resident model."""
+        # Seeded first: everything random on the client (a fresh LoRA init, batch order, dropout)
+        # depends only on (seed, round, client), not on which clients ran before.
+        device = next(self.model.parameters()).device
+        generator = client_generator(client_seed(self.seed, round_idx, client_id), device)
+        state = self.algorithm.download(self.model, payload, self.store.load(client_id), client_id)
+        origin = (
+            self.algorithm.upload_origin(self.model, state)
+            if self.transforms.needs_origin(client_id)
+            else None
+        )
+        self.transforms.before_training(client_id)
+        train_index = self.federation.clients[client_id].train
+
+        def one_pass():
+            batches = self.federation.train.batches(train_index, self.batch_size, generator)
+            return self.transforms.batches(client_id, batches, self.federation.num_classes)
+
+        run = ClientRun(
+            client_id, round_idx, self.local_epochs, self.make_optimizer, backward, one_pass
+        )
+        return generator, origin, run, state
+
+    # ------------------------------------------------------------------ clients together
+    def train_group(self, group, round_idx, exchange, backward, totals: RoundTotals) -> None:
+        """Load each client's state in turn and keep a copy of its trained tensors, train them
+        all together (src/engine/vectorised.py), then hand in each client's upload."""
+        starts, started = [], []
+        for client_id in group:
+            payload = self.receive(client_id, totals)
+            with self.client_errors(client_id, round_idx, totals):
+                generator, origin, run, state = self.start_client(
+                    client_id, round_idx, payload, backward
+                )
+            if client_id in totals.failed_ids:
+                continue
+            trained = {n: t.detach().clone() for n, t in self.trained_tensors().items()}
+            work = {n: t.clone() for n, t in state.work.items()}
+            run = self.algorithm.client_run(run)  # its optimizer and batches
+            starts.append(ClientStart(client_id, trained, run.batches(), work))
+            started.append((client_id, generator, origin, run, state))
+        if not starts:
+            return
+        try:
+            results = train_together(
+                self.model,
+                starts,
+                started[0][3].make_optimizer,  # the same for all
+                backward,
+                self.algorithm,
+            )
+        except Exception as error:  # a bug; which client's is unknown here
+            raise ClientError(
+                f"round {round_idx + 1}: clients {[s.client_id for s in starts]} trained together "
+                f"raised {type(error).__name__}: {error} (fl.parallel_clients=1 trains them one "
+                "by one)"
+            ) from error
+        params = dict(self.model.named_parameters())
+        for (client_id, generator, origin, _, state), result in zip(started, results, strict=True):
+            with self.client_errors(client_id, round_idx, totals):
+                with torch.no_grad():
+                    for name, tensor in result.trained.items():
+                        params[name].copy_(tensor)
+                state.work, state.steps, state.lr = result.work, result.steps, result.lr
+                upload, private = self.algorithm.finish(self.model, state)
+                upload = self.transforms.apply(client_id, upload, origin, generator)
+            if client_id in totals.failed_ids:
+                continue
+            self.hand_in(
+                client_id,
+                round_idx,
+                upload,
+                private,
+                result.loss_sum,
+                result.seen,
+                exchange,
+                totals,
+            )
+
+    # ------------------------------------------------------------------ shared
+    def trained_tensors(self) -> TensorDict:
+        """The resident model's trained parameters (what a batched group stacks)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def receive(self, client_id: int, totals: RoundTotals) -> TensorDict:
+        """What the server sends the client, counted in the round's download bytes."""
+        payload = self.server.payload(client_id)
+        totals.down_bytes += self.server.download_bytes(client_id, payload)
+        return payload
+
+    @contextmanager
+    def client_errors(self, client_id: int, round_idx: int, totals: RoundTotals):
+        """An injected fault (or any error, with fault.on_error=drop) drops the client; any other
+        error stops the run."""
+        try:
+            yield
+        except InjectedFault as fault:
+            totals.drop(client_id, round_idx, f"raised {fault}")
+        except Exception as error:  # a bug: stop, unless the user asked for tolerance
+            if not self.drop_client_errors:
+                raise ClientError(
+                    f"round {round_idx + 1}: client {client_id} raised "
+                    f"{type(error).__name__}: {error} (fault.on_error=drop drops such "
+                    "clients instead)"
+                ) from error
+            totals.drop(client_id, round_idx, f"raised {type(error).__name__}: {error}")
+
+    def hand_in(
+        self, client_id, round_idx, upload, private, loss_sum, seen, exchange, totals
+    ) -> None:
+        """A trained client's upload to the round's exchange, unless it is not finite."""
+        if exchange.takes_upload(client_id):
+            totals.up_bytes += nbytes(upload)  # sent, even if the server then rejects it
+        if not all_finite(list(upload.values())):
+            totals.drop(client_id, round_idx, "uploaded non-finite values", nonfinite=True)
+            return
+        private = private or None
+        weight = float(len(self.federation.clients[client_id].train))
+        exchange.add(client_id, upload, weight, private)
+        totals.loss_sum += loss_sum
+        totals.seen += seen
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of `tensors` is finite. A non-finite element makes its tensor's
+    norm non-finite, so one fused norm over all tensors answers the common case (10x faster
+    than `isfinite` per tensor); only a non-finite norm, which a huge finite tensor can also
+    give, is checked element by element."""
+    floating = [t for t in tensors if t.is_floating_point() or t.is_complex()]
+    if not floating or torch.stack(torch._foreach_norm(floating)).isfinite().all():
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in floating)
