@@ -1,4 +1,4 @@
-"""The GPU check (`make gpu-check`): one short device session settles what needs a GPU (issue 15).
+"""The GPU check (`make gpu-check`): one short run on a GPU machine measures what needs a GPU.
 
 1. the tests marked `gpu` (skipped elsewhere): `pytest -m gpu`;
 2. vit_small32 on 16 px data, 50 clients per round: fedsweep one client after the other, the
@@ -32,9 +32,7 @@ import torch
 from benchmarks.bench import IMAGES_16, ROOT, run_case
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu"
-QWEN_CONFIG = os.environ.get(
-    "FEDSWEEP_QWEN_CONFIG", str(ROOT.parent / "shared/data/qwen2.5-0.5b-instruct")
-)
+QWEN_CONFIG = os.environ.get("FEDSWEEP_QWEN_CONFIG")  # a folder with a Qwen config.json
 
 
 def cases(quick: bool, qwen_config: str | None) -> dict[str, list[str] | str]:

@@ -1,4 +1,4 @@
-"""trainer.threads on a shared machine (issue 15): the same training step of vit_small32 (28 px,
+"""trainer.threads on a shared machine: the same training step of vit_small32 (28 px,
 batch 32, AdamW) timed quiet and with one busy process pinned to one of this process's cores, for
 torch's defaults (one thread per core, OpenMP's own spin-wait) and for fedsweep's (bounded
 spin-wait; trainer.threads=auto counts the idle cores when the run starts, so a neighbour that

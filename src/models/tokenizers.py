@@ -26,7 +26,7 @@ class ByteTokenizer:
 
 
 def load_tokenizer(path: str | None = None, config_path: str | None = None):
-    """`config_path` (a folder with a tokenizer, e.g. ../shared/data/qwen2.5-0.5b-instruct) wins
+    """`config_path` (a folder with a tokenizer, e.g. Qwen2.5-0.5B-Instruct's files) wins
     over `path` (the model's folder or hub id); neither: the byte-level tokenizer."""
     folder = config_path or path
     if folder is None:
