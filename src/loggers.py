@@ -73,6 +73,8 @@ def wandb_logger(
 ) -> WandbLogger:
     """W&B through Lightning's WandbLogger: online when logged in (or `mode`), the run tagged
     with its algorithm, model, data, partitioner, aggregator and seed, and its whole config."""
+    import wandb
+
     mode = mode or ("online" if wandb_logged_in() else "offline")
     tags = [
         cfg.alg.name,
@@ -95,6 +97,9 @@ def wandb_logger(
         config=OmegaConf.to_container(cfg, resolve=True),
         id=run_id,
         resume="allow",  # the run id is new, or the one a resumed run continues
+        # no banner, run history or summary on the console (a sweep's job lines stay readable);
+        # W&B's warnings and errors still show. finish_wandb says where an offline run is.
+        settings=wandb.Settings(quiet=True, show_info=False),
     )
 
 

@@ -1,4 +1,5 @@
-"""The run folder's files: metrics.csv (one row per evaluated round) and summary.json."""
+"""The run folder's files: metrics.csv (one row per evaluated round), clients.csv (one row per
+client and round it trained or was scored in) and summary.json."""
 
 from __future__ import annotations
 
@@ -28,6 +29,51 @@ class RoundRecorder:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.rows)
+
+
+CLIENT_COLUMNS = [
+    "round",  # 1-based, as metrics.csv
+    "client",
+    "sampled",  # 1: its upload was aggregated this round (perfed also trains unsampled clients)
+    "trained",  # 1: it trained this round
+    "dropped",  # why it was dropped (a fault, an error, a non-finite upload); empty if not
+    "malicious",  # 1: a client of the attack
+    "train_samples",
+    "personal_acc",  # its deployed model on its local test split, where this round evaluated it
+]
+
+
+class ClientRecorder:
+    """Appends each round's clients to `clients.csv`: the clients that trained (sampled or not,
+    dropped or not) and, in an evaluated round, every scored client with its accuracy. The rows
+    of rounds after a resumed checkpoint's are cut, so a resumed run writes the same file."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path is not None else None
+
+    def record(self, rows: list[dict]) -> None:
+        if self.path is None or not rows:
+            return
+        new = not self.path.is_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CLIENT_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def keep_rounds(self, rounds_done: int, source: Path | None = None) -> None:
+        """At resume: the rows of the first `rounds_done` rounds, from this run's file or, for a
+        run resumed into a new folder, from `source` (the checkpoint's run's clients.csv)."""
+        if self.path is None:
+            return
+        found = self.path if self.path.is_file() else source
+        if found is None or not found.is_file():
+            return
+        with found.open(newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["round"]) <= rounds_done]
+        self.path.unlink(missing_ok=True)
+        self.record(rows)
 
 
 def summarize(rows: list[dict]) -> dict:

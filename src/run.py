@@ -22,6 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch import nn
 
@@ -47,7 +48,7 @@ from src.engine.orchestrator import FederatedModule
 from src.engine.server import Server
 from src.errors import ConfigError, RunInterrupted, user_error
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
-from src.outputs import RoundRecorder, summarize, write_summary
+from src.outputs import ClientRecorder, RoundRecorder, summarize, write_summary
 from src.run_names import current_run_name, register_resolver
 from src.safe_load import first_line
 from src.threads import thread_count, wait_note
@@ -145,6 +146,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         eval_batch_size=cfg.fl.eval_batch_size,
         seed=cfg.seed,
         recorder=RoundRecorder(output_dir / "metrics.csv"),
+        client_recorder=ClientRecorder(output_dir / "clients.csv"),
         transforms=TransformChain([faults, attack, *([privacy] if privacy else [])]),
         malicious=attack.malicious,
         drop_client_errors=faults.on_error == "drop",
@@ -189,6 +191,14 @@ def writable_output_dir(cfg: DictConfig) -> Path:
             "point hydra.run.dir (or hydra.sweep.dir) at a folder you can write"
         ) from error
     return output_dir
+
+
+class RoundProgressBar(RichProgressBar):
+    """Lightning's progress bar, counting rounds from 1 as the log does (an epoch is a round)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        total = self.trainer.max_epochs
+        return f"round {current_epoch + 1}" + (f"/{total}" if total is not None else "")
 
 
 def build_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
@@ -253,6 +263,7 @@ def train(cfg: DictConfig) -> dict:
         check_same_config(saved.get("config", {}), config, resume_from)
 
     module = build_module(cfg, output_dir)
+    module.started = started  # wall time counts from here (plus a resumed run's earlier parts)
     module.run_config = config
     # a resumed run continues its W&B run; a new one gets its id now, kept in the checkpoints
     module.wandb_id = saved.get("wandb_id") or wandb_run_id()
@@ -262,7 +273,10 @@ def train(cfg: DictConfig) -> dict:
     fields = dict(run_name=run_name, rounds=cfg.fl.rounds, config=config)
     try:
         layout = set_layout(cfg, module)
-        trainer = build_trainer(cfg, logger=loggers or False, callbacks=[checkpoint], **layout)
+        callbacks = [checkpoint]
+        if cfg.trainer.get("enable_progress_bar", True):
+            callbacks.append(RoundProgressBar())  # "round 3/20", as the log counts
+        trainer = build_trainer(cfg, logger=loggers or False, callbacks=callbacks, **layout)
         if resume_from:
             log.info(
                 "resuming from %s (%d of %d rounds done)",
@@ -324,7 +338,7 @@ def train(cfg: DictConfig) -> dict:
             output_dir / "summary.json",
             status="completed",
             rounds_done=module.current_epoch,
-            wall_time_s=time.perf_counter() - started,
+            wall_time_s=module.wall_time_s(),  # with the parts before a resume
             cpu_threads=torch.get_num_threads(),  # float results depend on it (trainer.threads)
             total_bytes=module.total_bytes,
             **summarize(module.recorder.rows),

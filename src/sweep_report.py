@@ -1,5 +1,7 @@
 """A sweep's progress and end: one line per finished job (job i/N, its overrides, its final
-metric, its time), then one line listing the jobs that failed and a non-zero exit code.
+metric, its time); at the end a table of every job (the overrides that vary, the final metric,
+the time) and the command that compares them, then one line listing the jobs that failed and a
+non-zero exit code.
 
 Registered as Hydra callbacks (conf/config.yaml, `hydra.callbacks`); every job has written its
 status, final metrics and wall time (or its error) into its own summary.json (src/run.py).
@@ -75,11 +77,34 @@ def job_line(done: int, total: int | None, overrides: list[str], summary: dict, 
     return f"job {count} {' '.join(overrides)}: {outcome}{took}"
 
 
+def results_table(rows: list[tuple[dict[str, str], dict]], metric: str) -> str:
+    """The finished jobs as an aligned table: one row per job, a column per override that varies,
+    the final `metric` (or the job's status), the time."""
+    keys = sorted({key for overrides, _ in rows for key in overrides})
+    header = ["#", *keys, metric, "time (s)"]
+    lines = [header]
+    for number, (overrides, summary) in enumerate(rows, start=1):
+        value = summary.get("final", {}).get(metric)
+        if summary.get("status") != "completed":
+            shown = str(summary.get("status", "no summary.json")).upper()
+        else:
+            shown = f"{value:.4g}" if isinstance(value, int | float) else "-"
+        seconds = summary.get("wall_time_s")
+        took = f"{seconds:.1f}" if isinstance(seconds, int | float) else "-"
+        lines.append([str(number), *(overrides.get(k, "") for k in keys), shown, took])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
 class SweepProgress(Callback):
-    """Prints one line per finished job of a multirun, so a long sweep can be followed."""
+    """Prints one line per finished job of a multirun, so a long sweep can be followed, and a
+    table of all of them at the end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.done = 0
+        self.rows: list[tuple[dict[str, str], dict]] = []
         # the command line's sweeps and a preset's hydra.sweeper.params (experiment=..._cpu)
         params = config.hydra.sweeper.get("params") or {}
         overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
@@ -91,6 +116,12 @@ class SweepProgress(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         os.environ.pop(SWEEP_KEYS_ENV, None)
+        rows = getattr(self, "rows", [])
+        if rows:
+            sweep_dir = config.hydra.sweep.dir
+            print(f"\nsweep of {len(rows)} jobs in {sweep_dir}:", flush=True)
+            print(results_table(rows, config.optimized_metric), flush=True)
+            print(f"compare them: python -m src.report {sweep_dir}", flush=True)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         if config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":
@@ -100,6 +131,8 @@ class SweepProgress(Callback):
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         varying = getattr(self, "varying", None)  # a sweeper's own (e.g. Optuna): all shown
         shown = [o for o in job_return.overrides if not varying or override_key(o) in varying]
+        if hasattr(self, "rows"):
+            self.rows.append((dict(o.split("=", 1) for o in shown if "=" in o), summary))
         line = job_line(
             self.done, getattr(self, "total", None), shown, summary, config.optimized_metric
         )

@@ -49,6 +49,22 @@ def test_a_failing_job_does_not_stop_the_sweep_but_fails_its_exit_code(tmp_path)
     assert f"val/personal_acc {metric:.4g} in " in progress[0] and progress[0].endswith(" s")
     assert ": FAILED: " in progress[1] and "fl.clients_per_round" in progress[1]
     assert "experiment=" not in "".join(progress)  # fixed overrides are not repeated
+    # at the end: a table of the jobs (a column per varying key, the metric, the time) and the
+    # command that compares them
+    lines = output.splitlines()
+    start = lines.index(f"sweep of 4 jobs in {tmp_path}:")
+    header, *rows = lines[start + 1 : start + 6]
+    assert header.split() == [
+        "#",
+        "alg",
+        "fl.clients_per_round",
+        "val/personal_acc",
+        "time",
+        "(s)",
+    ]
+    assert rows[0].split()[:4] == ["1", "fedavg", "2", f"{metric:.4g}"]
+    assert rows[1].split()[:4] == ["2", "fedavg", "99", "FAILED"]
+    assert lines[start + 6] == f"compare them: python -m src.report {tmp_path}"
 
 
 def test_bad_input_stops_with_one_clear_line_and_exit_code_2(tmp_path):

@@ -10,9 +10,11 @@ or a copy of the model.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -40,7 +42,7 @@ from src.engine.layout import Layout, check_after_round
 from src.engine.sampling import sample_clients
 from src.engine.server import Server
 from src.errors import AllClientsFailedError, RunInterrupted
-from src.outputs import RoundRecorder
+from src.outputs import ClientRecorder, RoundRecorder
 from src.transforms.chain import TransformChain
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class FederatedModule(pl.LightningModule):
         eval_batch_size: int = 512,
         seed: int = 0,
         recorder: RoundRecorder | None = None,
+        client_recorder: ClientRecorder | None = None,
         transforms: TransformChain | None = None,
         malicious: set[int] | frozenset[int] = frozenset(),
         drop_client_errors: bool = False,
@@ -84,8 +87,11 @@ class FederatedModule(pl.LightningModule):
         self.eval_every = eval_every
         self.seed = seed
         self.recorder = recorder or RoundRecorder(None)
+        self.client_recorder = client_recorder or ClientRecorder(None)
         self.transforms = transforms or TransformChain([])
         self.total_bytes = 0
+        self.started = time.perf_counter()  # src/run.py sets it to when the run began
+        self.earlier_wall_s = 0.0  # seconds of the run before a resume (from the checkpoint)
         # private tensors per client (personalised algorithms)
         self.store = store if store is not None else ClientStateStore()
         self.client_loop = ClientLoop(
@@ -133,7 +139,7 @@ class FederatedModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.ranks = Ranks()  # the process group exists now (trainer=ddp)
         if not self.trainer.is_global_zero:  # only rank 0 writes files
-            self.recorder.path = None
+            self.recorder.path = self.client_recorder.path = None
         self._ensure_setup()
         # Ctrl+C stops at the next client boundary (one process) or round boundary (DDP)
         self._sigint = signal.signal(signal.SIGINT, self._on_sigint)
@@ -233,6 +239,7 @@ class FederatedModule(pl.LightningModule):
         failed, nonfinite, up_bytes, down_bytes, served, samples = (int(n) for n in counts)
         dropped = self.ranks.gather(done.dropped)
         self.dropped += dropped
+        self._round_clients = (sampled, training, {d["client"]: d["reason"] for d in dropped})
         if failed + nonfinite == len(training):
             who = "sampled clients" if len(training) == len(sampled) else "training clients"
             raise AllClientsFailedError(
@@ -319,6 +326,7 @@ class FederatedModule(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=done)
         line = f"round {done}/{self.rounds}  train/loss {metrics['train/loss']:.4f}"
+        self.client_recorder.record(self._client_rows(done, evaluated))
         if evaluated:
             self.recorder.record(done, metrics)
             shown = ("val/loss", "val/token_acc") if "val/ppl" in metrics else ("val/global_acc",)
@@ -328,6 +336,29 @@ class FederatedModule(pl.LightningModule):
         if evaluated:  # training and evaluation: the time the round took in all
             seconds = f"train {seconds} + eval {metrics['time/eval_s']:.1f}s"
         log.info("%s  (%s)", line, seconds)
+
+    def _client_rows(self, done: int, evaluated: bool) -> list[dict]:
+        """clients.csv's rows of round `done`: the clients that trained, and in an evaluated
+        round also every client scored (val/personal_acc's clients)."""
+        sampled, training, dropped = self._round_clients
+        sampled = set(sampled)
+        accuracy = self.per_client_acc if evaluated else []
+        scored = {c for c, acc in enumerate(accuracy) if not math.isnan(acc)}
+        sizes = self.federation.summary["train_samples"]
+        malicious = self.evaluator.malicious
+        return [
+            {
+                "round": done,
+                "client": c,
+                "sampled": int(c in sampled),
+                "trained": int(c in training),
+                "dropped": dropped.get(c, ""),
+                "malicious": int(c in malicious),
+                "train_samples": sizes[c],
+                "personal_acc": f"{accuracy[c]:.6g}" if c in scored else "",
+            }
+            for c in sorted(set(training) | scored)
+        ]
 
     def deployed_state(self, client_id: int) -> tuple[TensorDict, TensorDict]:
         """What client `client_id` deploys: the server's tensors for it and its private state."""
@@ -362,6 +393,11 @@ class FederatedModule(pl.LightningModule):
             self._frozen = frozen_fingerprint(tensors, frozen_source(self.run_config))
         return self._frozen
 
+    def wall_time_s(self) -> float:
+        """Seconds this run has taken: this process's part since `started` and, after a resume,
+        the parts before it (the time between them is not counted)."""
+        return self.earlier_wall_s + (time.perf_counter() - self.started)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The whole federation besides the model weights (which Lightning saves), and of those
         only the ones that change: the frozen ones are replaced by their fingerprint."""
@@ -376,6 +412,7 @@ class FederatedModule(pl.LightningModule):
             "rng": portable_rng_states(),
             "config": self.run_config,
             "wandb_id": self.wandb_id,
+            "wall_time_s": self.wall_time_s(),
         }
         frozen = self._frozen  # None outside fit: the whole model, as before
         if frozen is not None and frozen["names"]:
@@ -395,9 +432,14 @@ class FederatedModule(pl.LightningModule):
             # back in, so that Lightning's strict load of the state dict works unchanged
             checkpoint["state_dict"].update({n: tensors[n] for n in state["frozen"]["names"]})
         self.total_bytes = state.get("total_bytes", 0)
+        self.earlier_wall_s = float(state.get("wall_time_s", 0.0))  # the run's earlier parts
         # applied once the server is set up (see _ensure_setup)
         self._restored = {key: state[key] for key in ("server", "clients") if key in state}
         self.recorder.rows = list(state.get("history", []))
+        if self._trainer is None or self._trainer.is_global_zero:  # rank 0 writes the files
+            path = getattr(self._trainer, "ckpt_path", None)
+            source = Path(path).parent.parent / "clients.csv" if path else None
+            self.client_recorder.keep_rounds(state.get("rounds_done", 0), source)
         self.dropped = list(state.get("dropped", []))
         self.transforms.load_state_dict(state.get("transforms", {}))
         if "rng" in state:

@@ -8,6 +8,7 @@ resumes."""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import pytest
@@ -78,13 +79,24 @@ def test_a_whole_model_checkpoint_is_as_before(tmp_path):
     ids=lambda overrides: " ".join(overrides),
 )
 def test_a_resumed_lora_run_equals_the_uninterrupted_one(overrides, tmp_path):
-    train(digits_config(tmp_path / "first", *overrides, "fl.rounds=1", THREADS))
+    first = train(digits_config(tmp_path / "first", *overrides, "fl.rounds=1", THREADS))
     resume = f"resume={_checkpoint(tmp_path / 'first')}"
+    saved = torch.load(_checkpoint(tmp_path / "first"), weights_only=True)["fedsweep"]
+    started = time.perf_counter()
     resumed = train(digits_config(tmp_path / "resumed", *overrides, resume, THREADS))
+    second_part = time.perf_counter() - started
     whole = train(digits_config(tmp_path / "whole", *overrides, THREADS))
     assert [row["round"] for row in _metrics(tmp_path / "resumed")] == ["1", "2"]
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "whole")
     assert resumed["per_client"] == whole["per_client"]
+    # clients.csv: the first run's rows, then the resumed rounds', as uninterrupted
+    clients = (tmp_path / "resumed" / "run" / "clients.csv").read_text()
+    assert clients == (tmp_path / "whole" / "run" / "clients.csv").read_text()
+    # the wall time of a resumed run counts both parts: the first (as its checkpoint recorded
+    # it, at most the first run's own) and this one
+    assert 0 < saved["wall_time_s"] <= first["wall_time_s"]
+    assert resumed["wall_time_s"] == pytest.approx(saved["wall_time_s"] + second_part, abs=1.0)
+    assert resumed["wall_time_s"] > saved["wall_time_s"]
 
 
 # every LoRA algorithm, and the aggregators that merge into the base weights

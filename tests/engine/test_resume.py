@@ -92,6 +92,8 @@ def test_run_killed_after_a_checkpoint_resumes_to_identical_metrics(run, tmp_pat
     assert rows == _metrics(tmp_path / "whole")
     assert resumed["total_bytes"] == uninterrupted["total_bytes"]
     assert resumed["per_client"] == uninterrupted["per_client"]
+    # a round the killed run wrote after its checkpoint is cut before it runs again
+    assert (killed / "clients.csv").read_text() == (tmp_path / "whole" / "clients.csv").read_text()
 
 
 @pytest.mark.slow  # the fedsa-flora resume case compares a subprocess with an in-process run too
