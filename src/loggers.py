@@ -127,10 +127,10 @@ def finish_wandb(
                 "rounds_done": summary["rounds_done"],
             }
         )
-    if wandb_loggers and per_client:
+    if wandb_loggers and per_client:  # in the summary: a logged table would add a step
         columns = list(per_client[0])
         rows = [[_cell(row[c]) for c in columns] for row in per_client]
-        wandb_loggers[0].log_table("clients", columns=columns, data=rows)
+        run.summary["clients"] = wandb.Table(columns=columns, data=rows)
     run_dir, offline = Path(run.dir).parent, run.offline
     wandb.finish()
     if offline:

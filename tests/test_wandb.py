@@ -14,8 +14,11 @@ def test_offline_wandb_run_has_val_global_acc_in_its_summary(make_digits_config,
     assert len(run_files) == 1
     run = read_run(run_files[0])
     assert run["summary"]["val/global_acc"] == summary["final"]["val/global_acc"]
-    # one history row per round, stepped by the round number
-    assert [row["trainer/global_step"] for row in run["history"] if "train/loss" in row] == [1, 2]
+    # one history row per round, charted against `round` (1-based, as metrics.csv), and no
+    # other row (the per-client table is in the summary)
+    assert [row["round"] for row in run["history"]] == [1, 2]
+    assert [row["trainer/global_step"] for row in run["history"]] == [1, 2]
+    assert run["axes"]["*"] == "round"
     assert run["config"]["alg"]["name"] == "fedavg"  # the resolved config is the run config
     assert any(key.startswith("clients") for key in run["summary"])  # the per-client table
 
@@ -37,7 +40,7 @@ def test_a_resumed_run_continues_its_wandb_run_without_repeating_rounds(make_dig
     assert len(run_files) == 2
     assert len({path.name for path in run_files}) == 1  # run-<id>.wandb: the same W&B run id
     steps = [
-        [row["trainer/global_step"] for row in read_run(path)["history"] if "train/loss" in row]
+        [row["round"] for row in read_run(path)["history"] if "train/loss" in row]
         for path in run_files
     ]
     assert steps == [[1], [2]]

@@ -55,6 +55,7 @@ def _payloads(raw: bytes):
 
 def _parse(raw: bytes) -> tuple[dict, bool]:
     history, summary, config, meta, exited = [], {}, {}, {}, False
+    axes = {}  # metric name (or glob) -> the metric it is charted against
     for payload in _payloads(raw):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -69,14 +70,17 @@ def _parse(raw: bytes) -> tuple[dict, bool]:
             config.update({_key(i): json.loads(i.value_json) for i in record.run.config.update})
             run = record.run
             meta = {"group": run.run_group, "job_type": run.job_type, "tags": list(run.tags)}
+        elif kind == "metric":
+            axes[record.metric.name or record.metric.glob_name] = record.metric.step_metric
         elif kind == "exit":
             exited = True
-    return {"history": history, "summary": summary, "config": config, "run": meta}, exited
+    found = {"history": history, "summary": summary, "config": config, "run": meta, "axes": axes}
+    return found, exited
 
 
 def read_run(path: str | Path, timeout_s: float = 60.0) -> dict:
     """{"history": [{key: value}...], "summary": {key: value}, "config": {...}, "run": {group,
-    job_type, tags}} of one run file."""
+    job_type, tags}, "axes": {metric: its x-axis metric}} of one run file."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

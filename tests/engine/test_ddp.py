@@ -85,10 +85,16 @@ def test_two_process_ddp_run_matches_one_process(alg, tmp_path):
         ".hydra/hydra.yaml",
         ".hydra/overrides.yaml",
         "checkpoints/last.ckpt",
+        "clients.csv",
         "metrics.csv",
         "run.log",
         "summary.json",
     ]
+    # clients.csv by rank 0 alone: each (round, client) once, as in one process
+    with (job / "clients.csv").open() as f:
+        keys = [(row["round"], row["client"]) for row in csv.DictReader(f)]
+    with (tmp_path / "run" / "clients.csv").open() as f:
+        assert keys == [(row["round"], row["client"]) for row in csv.DictReader(f)]
 
 
 @pytest.fixture
