@@ -277,3 +277,42 @@ def test_figures_have_integer_round_ticks_a_log_mb_axis_and_fixed_group_colours(
     ]
     for figure in figures.values():
         plt.close(figure)
+
+
+def test_groups_are_named_by_the_keys_whose_values_differ(tmp_path):
+    """A key given to some runs only, with the same value as the others' default, still
+    varies; noise keys (trainer.*, logger.*) and keys with one value never name a group."""
+    folder = tmp_path / "mixed"
+    for job, (alg, extra) in enumerate(
+        [("fedavg", ["logger=csv"]), ("fedavg", ["trainer.enable_progress_bar=false"]),
+         ("fed_lora", ["logger=csv"]), ("fed_lora", [])]
+    ):  # fmt: skip
+        run = folder / f"{job}_run"
+        write_run(run, alg, job, PERSONAL[alg][0])
+        overrides = [f"alg={alg}", f"seed={job}", "fl.rounds=4", *extra]
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    assert list(groups_of(folder)) == ["alg=fedavg", "alg=fed_lora"]
+
+
+def test_label_renames_a_group_and_an_unknown_group_is_refused(sweep, capsys):
+    main([str(sweep), "--label", "alg=fedavg", "FedAvg", "--label", "alg=fed_lora", "LoRA"])
+    report = (sweep / "report.md").read_text()
+    assert "| `FedAvg` |" in report and "| `LoRA` |" in report and "alg=fedavg`" not in report
+    with pytest.raises(SystemExit) as stopped:
+        main([str(sweep), "--label", "alg=nope", "X"])
+    assert stopped.value.code == 2
+    assert "--label 'alg=nope': no such group" in capsys.readouterr().err
+
+
+def test_latex_table_fits_a_column_has_a_caption_and_bolds_ties(tmp_path):
+    folder = tmp_path / "ties"
+    for job, alg in enumerate(["fedavg", "fedavg", "fed_lora", "fed_lora"]):
+        write_run(folder / f"{job}_alg={alg},seed={job}", alg, job, [0.5, 0.6, 0.7, 0.8])
+    main([str(folder)])
+    tex = (folder / "report.tex").read_text()
+    assert r"\caption{" in tex and r"\label{tab:fedsweep}" in tex
+    assert r"\resizebox{\columnwidth}{!}{%" in tex and tex.count(r"\end{table}") == 1
+    rows = [line for line in tex.splitlines() if line.startswith("alg=")]
+    # equal final accuracy: both bold; seeds that agree: no "\pm 0.000"
+    assert all(row.split(" & ")[4] == r"$\textbf{0.800}$" for row in rows), rows
+    assert r"\pm 0.000" not in tex

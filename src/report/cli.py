@@ -30,13 +30,20 @@ def write_report(
     baseline: str | None = None,
     target: str | None = None,
     ci: bool = False,
+    labels: list[tuple[str, str]] = (),
 ) -> Path:
     """Write report.md, report.tex and the plots into `out` (default: the first PATH); returns
     report.md. Raises ReportError for a --baseline, --target or --metric that cannot be used."""
     out = Path(out or paths[0])
     goal = parse_target(target, metric) if target is not None else None
     runs, broken = find_runs(paths)
-    groups = group_runs(runs)
+    names = set(group_runs(runs))
+    for old, _ in labels:
+        if old not in names:
+            raise ReportError(
+                f"--label {old!r}: no such group; the groups are {', '.join(sorted(names))}"
+            )
+    groups = group_runs(runs, dict(labels))
     if metric != MAIN_METRIC or baseline is not None:  # the default may be absent otherwise
         check_metric(runs, metric, "--metric")
     if goal is not None:
@@ -49,7 +56,9 @@ def write_report(
     text = [
         "# fedsweep report",
         "",
-        f"{len(runs)} runs in {len(groups)} groups (grouped by overrides without `seed`; "
+        f"{len(runs)} runs in {len(groups)} groups (grouped by the keys whose values differ, "
+        "without `seed` and the keys that do not change a run, such as `trainer.*` and "
+        "`logger.*`; "
         "mean ± std over the group's runs) from " + ", ".join(f"`{p}`" for p in paths) + ".",
         f"Overrides shared by all runs: `{common}`. Main metric: `{metric}`. "
         f"Curve bands: {band}. LaTeX table: `report.tex`; figures also as PDF.",
@@ -81,6 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", help="override of the baseline group, e.g. alg=fedavg")
     parser.add_argument("--target", help="time-to-accuracy target: 0.8 or KEY=0.8")
     parser.add_argument("--ci", action="store_true", help="bootstrap 95 %% CI bands, not ± std")
+    parser.add_argument(
+        "--label",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("GROUP", "NAME"),
+        help="rename a group in tables and legends, e.g. --label alg=fedavg FedAvg",
+    )
     args = parser.parse_args(argv)
     try:
         report = write_report(
@@ -90,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             baseline=args.baseline,
             target=args.target,
             ci=args.ci,
+            labels=[tuple(pair) for pair in args.label],
         )
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -90,7 +90,8 @@ def curve_band(runs: list[Run], key: str, x_key: str = "round", ci: bool = False
 
 def save_figure(figure, png: Path) -> None:
     """The figure as PNG and, beside it, as PDF (for papers)."""
-    figure.tight_layout()
+    if figure.get_layout_engine() is None:
+        figure.tight_layout()
     figure.savefig(png, dpi=100)
     figure.savefig(png.with_suffix(".pdf"))
     plt.close(figure)
@@ -108,7 +109,7 @@ def plot_curves(
     panel per accuracy; returns the plotted bands by (accuracy, group)."""
     colours = colours or group_colours(groups)
     bands = {}
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), squeeze=False, layout="constrained")
     for ax, key in zip(axes[0], ("val/global_acc", "val/personal_acc"), strict=True):
         for name, runs in groups.items():
             band = bands[key, name] = curve_band(runs, key, x_key, ci)
@@ -122,7 +123,9 @@ def plot_curves(
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key + (" (95 % bootstrap CI)" if ci else " (± std)"))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    # below the panels, not over the curves: long group names would cover them
+    handles, names = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside lower center", ncol=min(len(names), 3), fontsize=7)
     save_figure(figure, path)
     return bands
 
@@ -136,7 +139,10 @@ def plot_clients(
     figure, ax = plt.subplots(figsize=(max(5, 1.6 * len(names)), 4))
     data = [[acc for run in groups[name] for acc in run.per_client_acc] for name in names]
     if data:
-        boxes = ax.boxplot(data, patch_artist=True)
+        # a black median line: visible on every fill colour
+        boxes = ax.boxplot(
+            data, patch_artist=True, medianprops={"color": "black", "linewidth": 1.5}
+        )
         for box, name in zip(boxes["boxes"], names, strict=True):
             box.set_facecolor(colours[name])
             box.set_alpha(0.6)

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from src.outputs import summarize
-from src.run_names import override_key
+from src.run_names import NOISE_KEYS, override_key
 
 
 @dataclass
@@ -105,13 +105,33 @@ def common_overrides(runs: list[Run]) -> list[str]:
     return [o for o in runs[0].overrides if o in shared]
 
 
-def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs with the same overrides apart from seed, named by what differs between groups; in
-    the order of the sweep's job numbers."""
-    common = set(common_overrides(runs))
+def varying_keys(runs: list[Run]) -> list[str]:
+    """The keys whose value differs between runs (a key a run does not override counts as its
+    default), without seed and the keys that do not change what a run computes (trainer.*,
+    logger.*, paths.*, ...: src/run_names.py); in the order they first appear."""
+    values: dict[str, set] = {}
+    for run in runs:
+        for override in run.overrides:
+            key = override_key(override)
+            if key.split(".")[0] not in NOISE_KEYS:
+                values.setdefault(key, set())
+    for key in values:
+        for run in runs:
+            given = [o.split("=", 1)[-1] for o in run.overrides if override_key(o) == key]
+            values[key].add(given[-1] if given else None)
+    return [key for key, seen in values.items() if len(seen) > 1]
+
+
+def group_runs(runs: list[Run], labels: dict[str, str] | None = None) -> dict[str, list[Run]]:
+    """Runs with the same values of the keys that vary (apart from seed), named by those values
+    (or by `labels`, which renames groups); in the order of the sweep's job numbers."""
+    keys = varying_keys(runs)
+    labels = labels or {}
     groups: dict[str, list[Run]] = {}
     for run in sorted(runs, key=lambda r: _job_number(r.folder)):
-        run.group = " ".join(o for o in run.overrides if o not in common) or "(all the same)"
+        shown = [o for o in run.overrides if override_key(o) in keys]
+        name = " ".join(shown) or "(all the same)"
+        run.group = labels.get(name, name)
         groups.setdefault(run.group, []).append(run)
     return groups
 

@@ -101,17 +101,34 @@ def latex_cell(values: list[float], digits: int, bold: bool) -> str:
         return "--"
     mean = f"{statistics.mean(values):.{digits}f}"
     mean = rf"\textbf{{{mean}}}" if bold else mean
-    if len(values) == 1:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    if round(spread, digits) == 0:  # one run, or runs that agree to the digits shown
         return f"${mean}$"
-    return rf"${mean} \pm {statistics.stdev(values):.{digits}f}$"
+    return rf"${mean} \pm {spread:.{digits}f}$"
+
+
+def tied_best(means: dict[str, float], better: str | None, digits: int) -> set[str]:
+    """The groups whose mean, at the digits shown, equals the best one's: all of them bold."""
+    best = best_group(means, better)
+    if best is None:
+        return set()
+    shown = round(means[best], digits)
+    return {name for name, m in means.items() if not math.isnan(m) and round(m, digits) == shown}
 
 
 def latex_table(groups: dict[str, list[Run]]) -> str:
-    """A booktabs tabular (mean ± std over seeds), one row per group, best of each column bold."""
+    """A booktabs table (mean ± std over seeds) with a caption and a label, scaled to the
+    column's width: one row per group, the best of each column bold (ties too)."""
     columns = summary_columns()
-    best = {c.title: best_group(group_means(groups, c), c.better) for c in columns}
+    best = {c.title: tied_best(group_means(groups, c), c.better, c.digits) for c in columns}
     header = ["group", "runs", *(latex_escape(c.title) for c in columns)]
     lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\caption{Final metrics: mean and standard deviation over seeds (the best of each "
+        r"column in bold).}",
+        r"\label{tab:fedsweep}",
+        r"\resizebox{\columnwidth}{!}{%",
         r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
         r"\toprule",
         " & ".join(header) + r" \\",
@@ -121,7 +138,7 @@ def latex_table(groups: dict[str, list[Run]]) -> str:
         cells = [latex_escape(name), latex_escape(runs_cell(runs))]
         for c in columns:
             values = [c.per_run(r) for r in runs]
-            cells.append(latex_cell(values, c.digits, best[c.title] == name))
+            cells.append(latex_cell(values, c.digits, name in best[c.title]))
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}", ""]
     return "\n".join(lines)
