@@ -316,3 +316,29 @@ def test_latex_table_fits_a_column_has_a_caption_and_bolds_ties(tmp_path):
     # equal final accuracy: both bold; seeds that agree: no "\pm 0.000"
     assert all(row.split(" & ")[4] == r"$\textbf{0.800}$" for row in rows), rows
     assert r"\pm 0.000" not in tex
+
+
+def test_text_runs_get_loss_and_perplexity_columns(tmp_path):
+    folder = tmp_path / "text"
+    for job, ppl in enumerate([[9.0, 7.0, 6.0, 6.5], [8.0, 6.0, 5.0, 5.5]]):
+        run = folder / f"{job}_alg=fedavg,seed={job}"
+        write_run(run, "fedavg", job, [0.5, 0.6, 0.7, 0.8])
+        lines = ["round,val/global_acc,val/personal_acc,comm/total_bytes,val/loss,val/ppl"]
+        lines += [
+            f"{r},0.1,0.2,{1e6 * r},{math.log(p)},{p}" for r, p in zip(ROUNDS, ppl, strict=True)
+        ]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    main([str(folder)])
+    header = next(
+        line
+        for line in (folder / "report.md").read_text().splitlines()
+        if line.startswith("| group")
+    )
+    assert "final ppl" in header and "best ppl" in header and "final loss" in header
+    row = next(
+        line for line in (folder / "report.md").read_text().splitlines() if line.startswith("| `")
+    )
+    cells = [c.strip() for c in row.split("|")]
+    titles = [c.strip() for c in header.split("|")]
+    assert cells[titles.index("final ppl")] == "6.00 ± 0.71"  # mean of 6.5 and 5.5
+    assert cells[titles.index("best ppl")] == "5.50 ± 0.71"  # the lowest of each run

@@ -31,12 +31,20 @@ class Column:
     better: str | None = "max"  # "max", "min", or None (not ranked)
 
 
-def summary_columns() -> list[Column]:
+def summary_columns(groups: dict[str, list[Run]] | None = None) -> list[Column]:
+    """The table's columns: the accuracies, and for text runs (a run of `groups` logged
+    `val/ppl`) the loss and perplexity too, then rounds, MB and wall time."""
     columns = []
     for key in ACCURACIES:
         name = key.removeprefix("val/")
         columns.append(Column(f"final {name}", lambda r, k=key: r.final(k)))
         columns.append(Column(f"best {name}", lambda r, k=key: r.best(k)))
+    runs = [run for group in (groups or {}).values() for run in group]
+    if any("val/ppl" in row for run in runs for row in run.rows):  # text: lower is better
+        for key, digits in (("val/loss", 3), ("val/ppl", 2)):
+            name = key.removeprefix("val/")
+            columns.append(Column(f"final {name}", lambda r, k=key: r.final(k), digits, "min"))
+            columns.append(Column(f"best {name}", lambda r, k=key: r.best(k), digits, "min"))
     return columns + [
         Column("rounds", lambda r: r.rounds, 1, None),
         Column("MB sent", lambda r: r.megabytes, 3, "min"),
@@ -50,7 +58,7 @@ def runs_cell(runs: list[Run]) -> str:
 
 
 def table(groups: dict[str, list[Run]]) -> str:
-    columns = summary_columns()
+    columns = summary_columns(groups)
     titles = ["group", "runs", *(c.title for c in columns)]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for name, runs in groups.items():
@@ -119,7 +127,7 @@ def tied_best(means: dict[str, float], better: str | None, digits: int) -> set[s
 def latex_table(groups: dict[str, list[Run]]) -> str:
     """A booktabs table (mean ± std over seeds) with a caption and a label, scaled to the
     column's width: one row per group, the best of each column bold (ties too)."""
-    columns = summary_columns()
+    columns = summary_columns(groups)
     best = {c.title: tied_best(group_means(groups, c), c.better, c.digits) for c in columns}
     header = ["group", "runs", *(latex_escape(c.title) for c in columns)]
     lines = [
