@@ -23,6 +23,7 @@ from src.report import (
     latex_escape,
     main,
     parse_target,
+    plot_client_spread,
     plot_curves,
     time_to_target,
     welch_comparison,
@@ -342,3 +343,21 @@ def test_text_runs_get_loss_and_perplexity_columns(tmp_path):
     titles = [c.strip() for c in header.split("|")]
     assert cells[titles.index("final ppl")] == "6.00 ± 0.71"  # mean of 6.5 and 5.5
     assert cells[titles.index("best ppl")] == "5.50 ± 0.71"  # the lowest of each run
+
+
+def test_client_spread_figure_comes_from_clients_csv_and_only_then(sweep, tmp_path):
+    groups = groups_of(sweep)
+    assert plot_client_spread(groups, tmp_path / "none.png") is False  # no clients.csv
+    assert not (tmp_path / "none.png").exists()
+    for run in [r for runs in groups.values() for r in runs]:
+        lines = ["round,client,sampled,trained,dropped,malicious,train_samples,personal_acc"]
+        lines += [f"{r},{c},1,1,,0,10,{0.1 * c + 0.01 * r}" for r in (2, 4) for c in range(5)]
+        lines += ["3,0,1,1,,0,10,"]  # a round without evaluation: no accuracy
+        (run.folder / "clients.csv").write_text("\n".join(lines) + "\n")
+    run = next(iter(groups.values()))[0]
+    assert run.client_acc_by_round() == {
+        2: pytest.approx([0.02, 0.12, 0.22, 0.32, 0.42]),
+        4: pytest.approx([0.04, 0.14, 0.24, 0.34, 0.44]),
+    }
+    assert plot_client_spread(groups, tmp_path / "spread.png") is True
+    assert (tmp_path / "spread.png").is_file() and (tmp_path / "spread.pdf").is_file()

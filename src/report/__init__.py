@@ -27,7 +27,13 @@ baseline), `time_to_accuracy` (the --target table), `cli` (write_report and the 
 """
 
 from src.report.cli import main
-from src.report.figures import bootstrap_interval, curve_band, group_colours, plot_curves
+from src.report.figures import (
+    bootstrap_interval,
+    curve_band,
+    group_colours,
+    plot_client_spread,
+    plot_curves,
+)
 from src.report.runs import find_runs, group_runs
 from src.report.significance import welch_comparison
 from src.report.tables import latex_escape
@@ -43,6 +49,7 @@ __all__ = [
     "latex_escape",
     "main",
     "parse_target",
+    "plot_client_spread",
     "plot_curves",
     "time_to_target",
     "welch_comparison",

@@ -152,6 +152,44 @@ def plot_clients(
     save_figure(figure, path)
 
 
+def plot_client_spread(
+    groups: dict[str, list[Run]], path: Path, colours: dict[str, tuple] | None = None
+) -> bool:
+    """Per-client personal accuracy over the rounds (clients.csv): per group the median client
+    and a band from the 10th to the 90th percentile of the clients, pooled over the seeds.
+    False (nothing drawn) when no run has clients.csv."""
+    colours = colours or group_colours(groups)
+    figure, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    drawn = False
+    for name, runs in groups.items():
+        pooled: dict[int, list[float]] = {}
+        for run in runs:
+            for round_done, accs in run.client_acc_by_round().items():
+                pooled.setdefault(round_done, []).extend(accs)
+        if not pooled:
+            continue
+        rounds = sorted(pooled)
+        low, mid, high = (
+            np.array([np.percentile(pooled[r], q) for r in rounds]) for q in (10, 50, 90)
+        )
+        ax.plot(rounds, mid, marker="o", markersize=3, label=name, color=colours[name])
+        ax.fill_between(rounds, low, high, color=colours[name], alpha=0.2, linewidth=0)
+        drawn = True
+    if drawn:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.set_ylabel("personal accuracy per client\n(median, 10th-90th percentile)")
+        ax.grid(alpha=0.3)
+        handles, names = ax.get_legend_handles_labels()
+        figure.legend(
+            handles, names, loc="outside lower center", ncol=min(len(names), 3), fontsize=7
+        )
+        save_figure(figure, path)
+    else:
+        plt.close(figure)
+    return drawn
+
+
 def write_plots(groups: dict[str, list[Run]], out: Path, ci: bool = False) -> list[str]:
     """Every figure as PNG and PDF, group colours shared; returns the PNG names."""
     colours = group_colours(groups)
@@ -164,4 +202,7 @@ def write_plots(groups: dict[str, list[Run]], out: Path, ci: bool = False) -> li
     }
     for name, draw in plots.items():
         draw(out / name)
-    return list(plots)
+    names = list(plots)
+    if plot_client_spread(groups, out / "client_accuracy_vs_round.png", colours):
+        names.append("client_accuracy_vs_round.png")
+    return names

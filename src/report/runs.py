@@ -44,6 +44,19 @@ class Run:
     def megabytes(self) -> float:
         return self.final("comm/total_bytes") / 1e6
 
+    def client_acc_by_round(self) -> dict[int, list[float]]:
+        """Each evaluated round's per-client personal accuracies, from clients.csv (empty for a
+        run written before it existed)."""
+        path = self.folder / "clients.csv"
+        if not path.is_file():
+            return {}
+        found: dict[int, list[float]] = {}
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row["personal_acc"]:
+                    found.setdefault(int(row["round"]), []).append(float(row["personal_acc"]))
+        return found
+
     @property
     def per_client_acc(self) -> list[float]:
         return [
