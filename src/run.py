@@ -49,7 +49,7 @@ from src.engine.server import Server
 from src.errors import ConfigError, RunInterrupted, user_error
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
 from src.outputs import ClientRecorder, RoundRecorder, summarize, write_summary
-from src.run_names import current_run_name, register_resolver
+from src.run_names import current_run_name, register_resolver, sweep_keys
 from src.safe_load import first_line
 from src.threads import thread_count, wait_note
 from src.transforms.chain import TransformChain
@@ -71,13 +71,19 @@ for pattern in (
 
 
 def hydra_names(cfg: DictConfig) -> tuple[str, str, bool]:
-    """(run name from the overrides, group = sweep or run folder name, is this a multirun job)."""
+    """(run name from the overrides, group, is this a multirun job). The group (W&B's) of a
+    sweep's jobs names the sweep: its experiment preset and the keys it varies, then its folder
+    (`quickstart alg,seed 2026-12-06_18-52-10`); a single run's is its folder."""
     if not HydraConfig.initialized():
         return "run", Path(cfg.paths.output_dir).name, False
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_name = current_run_name()  # src/run_names.py: the overrides that vary, no noise keys
     group = Path(hc.sweep.dir if multirun else hc.run.dir).name
+    if multirun:
+        experiment = hc.runtime.choices.get("experiment")
+        varying = ",".join(sorted(sweep_keys() or ()))
+        group = " ".join(part for part in (experiment, varying, group) if part and part != "null")
     return run_name, group, multirun
 
 

@@ -89,7 +89,8 @@ def test_wandb_runs_of_a_sweep_share_the_group_and_carry_tags_config_and_summary
         run = read_run(run_file)
         summary = json.loads((job / "summary.json").read_text())
         alg, seed = summary["config"]["alg"]["name"], summary["config"]["seed"]
-        assert run["run"]["group"] == sweep.name  # the sweep folder
+        # the sweep's name: its preset, the keys it varies, its folder
+        assert run["run"]["group"] == f"quickstart alg,seed {sweep.name}"
         assert run["run"]["job_type"] == alg
         assert set(run["run"]["tags"]) >= {alg, "vit_small32", "digits", "dirichlet", "mean"}
         assert f"seed={seed}" in run["run"]["tags"]
