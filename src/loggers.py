@@ -12,6 +12,7 @@ from pathlib import Path
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,21 @@ def csv_logger(*, save_dir: str) -> CSVLogger:
     return CSVLogger(save_dir=save_dir, name="csv", version="")
 
 
+class RoundWandbLogger(WandbLogger):
+    """Lightning's WandbLogger whose charts use the logged `round` as their x-axis: W&B's own
+    step counts log calls from 0, `round` is 1-based as metrics.csv."""
+
+    _round_axis = False
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        if not self._round_axis:
+            self.experiment.define_metric("round")
+            self.experiment.define_metric("*", step_metric="round")
+            self._round_axis = True
+        super().log_metrics(metrics, step)
+
+
 def wandb_logger(
     project: str,
     entity: str | None,
@@ -85,7 +101,7 @@ def wandb_logger(
         f"seed={cfg.seed}",
         *tags,
     ]
-    return WandbLogger(
+    return RoundWandbLogger(
         project=project,
         entity=entity,
         name=run_name,

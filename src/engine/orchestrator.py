@@ -19,7 +19,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
-from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.data import DataLoader
@@ -103,7 +102,6 @@ class FederatedModule(pl.LightningModule):
         self.dropped: list[dict] = []  # every dropped client: round, client, reason
         self._restored: dict = {}  # server and client state from a checkpoint, applied at set-up
         self._round_metrics: dict[str, float] = {}
-        self._round_axis = False  # W&B told to chart against `round` (this process)
         self.ranks = Ranks()  # one process until fitting under DDP starts
         self.run_config: dict = {}  # the resolved config, kept in checkpoints to check resumes
         self.wandb_id: str | None = None  # the W&B run a resumed run continues
@@ -325,13 +323,7 @@ class FederatedModule(pl.LightningModule):
     def _emit(self, evaluated: bool) -> None:
         """Send this round's metrics to the loggers; evaluated rounds also go to metrics.csv."""
         metrics, done = self._round_metrics, self.round + 1
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger) and not self._round_axis:
-                # W&B's own step counts its log calls from 0: its charts use `round` instead,
-                # 1-based as metrics.csv
-                logger.experiment.define_metric("round")
-                logger.experiment.define_metric("*", step_metric="round")
-                self._round_axis = True
+        for logger in self.loggers:  # `round` too: W&B charts against it (src/loggers.py)
             logger.log_metrics({"round": done, **metrics}, step=done)
         line = f"round {done}/{self.rounds}  train/loss {metrics['train/loss']:.4f}"
         self.client_recorder.record(self._client_rows(done, evaluated))
