@@ -89,6 +89,7 @@ RULES = (
     ("fault.fail_fraction", float, *_FRACTION),
     ("fault.nan_fraction", float, *_FRACTION),
     ("fault.on_error", Literal["stop", "drop"], *_ANY),
+    ("export", bool, *_ANY),
     ("resume", str, *_ANY),  # auto | never | the path of a last.ckpt
     ("optimized_metric", str, *_ANY),
     *((f"data.{key}", int, *_at_least(1)) for key in ("image_size", "channels", "num_classes")),

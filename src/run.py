@@ -24,7 +24,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
-from torch import nn
 
 from src.config_checks import check_dataset_matches, validate_config
 from src.engine.checkpoint import (
@@ -47,7 +46,9 @@ from src.engine.layout import layout_for
 from src.engine.orchestrator import FederatedModule
 from src.engine.server import Server
 from src.errors import ConfigError, RunInterrupted, user_error
+from src.export import export_models
 from src.loggers import build_loggers, finish_wandb, wandb_run_id
+from src.models.build import build_base_model
 from src.outputs import ClientRecorder, RoundRecorder, summarize, write_summary
 from src.run_names import current_run_name, register_resolver, sweep_keys
 from src.safe_load import first_line
@@ -85,16 +86,6 @@ def hydra_names(cfg: DictConfig) -> tuple[str, str, bool]:
         varying = ",".join(sorted(sweep_keys() or ()))
         group = " ".join(part for part in (experiment, varying, group) if part and part != "null")
     return run_name, group, multirun
-
-
-def build_base_model(cfg: DictConfig) -> nn.Module:
-    """The model before the algorithm touches it (no LoRA), initialised from `seed` alone, so it
-    can be rebuilt later, e.g. as the base for exported adapters."""
-    spec = OmegaConf.to_container(cfg.model, resolve=True)
-    spec.pop("lora", None)  # the model's LoRA defaults, read by the LoRA algorithms' configs
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return instantiate(spec)
 
 
 def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
@@ -326,7 +317,9 @@ def train(cfg: DictConfig) -> dict:
         if not trainer.is_global_zero:  # under DDP, rank 0 writes the outputs
             return {}
 
-        module.algorithm.finish_run(module, output_dir)
+        if cfg.export:
+            folders = export_models(module, output_dir / "export")
+            log.info("exported %d models to %s", len(folders), output_dir / "export")
         fed = module.federation
         malicious = module.evaluator.malicious
         per_client = [

@@ -96,7 +96,7 @@ class Algorithm:
       server_payload(server, id)            what a client receives
       server_begin / server_add / server_finish(server, ...)  regroup uploads (rarely)
       server_update(state, aggregate, step) the server rule; `step` is the server optimiser
-      server_metrics(), server_state_dict(), load_server_state_dict(), finish_run(module, dir)
+      server_metrics(), server_state_dict(), load_server_state_dict()
     Declarations (class attributes, checked before training): `privacy`, `plain_sgd`; properties
     `personalized`, `trains_unsampled`, `streams_uploads`. Helpers that say what is whose
     (`shared_names`, `private_names`, `load`, `shared_views`, `private_views`) are overridden only
@@ -376,9 +376,6 @@ class Algorithm:
 
     def server_state_dict(self) -> dict:
         return {}
-
-    def finish_run(self, module, output_dir) -> None:
-        """After the last round (rank 0): write the algorithm's own outputs, if any."""
 
     def load_server_state_dict(self, state: dict) -> None:
         pass

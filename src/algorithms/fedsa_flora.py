@@ -64,7 +64,6 @@ class FedSAFLoRA(ModelOrAdapters):
         private: Sequence[str] | None = None,
         groups: str = "none",
         cluster: dict | None = None,
-        export_adapters: bool = False,
         local_buffers: bool = False,
         weighting: str = "samples",
     ):
@@ -79,7 +78,6 @@ class FedSAFLoRA(ModelOrAdapters):
             raise ConfigError(f"alg.groups must be one of none, natural; got {groups!r}")
         self.groups = groups
         self.cluster = _cluster_config(cluster)
-        self.export_adapters = bool(export_adapters)
         self.client_groups: list[int] | None = None  # group of each client (groups=natural)
         self.output_dir: Path | None = None
         self.seed = 0
@@ -242,13 +240,6 @@ class FedSAFLoRA(ModelOrAdapters):
             "similarity": found.similarity,
         }
         (folder / f"round_{self.round_idx + 1:04d}.json").write_text(json.dumps(record, indent=1))
-
-    def finish_run(self, module, output_dir) -> None:
-        if self.export_adapters:
-            from src.algorithms.export import export_adapters
-
-            export_adapters(module, Path(output_dir) / "adapters")
-            log.info("adapters (peft format) written to %s", Path(output_dir) / "adapters")
 
     def server_state_dict(self) -> dict:
         return {

@@ -31,6 +31,7 @@ from src.safe_load import first_line, load_tensors_only
 RESUMABLE_CHANGES = ("resume", "paths.", "trainer.", "logger.", "fl.rounds", "fl.checkpoint_every")
 RESUMABLE_CHANGES += ("fl.parallel_clients",)  # the same results up to float summation order
 RESUMABLE_CHANGES += ("fl.client_state_memory_gb",)  # where client states are kept, not what
+RESUMABLE_CHANGES += ("export",)  # what is written after the last round, not the run
 
 
 class LastRoundCheckpoint(pl.Callback):

@@ -15,7 +15,7 @@ from src.contract.sharing import Role, SharedSpec
 from src.engine.server import Server
 from src.engine.server_opt import ServerOptimizer
 from src.errors import ConfigError, user_error
-from src.run import build_base_model, build_module, build_trainer, train
+from src.run import build_module, build_trainer, train
 from tests.conftest import ONE_BLOCK_VIT, RecordingMean, digits_config
 
 
@@ -281,31 +281,6 @@ def test_bad_fedsa_options_name_the_key(make_digits_config, tmp_path, override, 
 
 
 # ---------------------------------------------------------------------------- export, checkpoint
-
-
-def test_exported_adapter_loads_with_peft_and_predicts_the_same(make_digits_config, tmp_path):
-    from peft import PeftModel
-
-    cfg = make_digits_config(
-        "alg=fedsa-flora", "alg.export_adapters=true", "alg.client_ranks=[4,8]", "fl.rounds=1"
-    )
-    module = _fit(cfg, build_module(cfg, tmp_path))
-    from src.algorithms.export import export_adapters
-
-    export_adapters(module, tmp_path / "adapters")
-    # a client that trained, of the smaller rank (its adapter is r=4 of the resident r_max=8)
-    client = next(c for c in sorted(module.store.saved) if module.algorithm.client_rank(c) == 4)
-    images, _ = module.federation.train.batch(module.federation.clients[client].test)
-    module.deploy(client)
-    module.model.eval()
-    with torch.no_grad():
-        ours = module.model(images)
-        loaded = PeftModel.from_pretrained(
-            build_base_model(cfg), str(tmp_path / "adapters" / f"client_{client:04d}")
-        ).eval()
-        theirs = loaded(images)
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-    assert (tmp_path / "adapters" / "global" / "adapter_model.safetensors").exists()
 
 
 def test_checkpoint_restores_every_clients_private_state(make_digits_config, tmp_path):

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from peft import PeftModel
 
-from src.algorithms.export import export_adapters
 from src.config_checks import validate_config
 from src.data import NaturalPartitioner
 from src.data.departments import DEPARTMENTS
@@ -25,8 +25,9 @@ from src.data.text import (
 )
 from src.engine.data import DeviceTokens
 from src.errors import ConfigError
+from src.export import export_models, load_exported
 from src.models.tokenizers import ByteTokenizer
-from src.run import build_base_model, build_module, build_trainer
+from src.run import build_module, build_trainer
 from tests.conftest import ROOT, RecordingMean, compose_config
 
 BYTES = ByteTokenizer()
@@ -202,13 +203,19 @@ def test_text_data_and_image_models_do_not_mix(tmp_path, model, data, needs):
         validate_config(cfg)
 
 
-def test_exported_qwen_adapter_loads_onto_the_plain_hugging_face_model(tmp_path):
-    module = _fit_recording(tmp_path, "alg=fedsa-flora", "fl.rounds=1")
-    export_adapters(module, tmp_path / "adapters")
-    cfg = compose_config([*TEXT_RUN, "alg=fedsa-flora"], tmp_path)
-    base = build_base_model(cfg).lm  # the transformers model, no wrapper
-    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapters" / "client_0001")).eval()
-    module.deploy(1)
+@pytest.mark.parametrize("alg", ["fedsa-flora", "fedavg"])
+def test_exported_qwen_loads_as_a_plain_hugging_face_model(alg, tmp_path):
+    """fedsa-flora: a peft adapter per client on the plain transformers model; fedavg (the whole
+    model trained): a save_pretrained folder."""
+    module = _fit_recording(tmp_path, f"alg={alg}", "fl.rounds=1")
+    module.run_config = OmegaConf.to_container(
+        compose_config([*TEXT_RUN, f"alg={alg}"], tmp_path), resolve=True
+    )
+    export_models(module, tmp_path / "export")
+    which = 1 if alg == "fedsa-flora" else "global"
+    loaded = load_exported(tmp_path / "export", which)
+    assert isinstance(loaded, PeftModel) == (alg == "fedsa-flora")
+    module.deploy(None if which == "global" else which)
     module.model.eval()
     tokens = module.federation.test.input_ids[:2, :20]
     with torch.no_grad():
