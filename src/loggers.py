@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import netrc
@@ -30,6 +31,19 @@ def wandb_logged_in() -> bool:
 def _cell(value):
     """A W&B table cell: lists (a label histogram) as text."""
     return json.dumps(value) if isinstance(value, list) else value
+
+
+def _number(text: str):
+    """A clients.csv cell as W&B should chart it: an int or a float, None when empty, else the
+    text (a dropped client's reason)."""
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def wandb_run_id() -> str:
@@ -120,10 +134,15 @@ def wandb_logger(
 
 
 def finish_wandb(
-    loggers: list[Logger], per_client: list[dict] | None = None, summary: dict | None = None
+    loggers: list[Logger],
+    per_client: list[dict] | None = None,
+    summary: dict | None = None,
+    clients_csv: Path | None = None,
 ) -> None:
-    """Put the final and best metrics and the total bytes into the run summary, log the
-    per-client table, close the W&B run (always) and say how to sync an offline run."""
+    """Put the final and best metrics and the total bytes into the run summary, with two tables:
+    `clients` (one row per client: its data and final accuracy) and `client_rounds` (clients.csv:
+    which clients were sampled, trained or dropped in each round, and their accuracy); close the
+    W&B run (always) and say how to sync an offline run."""
     import wandb
 
     run = wandb.run
@@ -147,6 +166,12 @@ def finish_wandb(
         columns = list(per_client[0])
         rows = [[_cell(row[c]) for c in columns] for row in per_client]
         run.summary["clients"] = wandb.Table(columns=columns, data=rows)
+    if wandb_loggers and clients_csv is not None and clients_csv.exists():
+        with clients_csv.open(newline="") as f:
+            table = list(csv.reader(f))
+        if len(table) > 1:
+            columns, rows = table[0], [[_number(v) for v in row] for row in table[1:]]
+            run.summary["client_rounds"] = wandb.Table(columns=columns, data=rows)
     run_dir, offline = Path(run.dir).parent, run.offline
     wandb.finish()
     if offline:

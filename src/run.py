@@ -349,7 +349,7 @@ def train(cfg: DictConfig) -> dict:
             **fields,
         )
     finally:
-        finish_wandb(loggers, per_client, summary)
+        finish_wandb(loggers, per_client, summary, output_dir / "clients.csv")
         end_process_group()  # a sweep's next job starts its own
 
     final = summary["final"]

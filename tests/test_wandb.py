@@ -1,5 +1,7 @@
 """logger=wandb offline writes a real run file: summary, group, tags, resolved config."""
 
+import csv
+import json
 from pathlib import Path
 
 from src.loggers import wandb_logged_in
@@ -21,6 +23,15 @@ def test_offline_wandb_run_has_val_global_acc_in_its_summary(make_digits_config,
     assert run["axes"]["*"] == "round"
     assert run["config"]["alg"]["name"] == "fedavg"  # the resolved config is the run config
     assert any(key.startswith("clients") for key in run["summary"])  # the per-client table
+    # clients.csv as a table: which clients were sampled (their ids) in which round
+    table = run["summary"]["client_rounds"]
+    saved = json.loads((run_files[0].parent / "files" / table["path"]).read_text())
+    with (Path(cfg.paths.output_dir) / "clients.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert saved["columns"] == list(rows[0])
+    sampled = [(r[0], r[1]) for r in saved["data"] if r[2] == 1]  # round, client, sampled
+    assert sampled == [(int(r["round"]), int(r["client"])) for r in rows if r["sampled"] == "1"]
+    assert len(sampled) == 2 * cfg.fl.clients_per_round
 
 
 def test_mode_defaults_to_offline_without_credentials(monkeypatch, tmp_path):
