@@ -1,4 +1,5 @@
-"""Experiment loggers: W&B (offline unless logged in), Lightning's CSV logger, or none."""
+"""Experiment loggers: W&B (offline unless logged in), or none (logger=csv, logger=none: the run
+folder's metrics.csv, written by every run, only)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,6 @@ def build_loggers(
     if factory is wandb_logger:
         keys |= dict(run_name=run_name, default_group=group, run_id=run_id, cfg=cfg)
     return [factory(**keys)]
-
-
-def csv_logger(*, save_dir: str) -> CSVLogger:
-    """Lightning's CSVLogger, writing under <save_dir>/csv/."""
-    return CSVLogger(save_dir=save_dir, name="csv", version="")
 
 
 class RoundWandbLogger(WandbLogger):
