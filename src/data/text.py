@@ -46,8 +46,11 @@ def format_prompt(row: dict) -> str:
     return prompt + "### Response:\n"
 
 
-def encode_example(tokenizer, row: dict, max_length: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one row, at most `max_length` tokens; labels are -100 on the prompt."""
+def encode_example(
+    tokenizer, row: dict, max_length: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one row, at most `max_length` tokens (None: all of them); labels
+    are -100 on the prompt."""
     prompt = tokenizer(format_prompt(row), add_special_tokens=False)["input_ids"]
     response = tokenizer(row["response"].strip(), add_special_tokens=False)["input_ids"]
     response = response + [tokenizer.eos_token_id]
@@ -85,22 +88,45 @@ class TextDataset:
         return len(self.categories)
 
 
+@dataclass
+class Cuts:
+    """What data.max_length cost: rows whose response was cut short, rows dropped because the
+    prompt alone filled it, and the longest row before cutting (tokens)."""
+
+    rows: int = 0
+    cut: int = 0
+    dropped: int = 0
+    longest: int = 0
+
+    def add(self, other: Cuts) -> Cuts:
+        return Cuts(
+            self.rows + other.rows,
+            self.cut + other.cut,
+            self.dropped + other.dropped,
+            max(self.longest, other.longest),
+        )
+
+
 def tokenize_rows(
     rows: list[dict], tokenizer, max_length: int, categories: list[str]
-) -> TokenSplit:
+) -> tuple[TokenSplit, Cuts]:
+    """The rows as padded token tensors, each cut at `max_length` tokens (a row whose prompt
+    alone fills them is dropped: nothing to learn from), and what the cutting cost."""
     if int(max_length) < 8:
         raise ConfigError(f"data.max_length must be >= 8 tokens, got {max_length}")
-    encoded, cats, dropped = [], [], 0
+    encoded, cats, cuts = [], [], Cuts(rows=len(rows))
     index = {name: i for i, name in enumerate(categories)}
     for row in rows:
-        ids, labels = encode_example(tokenizer, row, int(max_length))
+        ids, labels = encode_example(tokenizer, row)
+        cuts.longest = max(cuts.longest, len(ids))
+        if len(ids) > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+            cuts.cut += 1
         if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1  # the prompt alone fills max_length: nothing to learn from
+            cuts.dropped += 1
             continue
         encoded.append((ids, labels))
         cats.append(index[row["category"]])
-    if dropped:
-        log.warning("%d rows dropped: prompt longer than data.max_length=%d", dropped, max_length)
     if not encoded:
         raise ConfigError(f"no usable rows: every prompt exceeds data.max_length={max_length}")
     n = len(encoded)
@@ -111,13 +137,25 @@ def tokenize_rows(
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         lengths[i] = len(ids)
-    return TokenSplit(input_ids, labels, lengths, torch.tensor(cats, dtype=torch.int64))
+    split = TokenSplit(input_ids, labels, lengths, torch.tensor(cats, dtype=torch.int64))
+    return split, cuts
 
 
 def build_text_dataset(name, train_rows, test_rows, tokenizer, max_length) -> TextDataset:
     categories = sorted({row["category"] for row in train_rows + test_rows})
-    train = tokenize_rows(train_rows, tokenizer, max_length, categories)
-    test = tokenize_rows(test_rows, tokenizer, max_length, categories)
+    train, train_cuts = tokenize_rows(train_rows, tokenizer, max_length, categories)
+    test, test_cuts = tokenize_rows(test_rows, tokenizer, max_length, categories)
+    cuts = train_cuts.add(test_cuts)
+    if cuts.cut:  # one warning for the whole data set
+        log.warning(
+            "data.max_length=%d: %d of %d rows cut short (%d of them dropped: the prompt alone "
+            "fills it); the longest row has %d tokens",
+            max_length,
+            cuts.cut,
+            cuts.rows,
+            cuts.dropped,
+            cuts.longest,
+        )
     log.info(
         "%s: %d train / %d test sequences, %d categories, mean length %.0f tokens",
         name,
@@ -223,7 +261,7 @@ def load_dolly(
 
 def load_departments(
     tokenizer,
-    max_length: int = 128,
+    max_length: int = 224,
     samples_per_department: int = 300,
     test_fraction: float = 0.2,
     seed: int = 0,

@@ -8,6 +8,7 @@ import pytest
 
 from src.data.departments import DEPARTMENTS, generate_departments
 from src.errors import ConfigError
+from tests.conftest import ROOT
 
 KEYS = ("instruction", "context", "response", "category")
 
@@ -81,3 +82,24 @@ def test_bad_samples_per_department_raises_config_error(bad):
     with pytest.raises(ConfigError, match=r"data\.loader\.samples_per_department") as info:
         generate_departments(samples_per_department=bad)
     assert "\n" not in str(info.value)
+
+
+def test_the_default_max_length_fits_every_row_and_a_shorter_one_warns_once(caplog):
+    from omegaconf import OmegaConf
+
+    from src.data.text import load_departments
+    from src.models.tokenizers import ByteTokenizer
+
+    default = OmegaConf.load(ROOT / "conf" / "data" / "departments.yaml").max_length
+    with caplog.at_level("WARNING"):
+        for seed in (0, 1, 2):
+            data = load_departments(ByteTokenizer(), max_length=default, seed=seed)
+            assert len(data.train) + len(data.test) == 4 * 300  # none dropped
+    assert not caplog.records  # none cut
+    with caplog.at_level("WARNING"):
+        load_departments(ByteTokenizer(), max_length=128, seed=0)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    cut, dropped = re.search(
+        r"(\d+) of 1200 rows cut short \((\d+) of them dropped", warning
+    ).groups()
+    assert 0 < int(dropped) < int(cut) < 1200
