@@ -2,9 +2,15 @@
 
 import json
 
+import pytest
+
 from benchmarks import bench, gpu_check
 
+# make test-all only: 30 s and 12 s of a developer's tool (every layout, the bare loops, bf16),
+# which no run of fedsweep itself goes through
 
+
+@pytest.mark.slow
 def test_quick_benchmark_writes_round_times_ratios_layouts_memory_and_flops(tmp_path):
     (result,) = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "fedavg_vit_small32_28px.json").read_text())
@@ -36,6 +42,7 @@ def test_quick_benchmark_writes_round_times_ratios_layouts_memory_and_flops(tmp_
     assert "| fedavg_vit_small32_28px | cpu |" in table and "GFLOP/s" in table
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_cases_and_writes_the_table(tmp_path):
     """The GPU check's code path, in its quick CPU form (on a GPU: `make gpu-check`)."""
     picked = ["fedlora_vit_tiny_224px", "fedlora_qwen_bf16"]
