@@ -39,6 +39,7 @@ from src.engine.compatibility import (
     check_client_optimizer,
     check_evaluable,
     check_privacy,
+    check_system,
 )
 from src.engine.data import Federation
 from src.engine.distributed import ClientShardingStrategy, end_process_group
@@ -93,6 +94,9 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     seeded, so the same config builds the same federation and the same initial model. Every
     combination is checked here, before training."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    system = instantiate(cfg.system, _convert_="all") if "_target_" in cfg.system else None
+    if system is not None:  # the devices: a trace is read (and checked) before any data
+        system.configure(cfg.fl.num_clients, cfg.seed)
     log.info("loading data=%s", cfg.data.name)
     dataset = instantiate(cfg.data.loader)
     check_dataset_matches(cfg, dataset)
@@ -122,6 +126,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         log.info("attack=%s: malicious clients %s", attack.name, sorted(attack.malicious))
     faults = ClientFaults(**cfg.fault)
     privacy = build_privacy(cfg, spec, federation.num_clients, algorithm, aggregator)
+    check_system(system, algorithm, privacy)
     server = Server(
         algorithm,
         aggregator,
@@ -153,6 +158,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         store=ClientStateStore(
             memory_gb=cfg.fl.client_state_memory_gb, folder=output_dir / "client_state"
         ),
+        system=system,
     )
 
 

@@ -29,6 +29,7 @@ from src.engine.distributed import RoundExchange
 from src.engine.layout import MARGIN
 from src.engine.sampling import client_generator, client_seed
 from src.engine.server import Server
+from src.engine.system import SystemModel
 from src.engine.vectorised import ClientStart, choose_group_size, train_together
 from src.errors import ClientError
 from src.transforms.chain import InjectedFault, TransformChain
@@ -46,6 +47,8 @@ class RoundTotals:
     seen: int = 0  # targets trained on: samples, or response tokens for text
     failed: int = 0  # clients that raised and were dropped
     nonfinite: int = 0  # clients whose upload was not finite
+    late: int = 0  # clients that missed system.deadline_s
+    arrivals: list[float] = field(default_factory=list)  # simulated s of each kept client
     up_bytes: int = 0
     down_bytes: int = 0
     dropped: list[dict] = field(default_factory=list)  # round, client, reason
@@ -57,18 +60,29 @@ class RoundTotals:
             self.seen,
             self.failed,
             self.nonfinite,
+            self.late,
             self.up_bytes,
             self.down_bytes,
         ]
 
-    def drop(self, client_id: int, round_idx: int, reason: str, nonfinite: bool = False) -> None:
+    def drop(
+        self,
+        client_id: int,
+        round_idx: int,
+        reason: str,
+        nonfinite: bool = False,
+        late: bool = False,
+    ) -> None:
         if nonfinite:
             self.nonfinite += 1
+        elif late:
+            self.late += 1
         else:
             self.failed += 1
             self.failed_ids.add(client_id)
         self.dropped.append({"round": round_idx + 1, "client": client_id, "reason": reason})
-        log.warning("round %d: client %d %s; dropped", round_idx + 1, client_id, reason)
+        if not late:  # stragglers are expected under a deadline: counted in clients/late
+            log.warning("round %d: client %d %s; dropped", round_idx + 1, client_id, reason)
 
 
 @dataclass
@@ -86,6 +100,7 @@ class ClientLoop:
     drop_client_errors: bool  # fault.on_error=drop
 
     parallel_clients: int | str = 1  # fl.parallel_clients: up to this many train together, auto
+    system: SystemModel | None = None  # system=...: each client's simulated time
     _blocker: str | None = None  # why they cannot (found once), '' when they can
     _alone_rate: float | None = None  # auto's probe: samples/s one client alone, until checked
 
@@ -101,6 +116,7 @@ class ClientLoop:
         `exchange`; `check_interrupt` runs before each client or group (it raises when a stop
         was asked for)."""
         totals = RoundTotals()
+        self._received, self._samples = {}, {}  # per client this round: bytes in, samples trained
         for group in self.groups(clients):
             check_interrupt()
             if len(group) == 1:
@@ -212,7 +228,8 @@ class ClientLoop:
 
         def one_pass():
             batches = self.federation.train.batches(train_index, self.batch_size, generator)
-            return self.transforms.batches(client_id, batches, self.federation.num_classes)
+            batches = self.transforms.batches(client_id, batches, self.federation.num_classes)
+            return self._counted(client_id, batches) if self.system is not None else batches
 
         run = ClientRun(
             client_id, round_idx, self.local_epochs, self.make_optimizer, backward, one_pass
@@ -283,8 +300,30 @@ class ClientLoop:
     def receive(self, client_id: int, totals: RoundTotals) -> TensorDict:
         """What the server sends the client, counted in the round's download bytes."""
         payload = self.server.payload(client_id)
-        totals.down_bytes += self.server.download_bytes(client_id, payload)
+        received = self.server.download_bytes(client_id, payload)
+        totals.down_bytes += received
+        self._received[client_id] = received
         return payload
+
+    def _counted(self, client_id: int, batches):
+        """The client's batches, counting the samples it trains on (its simulated compute)."""
+        self._samples.setdefault(client_id, 0)
+        for batch in batches:
+            self._samples[client_id] += len(batch[0])
+            yield batch
+
+    def arrived(self, client_id, round_idx, upload, totals: RoundTotals) -> bool:
+        """system=...: the client's simulated time; False when it missed the deadline (then it
+        is dropped: the server never sees its upload)."""
+        time = self.system.client_time(
+            client_id, self._received[client_id], self._samples.get(client_id, 0), nbytes(upload)
+        )
+        if self.system.late(time):
+            reason = f"missed the deadline: {time.total_s:.1f} s > {self.system.deadline_s} s"
+            totals.drop(client_id, round_idx, reason, late=True)
+            return False
+        totals.arrivals.append(time.total_s)
+        return True
 
     @contextmanager
     def client_errors(self, client_id: int, round_idx: int, totals: RoundTotals):
@@ -309,6 +348,8 @@ class ClientLoop:
         """A trained client's upload to the round's exchange, unless it is not finite."""
         if exchange.takes_upload(client_id):
             totals.up_bytes += nbytes(upload)  # sent, even if the server then rejects it
+        if self.system is not None and not self.arrived(client_id, round_idx, upload, totals):
+            return
         if not all_finite(list(upload.values())):
             totals.drop(client_id, round_idx, "uploaded non-finite values", nonfinite=True)
             return

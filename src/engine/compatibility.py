@@ -185,3 +185,23 @@ def check_privacy(spec: SharedSpec, privacy, algorithm, aggregator) -> None:
             f"{name} needs one upload per client, but {spec.options} uploads per "
             f"{spec.upload_unit}; use alg.groups=none"
         )
+
+
+def check_system(system, algorithm, privacy) -> None:
+    """system=... decides which sampled clients the server hears from: refused where that
+    breaks what another part assumes."""
+    if system is None:
+        return
+    name = f"system={system.name}"
+    if algorithm.trains_unsampled:
+        raise ConfigError(
+            f"{name}: alg={algorithm.name} trains every client every round "
+            "(alg.train_all_clients=true), which no device schedule allows; set "
+            "alg.train_all_clients=false"
+        )
+    if privacy is not None:
+        raise ConfigError(
+            f"{name} with privacy={privacy.name}: the accountant assumes fl.clients_per_round "
+            "clients drawn from all of them every round, but availability, deadlines and "
+            "over-selection change who contributes; use system=none"
+        )

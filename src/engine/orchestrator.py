@@ -41,6 +41,7 @@ from src.engine.evaluation import Evaluator
 from src.engine.layout import Layout, check_after_round
 from src.engine.sampling import sample_clients
 from src.engine.server import Server
+from src.engine.system import SystemModel
 from src.errors import AllClientsFailedError, RunInterrupted
 from src.outputs import ClientRecorder, RoundRecorder
 from src.transforms.chain import TransformChain
@@ -74,6 +75,7 @@ class FederatedModule(pl.LightningModule):
         sampling: str = "uniform",  # fl.sampling: uniform | by_samples
         eval_clients: int | str = "all",  # fl.eval_clients: all or a count
         store: ClientStateStore | None = None,  # fl.client_state_memory_gb: one with a budget
+        system: SystemModel | None = None,  # system=...: devices and simulated time (none: None)
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -94,9 +96,14 @@ class FederatedModule(pl.LightningModule):
         self.earlier_wall_s = 0.0  # seconds of the run before a resume (from the checkpoint)
         # private tensors per client (personalised algorithms)
         self.store = store if store is not None else ClientStateStore()
+        self.system = system
+        self.sim_total_s = 0.0  # the simulated clock (system=...): when the next round starts
+        self._available = 0  # clients available in this round (system=...)
+        self.local_epochs = local_epochs
         self.client_loop = ClientLoop(
             model, algorithm, server, federation, self.store, self.transforms,
             optimizer, local_epochs, batch_size, seed, drop_client_errors, parallel_clients,
+            system=system,
         )  # fmt: skip
         self.evaluator = Evaluator(self, eval_batch_size, malicious, eval_clients)
         self.dropped: list[dict] = []  # every dropped client: round, client, reason
@@ -206,10 +213,7 @@ class FederatedModule(pl.LightningModule):
         started = time.perf_counter()
         round_idx = self.round
         self._check_interrupt()  # every rank, so that all stop at the same round
-        sampled = sample_clients(
-            self.federation.num_clients, self.clients_per_round, self.seed, round_idx,
-            weights=self.federation.summary["train_samples"] if self.sampling == "by_samples" else None,
-        )  # fmt: skip
+        sampled, planned_drops = self._sample(round_idx)
         training = list(sampled)
         if self.algorithm.trains_unsampled:  # all train; the sampled ones are aggregated
             chosen = set(sampled)
@@ -236,11 +240,11 @@ class FederatedModule(pl.LightningModule):
             [*done.counts(), served, samples], dtype=torch.float64, device=self.device
         )
         loss_sum, seen, *counts = self.ranks.sum_(totals).tolist()  # summed over the ranks
-        failed, nonfinite, up_bytes, down_bytes, served, samples = (int(n) for n in counts)
-        dropped = self.ranks.gather(done.dropped)
+        failed, nonfinite, late, up_bytes, down_bytes, served, samples = (int(n) for n in counts)
+        dropped = planned_drops + self.ranks.gather(done.dropped)
         self.dropped += dropped
         self._round_clients = (sampled, training, {d["client"]: d["reason"] for d in dropped})
-        if failed + nonfinite == len(training):
+        if training and failed + nonfinite == len(training):
             who = "sampled clients" if len(training) == len(sampled) else "training clients"
             raise AllClientsFailedError(
                 f"round {round_idx + 1}: all {len(training)} {who} failed (e.g. "
@@ -266,9 +270,63 @@ class FederatedModule(pl.LightningModule):
         }
         if served:  # text
             self._round_metrics["train/tokens_per_s"] = served / seconds
+        if self.system is not None:
+            arrivals = self.ranks.gather(done.arrivals)
+            sim_round_s = self.system.round_time(arrivals, any_late=late > 0)
+            self.sim_total_s += sim_round_s
+            self._round_metrics |= {
+                "time/sim_round_s": sim_round_s,
+                "time/sim_total_s": self.sim_total_s,
+                "clients/available": self._available,
+                "clients/late": late,
+                "clients/over_selected": len(planned_drops),
+            }
         self.log("train/loss", self._round_metrics["train/loss"], prog_bar=True, logger=False)
         if not self._is_eval_round():
             self._emit(evaluated=False)
+
+    def _sample(self, round_idx: int) -> tuple[list[int], list[dict]]:
+        """This round's clients (sorted), and with system.policy=over_select the ones sampled
+        but dropped before training because others are predicted to finish first."""
+        weights = (
+            self.federation.summary["train_samples"] if self.sampling == "by_samples" else None
+        )
+        if self.system is None:
+            num = self.federation.num_clients
+            return sample_clients(num, self.clients_per_round, self.seed, round_idx, weights), []
+        available = self.system.available(round_idx, self.sim_total_s)
+        self._available = len(available)
+        if not available:
+            raise AllClientsFailedError(
+                f"round {round_idx + 1}: no client is available at simulated time "
+                f"{self.sim_total_s:.1f} s (system.trace's windows); the run stops"
+            )
+        count = min(self.system.per_round(self.clients_per_round), len(available))
+        sampled = sample_clients(
+            self.federation.num_clients, count, self.seed, round_idx, weights, among=available
+        )
+        if self.system.policy != "over_select" or len(sampled) <= self.clients_per_round:
+            return sampled, []
+        predicted = {k: self._predicted_time(k) for k in sampled}
+        kept = self.system.keep_first(sampled, self.clients_per_round, predicted)
+        planned = [
+            {
+                "round": round_idx + 1,
+                "client": k,
+                "reason": f"over-selected: predicted {predicted[k].total_s:.1f} s, after the "
+                f"first {len(kept)}",
+            }
+            for k in sampled
+            if k not in kept
+        ]
+        return kept, planned
+
+    def _predicted_time(self, client_id: int):
+        """over_select's prediction of a client's simulated time: fl.local_epochs passes over its
+        training split, and an upload as large as its download."""
+        down = self.server.download_bytes(client_id, self.server.payload(client_id))
+        samples = self.local_epochs * len(self.federation.clients[client_id].train)
+        return self.system.client_time(client_id, down, samples, down)
 
     def _check_layout(self, round_s: float, loop_s: float, samples: int) -> None:
         """After the first round with the processes trainer.processes=auto chose: back to one
@@ -413,6 +471,7 @@ class FederatedModule(pl.LightningModule):
             "config": self.run_config,
             "wandb_id": self.wandb_id,
             "wall_time_s": self.wall_time_s(),
+            "sim_total_s": self.sim_total_s,
         }
         frozen = self._frozen  # None outside fit: the whole model, as before
         if frozen is not None and frozen["names"]:
@@ -433,6 +492,7 @@ class FederatedModule(pl.LightningModule):
             checkpoint["state_dict"].update({n: tensors[n] for n in state["frozen"]["names"]})
         self.total_bytes = state.get("total_bytes", 0)
         self.earlier_wall_s = float(state.get("wall_time_s", 0.0))  # the run's earlier parts
+        self.sim_total_s = float(state.get("sim_total_s", 0.0))
         # applied once the server is set up (see _ensure_setup)
         self._restored = {key: state[key] for key in ("server", "clients") if key in state}
         self.recorder.rows = list(state.get("history", []))

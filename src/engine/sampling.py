@@ -17,13 +17,21 @@ def sample_clients(
     seed: int,
     round_idx: int,
     weights: Sequence[float] | None = None,
+    among: Sequence[int] | None = None,
 ) -> list[int]:
     """`per_round` distinct client ids, sorted: uniformly at random, or (`weights`, e.g. the
     clients' train samples) drawn one after the other with probability proportional to the
-    weights of those not yet drawn (numpy's `choice(replace=False, p=...)`)."""
+    weights of those not yet drawn (numpy's `choice(replace=False, p=...)`); `among`: only
+    from these ids (the available clients, system=...), else from all `num_clients`."""
     rng = np.random.default_rng([seed, round_idx, _SAMPLING_STREAM])
-    p = None if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
-    return sorted(rng.choice(num_clients, size=per_round, replace=False, p=p).tolist())
+    ids = np.arange(num_clients) if among is None else np.asarray(among, dtype=np.int64)
+    p = None
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)[ids]
+        p = w / w.sum()
+    if among is None:  # the same draw as before `among` existed: seeds keep their runs
+        return sorted(rng.choice(num_clients, size=per_round, replace=False, p=p).tolist())
+    return sorted(ids[rng.choice(len(ids), size=per_round, replace=False, p=p)].tolist())
 
 
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:

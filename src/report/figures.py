@@ -37,15 +37,19 @@ def group_colours(names) -> dict[str, tuple]:
     return {name: palette[i % len(palette)] for i, name in enumerate(sorted(names))}
 
 
+X_UNIT = {"comm/total_bytes": 1e6, "time/sim_total_s": 1.0}  # MB; simulated seconds
+
+
 def points_by_round(runs: list[Run], key: str, x_key: str) -> dict[float, list[tuple]]:
-    """(x, metric) of every seed at each evaluated round; x in MB for comm/total_bytes."""
+    """(x, metric) of every seed at each evaluated round; x in MB for comm/total_bytes, in
+    simulated seconds for time/sim_total_s."""
     by_round: dict[float, list[tuple]] = {}
     for run in runs:
         for row in run.rows:
             y = row.get(key, math.nan)
             if math.isnan(y):
                 continue
-            x = row["round"] if x_key == "round" else row.get(x_key, math.nan) / 1e6
+            x = row["round"] if x_key == "round" else row.get(x_key, math.nan) / X_UNIT[x_key]
             by_round.setdefault(row["round"], []).append((x, y))
     return by_round
 
@@ -118,7 +122,7 @@ def plot_curves(
             ax.fill_between(band.x, band.low, band.high, color=colour, alpha=0.2, linewidth=0)
         if x_key == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        else:
+        elif x_key == "comm/total_bytes":
             ax.set_xscale("log")  # algorithms differ by orders of magnitude in bytes sent
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key + (" (95 % bootstrap CI)" if ci else " (± std)"))
@@ -203,6 +207,10 @@ def write_plots(groups: dict[str, list[Run]], out: Path, ci: bool = False) -> li
     for name, draw in plots.items():
         draw(out / name)
     names = list(plots)
+    if any("time/sim_total_s" in row for runs in groups.values() for r in runs for row in r.rows):
+        plot_curves(groups, "time/sim_total_s", "simulated seconds (system=...)",
+                    out / "accuracy_vs_sim_time.png", colours, ci)  # fmt: skip
+        names.append("accuracy_vs_sim_time.png")
     if plot_client_spread(groups, out / "client_accuracy_vs_round.png", colours):
         names.append("client_accuracy_vs_round.png")
     return names

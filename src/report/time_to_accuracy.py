@@ -32,10 +32,12 @@ def parse_target(text: str, main_metric: str) -> Target:
 
 @dataclass
 class Reached:
-    """Where a run first reached the target: the evaluated round and the cumulative MB."""
+    """Where a run first reached the target: the evaluated round, the cumulative MB and (with
+    system=...) the simulated seconds."""
 
     round: float
     megabytes: float
+    sim_s: float = math.nan
 
 
 def time_to_target(run: Run, target: Target) -> Reached | None:
@@ -47,16 +49,24 @@ def time_to_target(run: Run, target: Target) -> Reached | None:
         if math.isnan(value):
             continue
         if (value <= target.value) if lower_is_better else (value >= target.value):
-            return Reached(row["round"], row.get("comm/total_bytes", math.nan) / 1e6)
+            return Reached(
+                row["round"],
+                row.get("comm/total_bytes", math.nan) / 1e6,
+                row.get("time/sim_total_s", math.nan),
+            )
     return None
 
 
 def time_to_target_table(groups: dict[str, list[Run]], target: Target) -> str:
+    simulated = any(
+        "time/sim_total_s" in row for runs in groups.values() for r in runs for row in r.rows
+    )
+    sim_column = " simulated s |" if simulated else ""
     lines = [
         f"## Time to {target.metric} reaching {target.value:g}",
         "",
-        "| group | reached | round | MB sent | per run (round, MB) |",
-        "|---|---|---|---|---|",
+        f"| group | reached | round | MB sent |{sim_column} per run (round, MB) |",
+        "|---|---|---|---|---|" + ("---|" if simulated else ""),
     ]
     for name, runs in groups.items():
         reached = [time_to_target(run, target) for run in runs]
@@ -69,6 +79,7 @@ def time_to_target_table(groups: dict[str, list[Run]], target: Target) -> str:
             f"{len(hits)}/{len(runs)} reached",
             mean_std([r.round for r in hits], 1),
             mean_std([r.megabytes for r in hits], 3),
+            *([mean_std([r.sim_s for r in hits], 1)] if simulated else []),
             per_run,
         ]
         lines.append("| " + " | ".join(cells) + " |")
