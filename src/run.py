@@ -37,6 +37,7 @@ from src.engine.compatibility import (
     check_aggregator,
     check_attack,
     check_client_optimizer,
+    check_compression,
     check_evaluable,
     check_privacy,
     check_system,
@@ -95,6 +96,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     combination is checked here, before training."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     system = instantiate(cfg.system, _convert_="all") if "_target_" in cfg.system else None
+    compression = instantiate(cfg.compression) if "_target_" in cfg.compression else None
     if system is not None:  # the devices: a trace is read (and checked) before any data
         system.configure(cfg.fl.num_clients, cfg.seed)
     log.info("loading data=%s", cfg.data.name)
@@ -127,6 +129,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
     faults = ClientFaults(**cfg.fault)
     privacy = build_privacy(cfg, spec, federation.num_clients, algorithm, aggregator)
     check_system(system, algorithm, privacy)
+    check_compression(compression, aggregator, privacy)
     server = Server(
         algorithm,
         aggregator,
@@ -149,7 +152,10 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         seed=cfg.seed,
         recorder=RoundRecorder(output_dir / "metrics.csv"),
         client_recorder=ClientRecorder(output_dir / "clients.csv"),
-        transforms=TransformChain([faults, attack, *([privacy] if privacy else [])]),
+        # compression before privacy: DP clips the decoded update the server sums
+        transforms=TransformChain(
+            [faults, attack, *(t for t in (compression, privacy) if t is not None)]
+        ),
         malicious=attack.malicious,
         drop_client_errors=faults.on_error == "drop",
         parallel_clients=cfg.fl.get("parallel_clients", 1),

@@ -35,6 +35,7 @@ class Aggregator:
     # otherwise every rank is given every upload (src/engine/distributed.py)
     sums_uploads = False
     robust = False  # withstands a minority of arbitrary uploads (median, trimmed mean, krum)
+    coordinatewise = False  # each coordinate is ranked over the uploads (median, trimmed mean)
     mean_of_uploads = False  # the aggregate is each coordinate's weighted mean over the uploads
     privacy = False  # privacy=dp_fedavg's noise is calibrated to this rule
     plain_step = ""  # why the rule needs server_opt=sgd without momentum ('' if any serves)

@@ -52,6 +52,8 @@ class BufferedAggregator(Aggregator):
 
 
 class MedianAggregator(BufferedAggregator):
+    coordinatewise = True
+
     def aggregate(self) -> TensorDict:
         out = {}
         for name in self.state:
@@ -62,6 +64,8 @@ class MedianAggregator(BufferedAggregator):
 
 
 class TrimmedMeanAggregator(BufferedAggregator):
+    coordinatewise = True
+
     def __init__(self, name: str, trim: float = 0.2):
         super().__init__(name)
         if not 0.0 <= trim < 0.5:

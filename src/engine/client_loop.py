@@ -312,11 +312,11 @@ class ClientLoop:
             self._samples[client_id] += len(batch[0])
             yield batch
 
-    def arrived(self, client_id, round_idx, upload, totals: RoundTotals) -> bool:
-        """system=...: the client's simulated time; False when it missed the deadline (then it
-        is dropped: the server never sees its upload)."""
+    def arrived(self, client_id, round_idx, sent: int, totals: RoundTotals) -> bool:
+        """system=...: the client's simulated time with `sent` upload bytes; False when it
+        missed the deadline (then it is dropped: the server never sees its upload)."""
         time = self.system.client_time(
-            client_id, self._received[client_id], self._samples.get(client_id, 0), nbytes(upload)
+            client_id, self._received[client_id], self._samples.get(client_id, 0), sent
         )
         if self.system.late(time):
             reason = f"missed the deadline: {time.total_s:.1f} s > {self.system.deadline_s} s"
@@ -346,9 +346,11 @@ class ClientLoop:
         self, client_id, round_idx, upload, private, loss_sum, seen, exchange, totals
     ) -> None:
         """A trained client's upload to the round's exchange, unless it is not finite."""
+        sent = self.transforms.encoded_nbytes(upload)  # compressed, or the tensors as they are
+        sent = nbytes(upload) if sent is None else sent
         if exchange.takes_upload(client_id):
-            totals.up_bytes += nbytes(upload)  # sent, even if the server then rejects it
-        if self.system is not None and not self.arrived(client_id, round_idx, upload, totals):
+            totals.up_bytes += sent  # sent, even if the server then rejects it
+        if self.system is not None and not self.arrived(client_id, round_idx, sent, totals):
             return
         if not all_finite(list(upload.values())):
             totals.drop(client_id, round_idx, "uploaded non-finite values", nonfinite=True)

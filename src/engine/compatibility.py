@@ -205,3 +205,18 @@ def check_system(system, algorithm, privacy) -> None:
             "clients drawn from all of them every round, but availability, deadlines and "
             "over-selection change who contributes; use system=none"
         )
+
+
+def check_compression(compression, aggregator, privacy) -> None:
+    """compression=... sends each client's update encoded; refused where the aggregation rule
+    cannot use what arrives."""
+    if compression is None:
+        return
+    name = f"compression={compression.name}"
+    if compression.sparse and aggregator.coordinatewise:
+        raise ConfigError(
+            f"{name} sends sparse updates, and aggregator={aggregator.name} ranks each "
+            "coordinate over the uploads: where fewer than half the clients kept a coordinate it "
+            "sees zeros and the model does not move; use aggregator=krum (distances) or mean, "
+            "or compression=qsgd (dense, unbiased)"
+        )

@@ -28,6 +28,7 @@ import torch
 
 from src.contract.objective import attention_kernels, mean_loss
 from src.engine.sampling import sample_clients
+from src.errors import ConfigError
 
 MARGIN = 1.10  # processes must train >= 10 % more samples per second than threads
 STARTUP_S = 3.0  # forking the processes and joining their process group, measured ~1-2 s
@@ -65,8 +66,19 @@ def layout_for(trainer_cfg, threads: int, parallel_clients, rounds: int, module)
     setting = trainer_cfg.get("processes", "auto")
     accelerator = trainer_cfg.get("accelerator", "auto")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if not on_cpu or trainer_cfg.get("strategy") is not None or trainer_cfg.get("devices") != 1:
+    several = trainer_cfg.get("strategy") is not None or trainer_cfg.get("devices") != 1
+    memory = module.transforms.keeps_client_memory  # e.g. TopK's error feedback
+    if memory and (several or (setting != "auto" and int(setting) > 1)):
+        raise ConfigError(
+            f"compression={memory} keeps each client's error-feedback memory in the process that "
+            "trained it, and several processes train different clients each round; use "
+            "trainer.processes=1 (one device), or compression.error_feedback=false"
+        )
+    if not on_cpu or several:
         return None
+    if memory and setting == "auto":
+        why = f"compression={memory} keeps each client's memory in this process"
+        return Layout(1, threads, why, cores=threads)
     if setting != "auto":
         processes = int(setting)
         why = "trainer.processes"

@@ -54,6 +54,17 @@ class UploadTransform:
         """What the client sends instead of `upload` (new tensors; never the model's own)."""
         return upload
 
+    def encoded_nbytes(self, upload: TensorDict) -> int | None:
+        """Bytes of what is actually sent for `upload` when this transform encodes it (a
+        compressor), else None: the tensors as they are."""
+        return None
+
+    @property
+    def keeps_client_memory(self) -> bool:
+        """It keeps per-client state between rounds in this process (TopK's error feedback), so
+        every client must train in this one process."""
+        return False
+
     def state_dict(self) -> dict:
         return {}
 
@@ -87,6 +98,20 @@ class TransformChain:
         for t in self.transforms:
             upload = t.apply(client_id, upload, origin, generator)
         return upload
+
+    def encoded_nbytes(self, upload: TensorDict) -> int | None:
+        """The bytes the last encoding transform sends (a later one, DP clipping, only scales
+        the decoded update: the same encoding), or None when nothing encodes."""
+        for t in reversed(self.transforms):
+            size = t.encoded_nbytes(upload)
+            if size is not None:
+                return size
+        return None
+
+    @property
+    def keeps_client_memory(self) -> str:
+        """The name of a transform that keeps per-client state in this process ('' if none)."""
+        return next((t.name for t in self.transforms if t.keeps_client_memory), "")
 
     def state_dict(self) -> dict:
         return {t.name: t.state_dict() for t in self.transforms}
