@@ -34,12 +34,36 @@ class ClientRun:
     backward: Callable[[torch.Tensor], None]
     passes: Callable[[], Iterator[Batch]]  # one shuffled pass over the client's train split
     steps: int | None = None  # exactly this many batches (cycling) instead of `epochs` passes
+    max_samples: int | None = None  # a straggler's budget: stop before a batch that exceeds it
+    on_batch: Callable[[int], None] | None = None  # told each batch's samples (simulated time)
 
     def batches(self) -> Iterator[Batch]:
-        """`fl.local_epochs` passes over the data, or exactly `steps` batches (cycling)."""
+        """`fl.local_epochs` passes over the data, or exactly `steps` batches (cycling); with
+        `max_samples` (system.partial_work) only the batches that fit in it."""
         if self.steps is None:
-            return (batch for _ in range(self.epochs) for batch in self.passes())
-        return itertools.islice((b for _ in itertools.count() for b in self.passes()), self.steps)
+            batches = (batch for _ in range(self.epochs) for batch in self.passes())
+        else:
+            cycling = (b for _ in itertools.count() for b in self.passes())
+            batches = itertools.islice(cycling, self.steps)
+        if self.max_samples is not None:
+            batches = _within(batches, self.max_samples)
+        return batches if self.on_batch is None else _told(batches, self.on_batch)
+
+
+def _within(batches: Iterator[Batch], max_samples: int) -> Iterator[Batch]:
+    """The batches, while their samples add up to at most `max_samples`."""
+    total = 0
+    for batch in batches:
+        total += len(batch[0])
+        if total > max_samples:
+            return
+        yield batch
+
+
+def _told(batches: Iterator[Batch], on_batch: Callable[[int], None]) -> Iterator[Batch]:
+    for batch in batches:
+        on_batch(len(batch[0]))
+        yield batch
 
 
 @dataclass

@@ -12,6 +12,7 @@ dropped and counted apart (`clients/nonfinite`): robustness, not a bug.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -228,12 +229,18 @@ class ClientLoop:
 
         def one_pass():
             batches = self.federation.train.batches(train_index, self.batch_size, generator)
-            batches = self.transforms.batches(client_id, batches, self.federation.num_classes)
-            return self._counted(client_id, batches) if self.system is not None else batches
+            return self.transforms.batches(client_id, batches, self.federation.num_classes)
 
         run = ClientRun(
             client_id, round_idx, self.local_epochs, self.make_optimizer, backward, one_pass
         )
+        if self.system is not None:  # the samples it trains on: its simulated compute
+            self._samples[client_id] = 0
+            run.on_batch = functools.partial(self._trained_on, client_id)
+            if self.system.partial_work:
+                run.max_samples = self.system.samples_within_deadline(
+                    client_id, self._received[client_id]
+                )
         return generator, origin, run, state
 
     # ------------------------------------------------------------------ clients together
@@ -305,12 +312,8 @@ class ClientLoop:
         self._received[client_id] = received
         return payload
 
-    def _counted(self, client_id: int, batches):
-        """The client's batches, counting the samples it trains on (its simulated compute)."""
-        self._samples.setdefault(client_id, 0)
-        for batch in batches:
-            self._samples[client_id] += len(batch[0])
-            yield batch
+    def _trained_on(self, client_id: int, samples: int) -> None:
+        self._samples[client_id] += samples
 
     def arrived(self, client_id, round_idx, sent: int, totals: RoundTotals) -> bool:
         """system=...: the client's simulated time with `sent` upload bytes; False when it

@@ -13,6 +13,8 @@ simulated time is set by the clients the server waits for (`policy`):
 - wait_all: the slowest trained client;
 - deadline: clients with t_k > deadline_s are dropped (clients/late) and the round lasts until
   the deadline when one was late, else until the last arrival;
+  With partial_work (FedProx's setting), a straggler instead trains only the batches that fit
+  before the deadline, after its download and an upload as large as it (samples_within_deadline).
 - over_select: ceil(over_selection * fl.clients_per_round) clients are sampled and the first
   fl.clients_per_round to finish are kept (Bonawitz et al., "Towards Federated Learning at
   Scale", MLSys 2019); the others are dropped before training. Which ones finish first is decided
@@ -108,6 +110,7 @@ class SystemModel:
         policy: str = "wait_all",
         deadline_s: float | None = None,
         over_selection: float = 1.0,
+        partial_work: bool = False,
     ):
         self.name = name
         if policy not in POLICIES:
@@ -131,6 +134,13 @@ class SystemModel:
                 f"system.over_selection={over_selection}: only system.policy=over_select "
                 f"over-selects (policy is {policy})"
             )
+        if not isinstance(partial_work, bool):
+            raise ConfigError(f"system.partial_work={partial_work!r}: must be true or false")
+        if partial_work and policy != "deadline":
+            raise ConfigError(
+                f"system.partial_work=true: a straggler does the local work that fits before the "
+                f"deadline, so it needs system.policy=deadline (policy is {policy})"
+            )
         if not (_number(availability) and 0 < availability <= 1):
             raise ConfigError(f"system.availability={availability!r}: must be in (0, 1]")
         if trace is None and (speed is None or bandwidth is None):
@@ -149,6 +159,7 @@ class SystemModel:
         self.trace = trace
         self.policy, self.deadline_s = policy, deadline_s
         self.over_selection = float(over_selection)
+        self.partial_work = partial_work
         self.devices: list[Device] = []
         self.seed = 0
 
@@ -186,6 +197,13 @@ class SystemModel:
         return ClientTime(
             down_bytes / device.bandwidth, samples / device.speed, up_bytes / device.bandwidth
         )
+
+    def samples_within_deadline(self, client_id: int, down_bytes: int) -> int:
+        """partial_work: the training samples that fit before the deadline after the download
+        and an upload as large as it: floor((deadline - 2 down / b_k) v_k), at least 0."""
+        device = self.devices[client_id]
+        left = self.deadline_s - 2 * down_bytes / device.bandwidth
+        return max(0, math.floor(left * device.speed))
 
     def late(self, time: ClientTime) -> bool:
         return self.policy == "deadline" and time.total_s > self.deadline_s

@@ -251,3 +251,45 @@ def test_the_report_shows_simulated_time(make_digits_config, tmp_path):
     assert (tmp_path / "sweep" / "accuracy_vs_sim_time.png").stat().st_size > 0
     header = next(line for line in report.splitlines() if line.startswith("| group | reached"))
     assert "simulated s" in header
+
+
+def test_partial_work_trains_what_fits_so_nobody_is_late(make_digits_config, tmp_path):
+    # the deadline fits every client's download and upload, not every client's full work
+    probe_cfg, _, probe, probe_clients = _run(make_digits_config, *SAME_DEVICES, "fl.rounds=1")
+    first = [int(c["client"]) for c in probe_clients if c["trained"] == "1"]
+    seconds = sorted(_client_seconds(probe_cfg, probe[0], k) for k in first)
+    deadline = (seconds[0] + seconds[1]) / 2
+    common = [
+        *SAME_DEVICES,
+        "fl.rounds=1",
+        "system.policy=deadline",
+        f"system.deadline_s={deadline}",
+    ]
+    _, _, strict, _ = _run(make_digits_config, *common, f"paths.output_dir={tmp_path / 'strict'}")
+    assert float(strict[0]["clients/late"]) == len(first) - 1
+    _, _, partial, _ = _run(
+        make_digits_config, *common, "system.partial_work=true",
+        f"paths.output_dir={tmp_path / 'partial'}",
+    )  # fmt: skip
+    assert float(partial[0]["clients/late"]) == 0
+    assert float(partial[0]["time/sim_round_s"]) <= deadline
+
+
+def test_a_stragglers_budget_is_what_fits_before_the_deadline():
+    from src.algorithms.base import ClientRun
+
+    system = SystemModel(
+        "heavy_tail",
+        speed={"distribution": "lognormal", "median": 10.0, "sigma": 0.0},
+        bandwidth={"distribution": "lognormal", "median": 100.0, "sigma": 0.0},
+        policy="deadline",
+        deadline_s=5.0,
+        partial_work=True,
+    )
+    system.configure(2, seed=0)
+    # 5 s - 2 x 100 bytes / 100 B/s = 3 s of compute at 10 samples/s
+    assert system.samples_within_deadline(0, 100) == 30
+    assert system.samples_within_deadline(0, 1000) == 0  # the transfers alone take 20 s
+    batches = [(torch.zeros(8, 1), torch.zeros(8)) for _ in range(10)]
+    run = ClientRun(0, 0, 2, None, None, lambda: iter(batches), max_samples=30)
+    assert len(list(run.batches())) == 3  # 3 batches of 8 fit in 30, a fourth does not
