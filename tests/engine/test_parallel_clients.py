@@ -164,8 +164,12 @@ UNEVEN = [
         ["alg=perfed", "alg.local_rounds=2", "alg.steps=3"],
         ["alg=fedlora", "attack=label_flip", "attack.fraction=0.34"],
         # stragglers stop at different steps within one batched group
-        ["system=heavy_tail", "system.policy=deadline", "system.deadline_s=8",
-         "system.partial_work=true"],  # fmt: skip
+        [
+            "system=heavy_tail",
+            "system.policy=deadline",
+            "system.deadline_s=8",
+            "system.partial_work=true",
+        ],  # fmt: skip
     ],
     ids=lambda o: " ".join(o),
 )
