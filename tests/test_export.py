@@ -24,6 +24,7 @@ CASES = {
     "ffa-lora": [],
     "fedprox": [],
     "scaffold": [],
+    "fednova": [],
     "feddyn": [],
     "rolora": [],
     "lora-fair": [],

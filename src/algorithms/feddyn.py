@@ -72,7 +72,7 @@ class FedDyn(ModelOrAdapters):
         self.corrected = self.trained_shared(model)  # found once; buffers are only averaged
         spec = super().shared_spec(model, clients_per_round)
         why = "its correction Lambda is the mean of the clients' drifts, the model their mean"
-        return dataclasses.replace(spec, mean_rule=why)
+        return dataclasses.replace(spec, mean_rule=why, uniform_mean=True)
 
     def initial_private_state(self, model: nn.Module) -> TensorDict:
         tensors = self.tensors(model)

@@ -75,8 +75,9 @@ class SharedSpec(LoraRanks):
     `updates`: the uploads are differences from what the client received, not tensor values.
     `tensorwise`: why the algorithm's server rule needs every uploaded tensor reduced on its own
     (e.g. it alternates or refines the means of A and B); '' when it does not.
-    `mean_rule`: why the algorithm's server rule needs the aggregate to be the uniform mean of the
-    uploads (FedDyn); '' when any reduction serves it.
+    `mean_rule`: why the algorithm's server rule needs the aggregate to be the mean of the
+    uploads, weighted by `weighting` (FedNova), or with `uniform_mean` the uniform mean (FedDyn);
+    '' when any reduction serves it.
     `weighting`: how the server weighs each upload: samples (client k by n_k, its train samples)
     or uniform (every upload 1); a rule that treats uploads alike (median, krum) ignores it.
     """
@@ -88,7 +89,8 @@ class SharedSpec(LoraRanks):
     personalized: bool = False
     updates: bool = False  # uploads are differences (e.g. y - x), not values of the tensors
     tensorwise: str = ""  # why rules that combine A and B into products cannot serve it
-    mean_rule: str = ""  # why the server rule needs the uniform mean of the uploads ('' if not)
+    mean_rule: str = ""  # why the server rule needs the mean of the uploads ('' if not)
+    uniform_mean: bool = False  # ... and the uniform mean, whatever alg.weighting says
     weighting: str = "samples"  # samples | uniform (alg.weighting)
     options: str = ""  # the config options that decide the sharing, for error messages
 

@@ -19,7 +19,7 @@ def check_aggregator(spec: SharedSpec, aggregator, server_optimizer=None) -> Non
             f"{agg} does not return the mean of the uploads, but {spec.options}'s server rule "
             f"needs it ({spec.mean_rule}); use aggregator=mean"
         )
-    if spec.mean_rule and spec.weighting != "uniform":
+    if spec.mean_rule and spec.uniform_mean and spec.weighting != "uniform":
         raise ConfigError(
             f"alg.weighting={spec.weighting} with {spec.options}: its server rule needs the "
             f"uniform mean of the uploads ({spec.mean_rule}); use alg.weighting=uniform"

@@ -161,6 +161,7 @@ UNEVEN = [
         ["alg=fedsa-flora", "alg.client_ranks=[2,4]"],
         ["alg=fedprox", "alg.mu=0.1"],
         ["alg=scaffold", "optim.momentum=0"],
+        ["alg=fednova", "optim.momentum=0"],
         ["alg=perfed", "alg.local_rounds=2", "alg.steps=3"],
         ["alg=fedlora", "attack=label_flip", "attack.fraction=0.34"],
         # stragglers stop at different steps within one batched group
