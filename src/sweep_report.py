@@ -107,7 +107,10 @@ class SweepProgress(Callback):
         self.rows: list[tuple[dict[str, str], dict]] = []
         # the command line's sweeps and a preset's hydra.sweeper.params (experiment=..._cpu)
         params = config.hydra.sweeper.get("params") or {}
-        overrides = [*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())]
+        task = list(config.hydra.overrides.task)
+        given = {o.get_key_element() for o in OverridesParser.create().parse_overrides(task)}
+        # as the basic sweeper: a key on the command line replaces the preset's sweep of it
+        overrides = [*task, *(f"{k}={v}" for k, v in params.items() if k not in given)]
         self.total, self.varying = sweep_plan(overrides)
         # the jobs' folders and W&B names show these keys only (src/run_names.py)
         os.environ[SWEEP_KEYS_ENV] = ",".join(sorted(self.varying))

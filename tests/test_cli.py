@@ -136,3 +136,28 @@ def test_run_names_keep_the_swept_keys_and_drop_the_noise_keys():
     # outside a sweep: everything but the noise keys
     assert run_name(job) == "aggregator=svd,alg=fedlora,fl.rounds=5,seed=1"
     assert run_name(["trainer=cpu", "logger=none"]) == "default"
+
+
+def test_a_command_line_key_replaces_the_presets_sweep_of_it(monkeypatch):
+    """experiment=stragglers_cpu sweeps alg and seed; alg=fedavg seed=0,1 on the command line
+    makes 2 jobs (Hydra's basic sweeper), so the progress lines count 2 and only seed varies."""
+    from omegaconf import OmegaConf
+
+    from src.sweep_report import SweepProgress
+
+    monkeypatch.delenv("FEDSWEEP_SWEEP_KEYS", raising=False)
+    config = OmegaConf.create(
+        {
+            "hydra": {
+                "sweeper": {
+                    "_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                    "params": {"alg": "fedavg,fedprox,fednova", "seed": "0,1,2"},
+                },
+                "overrides": {"task": ["experiment=stragglers_cpu", "alg=fedavg", "seed=0,1"]},
+            }
+        }
+    )
+    progress = SweepProgress()
+    progress.on_multirun_start(config)
+    assert (progress.total, progress.varying) == (2, {"seed"})
+    progress.on_multirun_end(config)
