@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from src.config_checks import check_dataset_matches, validate_config
+from src.engine.buffered import StalenessWeight
 from src.engine.checkpoint import (
     LastRoundCheckpoint,
     check_same_config,
@@ -128,7 +129,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         log.info("attack=%s: malicious clients %s", attack.name, sorted(attack.malicious))
     faults = ClientFaults(**cfg.fault)
     privacy = build_privacy(cfg, spec, federation.num_clients, algorithm, aggregator)
-    check_system(system, algorithm, privacy)
+    check_system(system, algorithm, privacy, spec, aggregator, cfg.fl.sampling)
     check_compression(compression, aggregator, privacy)
     server = Server(
         algorithm,
@@ -136,6 +137,12 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         server_optimizer,
         postprocessors=[privacy] if privacy else [],  # privacy clips uploads, noises the aggregate
         reporters=[privacy] if privacy else [],
+    )
+    # system.policy=async (FedBuff): each update weighed by its staleness, last of the chain
+    staleness = (
+        StalenessWeight(server, system.staleness_exponent)
+        if system is not None and system.policy == "async"
+        else None
     )
     return FederatedModule(
         model=model,
@@ -154,7 +161,7 @@ def build_module(cfg: DictConfig, output_dir: Path) -> FederatedModule:
         client_recorder=ClientRecorder(output_dir / "clients.csv"),
         # compression before privacy: DP clips the decoded update the server sums
         transforms=TransformChain(
-            [faults, attack, *(t for t in (compression, privacy) if t is not None)]
+            [faults, attack, *(t for t in (compression, privacy, staleness) if t is not None)]
         ),
         malicious=attack.malicious,
         drop_client_errors=faults.on_error == "drop",

@@ -102,6 +102,8 @@ class ClientLoop:
 
     parallel_clients: int | str = 1  # fl.parallel_clients: up to this many train together, auto
     system: SystemModel | None = None  # system=...: each client's simulated time
+    downloads: dict = field(default_factory=dict)  # client -> payload for the next round (async)
+    _downloads: dict = field(default_factory=dict)
     _blocker: str | None = None  # why they cannot (found once), '' when they can
     _alone_rate: float | None = None  # auto's probe: samples/s one client alone, until checked
 
@@ -118,6 +120,7 @@ class ClientLoop:
         was asked for)."""
         totals = RoundTotals()
         self._received, self._samples = {}, {}  # per client this round: bytes in, samples trained
+        self._downloads, self.downloads = self.downloads, {}  # this round's (async) downloads
         for group in self.groups(clients):
             check_interrupt()
             if len(group) == 1:
@@ -306,7 +309,9 @@ class ClientLoop:
 
     def receive(self, client_id: int, totals: RoundTotals) -> TensorDict:
         """What the server sends the client, counted in the round's download bytes."""
-        payload = self.server.payload(client_id)
+        payload = self._downloads.get(client_id)  # async: the version it downloaded earlier
+        if payload is None:
+            payload = self.server.payload(client_id)
         received = self.server.download_bytes(client_id, payload)
         totals.down_bytes += received
         self._received[client_id] = received

@@ -4,6 +4,7 @@ naming the options involved and what to use instead (a ConfigError: exit code 2)
 
 from __future__ import annotations
 
+from src.algorithms.base import Algorithm
 from src.contract.sharing import Needs, SharedSpec
 from src.engine.evaluation import evaluable_clients
 from src.errors import ConfigError
@@ -187,12 +188,14 @@ def check_privacy(spec: SharedSpec, privacy, algorithm, aggregator) -> None:
         )
 
 
-def check_system(system, algorithm, privacy) -> None:
+def check_system(system, algorithm, privacy, spec=None, aggregator=None, sampling="uniform"):
     """system=... decides which sampled clients the server hears from: refused where that
     breaks what another part assumes."""
     if system is None:
         return
     name = f"system={system.name}"
+    if system.policy == "async":
+        _check_async(algorithm, spec, aggregator, sampling)
     if algorithm.trains_unsampled:
         raise ConfigError(
             f"{name}: alg={algorithm.name} trains every client every round "
@@ -219,4 +222,48 @@ def check_compression(compression, aggregator, privacy) -> None:
             "coordinate over the uploads: where fewer than half the clients kept a coordinate it "
             "sees zeros and the model does not move; use aggregator=krum (distances) or mean, "
             "or compression=qsgd (dense, unbiased)"
+        )
+
+
+def _check_async(algorithm, spec: SharedSpec, aggregator, sampling: str) -> None:
+    """FedBuff averages staleness-weighted updates of one global model: the algorithm's server
+    half must be the plain mean of the uploads (no rule of its own) and every client must
+    receive the same model."""
+    name = "system.policy=async"
+    own = [
+        hook
+        for hook in (
+            "server_payload",
+            "server_begin",
+            "server_add",
+            "server_finish",
+            "server_update",
+        )
+        if getattr(type(algorithm), hook) is not getattr(Algorithm, hook)
+    ]
+    if own:
+        raise ConfigError(
+            f"{name} averages stale updates of one global model, but alg={algorithm.name} has "
+            f"a server rule of its own ({', '.join(own)}); use alg=fedavg, fedprox, fedlora or "
+            "ffa-lora"
+        )
+    if spec.personalized or spec.updates or spec.heterogeneous:
+        why = (
+            "personal models" if spec.personalized
+            else "uploads that are differences" if spec.updates
+            else "clients of different ranks"
+        )  # fmt: skip
+        raise ConfigError(
+            f"{name} needs every client to train the same global model and upload its values, "
+            f"but {spec.options} has {why}"
+        )
+    if not aggregator.mean_of_uploads:
+        raise ConfigError(
+            f"{name} (FedBuff) steps to the mean of the staleness-weighted updates; "
+            f"aggregator={aggregator.name} is not a mean; use aggregator=mean"
+        )
+    if sampling != "uniform":
+        raise ConfigError(
+            f"fl.sampling={sampling}: {name} refills a free slot with a client drawn uniformly "
+            "from the available ones; use fl.sampling=uniform"
         )

@@ -68,16 +68,18 @@ def layout_for(trainer_cfg, threads: int, parallel_clients, rounds: int, module)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     several = trainer_cfg.get("strategy") is not None or trainer_cfg.get("devices") != 1
     memory = module.transforms.keeps_client_memory  # e.g. TopK's error feedback
+    if getattr(module, "queue", None) is not None:  # FedBuff's event queue and versions
+        memory = "system.policy=async"
     if memory and (several or (setting != "auto" and int(setting) > 1)):
         raise ConfigError(
-            f"compression={memory} keeps each client's error-feedback memory in the process that "
-            "trained it, and several processes train different clients each round; use "
-            "trainer.processes=1 (one device), or compression.error_feedback=false"
+            f"{memory} keeps per-client state (error feedback, or the clients in flight and "
+            "their model versions) in one process, and several processes train different "
+            "clients each round; use trainer.processes=1 (one device)"
         )
     if not on_cpu or several:
         return None
     if memory and setting == "auto":
-        why = f"compression={memory} keeps each client's memory in this process"
+        why = f"{memory} keeps per-client state in this process"
         return Layout(1, threads, why, cores=threads)
     if setting != "auto":
         processes = int(setting)

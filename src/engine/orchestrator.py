@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from src.algorithms import Algorithm
 from src.contract.objective import attention_kernels
 from src.contract.ranks import Ranks
+from src.engine.buffered import AsyncQueue
 from src.engine.checkpoint import (
     check_same_frozen,
     frozen_fingerprint,
@@ -98,6 +99,12 @@ class FederatedModule(pl.LightningModule):
         self.store = store if store is not None else ClientStateStore()
         self.system = system
         self.sim_total_s = 0.0  # the simulated clock (system=...): when the next round starts
+        # system.policy=async (FedBuff): the clients in flight and the versions they train from
+        self.queue = (
+            AsyncQueue(system, system.concurrency, seed)
+            if system is not None and system.policy == "async"
+            else None
+        )
         self._available = 0  # clients available in this round (system=...)
         self.local_epochs = local_epochs
         self.client_loop = ClientLoop(
@@ -207,13 +214,18 @@ class FederatedModule(pl.LightningModule):
                 )
             if "clients" in self._restored:
                 self.store.load_state_dict(self._restored["clients"])
+            if "async" in self._restored:
+                self.queue.load_state_dict(self._restored["async"], self.device)
 
     # ----------------------------------------------------------------- one round
     def training_step(self, batch, batch_idx):
         started = time.perf_counter()
         round_idx = self.round
         self._check_interrupt()  # every rank, so that all stop at the same round
-        sampled, planned_drops = self._sample(round_idx)
+        if self.queue is not None:
+            sampled, planned_drops = self._arrivals(), []
+        else:
+            sampled, planned_drops = self._sample(round_idx)
         training = list(sampled)
         if self.algorithm.trains_unsampled:  # all train; the sampled ones are aggregated
             chosen = set(sampled)
@@ -270,10 +282,16 @@ class FederatedModule(pl.LightningModule):
         }
         if served:  # text
             self._round_metrics["train/tokens_per_s"] = served / seconds
-        if self.system is not None:
+        if self.queue is not None:  # the server stepped at the clock of the K-th arrival
+            self.queue.advance()
+            sim_round_s = self.queue.clock_s - self.sim_total_s
+            self.sim_total_s = self.queue.clock_s
+            self._round_metrics |= self._staleness_metrics()
+        elif self.system is not None:
             arrivals = self.ranks.gather(done.arrivals)
             sim_round_s = self.system.round_time(arrivals, any_late=late > 0)
             self.sim_total_s += sim_round_s
+        if self.system is not None:
             self._round_metrics |= {
                 "time/sim_round_s": sim_round_s,
                 "time/sim_total_s": self.sim_total_s,
@@ -320,6 +338,27 @@ class FederatedModule(pl.LightningModule):
             if k not in kept
         ]
         return kept, planned
+
+    def _arrivals(self) -> list[int]:
+        """system.policy=async: the next fl.clients_per_round clients to arrive, each to train
+        from the version it downloaded (a copy), its update weighed by its staleness."""
+        arrived = self.queue.take(self.clients_per_round, self._predicted_time, self._snapshot)
+        self._available = len(self.system.available(self.round, self.queue.clock_s))
+        staleness = self.transforms.transforms[-1]  # StalenessWeight, last (src/run.py)
+        staleness.base = {f.client: self.queue.snapshots[f.version] for f in arrived}
+        staleness.staleness = {f.client: self.queue.version - f.version for f in arrived}
+        self.client_loop.downloads = dict(staleness.base)
+        return sorted(f.client for f in arrived)
+
+    def _snapshot(self) -> TensorDict:
+        return {n: t.detach().clone() for n, t in self.server.payload(None).items()}
+
+    def _staleness_metrics(self) -> dict[str, float]:
+        staleness = list(self.transforms.transforms[-1].staleness.values())
+        return {
+            "clients/staleness_mean": sum(staleness) / len(staleness),
+            "clients/staleness_max": max(staleness),
+        }
 
     def _predicted_time(self, client_id: int):
         """over_select's prediction of a client's simulated time: fl.local_epochs passes over its
@@ -472,6 +511,7 @@ class FederatedModule(pl.LightningModule):
             "wandb_id": self.wandb_id,
             "wall_time_s": self.wall_time_s(),
             "sim_total_s": self.sim_total_s,
+            "async": self.queue.state_dict() if self.queue is not None else None,
         }
         frozen = self._frozen  # None outside fit: the whole model, as before
         if frozen is not None and frozen["names"]:
@@ -495,6 +535,8 @@ class FederatedModule(pl.LightningModule):
         self.sim_total_s = float(state.get("sim_total_s", 0.0))
         # applied once the server is set up (see _ensure_setup)
         self._restored = {key: state[key] for key in ("server", "clients") if key in state}
+        if self.queue is not None and state.get("async"):
+            self._restored["async"] = state["async"]
         self.recorder.rows = list(state.get("history", []))
         if self._trainer is None or self._trainer.is_global_zero:  # rank 0 writes the files
             path = getattr(self._trainer, "ckpt_path", None)

@@ -20,6 +20,9 @@ simulated time is set by the clients the server waits for (`policy`):
   Scale", MLSys 2019); the others are dropped before training. Which ones finish first is decided
   from the predicted t_k (fl.local_epochs passes over the client's data, the upload as large as
   the download); the round's time then uses the kept clients' actual bytes and steps.
+- async: FedBuff's buffered asynchronous aggregation (src/engine/buffered.py): `concurrency`
+  clients train at once from the version they downloaded, and the server steps after every
+  fl.clients_per_round arrivals, weighing each update by (1 + staleness)^-staleness_exponent.
 A client can be sampled only while it is available: in a round with probability `availability`
 (seeded by seed, round and client), or, from a trace, when the round starts (simulated clock)
 inside one of its windows.
@@ -41,7 +44,7 @@ import numpy as np
 
 from src.errors import ConfigError
 
-POLICIES = ("wait_all", "deadline", "over_select")
+POLICIES = ("wait_all", "deadline", "over_select", "async")
 DISTRIBUTIONS = {  # name -> its shape parameter (each also takes `median`)
     "lognormal": "sigma",  # exp(N(log median, sigma^2)); sigma = 0: every client alike
     "pareto": "shape",  # Pareto with tail index `shape` (heavier for smaller), scaled to `median`
@@ -111,6 +114,8 @@ class SystemModel:
         deadline_s: float | None = None,
         over_selection: float = 1.0,
         partial_work: bool = False,
+        concurrency: int | None = None,
+        staleness_exponent: float = 0.5,
     ):
         self.name = name
         if policy not in POLICIES:
@@ -133,6 +138,25 @@ class SystemModel:
             raise ConfigError(
                 f"system.over_selection={over_selection}: only system.policy=over_select "
                 f"over-selects (policy is {policy})"
+            )
+        if policy == "async" and not (isinstance(concurrency, int) and concurrency >= 1):
+            raise ConfigError(
+                f"system.concurrency={concurrency!r}: system.policy=async needs the number of "
+                "clients training at once, an integer >= 1"
+            )
+        if policy != "async" and concurrency is not None:
+            raise ConfigError(
+                f"system.concurrency={concurrency}: only system.policy=async has clients "
+                f"training concurrently (policy is {policy})"
+            )
+        if not (_number(staleness_exponent) and staleness_exponent >= 0):
+            raise ConfigError(
+                f"system.staleness_exponent={staleness_exponent!r}: must be a number >= 0"
+            )
+        if policy != "async" and staleness_exponent != 0.5:
+            raise ConfigError(
+                f"system.staleness_exponent={staleness_exponent}: only system.policy=async "
+                f"weighs stale updates (policy is {policy})"
             )
         if not isinstance(partial_work, bool):
             raise ConfigError(f"system.partial_work={partial_work!r}: must be true or false")
@@ -160,6 +184,7 @@ class SystemModel:
         self.policy, self.deadline_s = policy, deadline_s
         self.over_selection = float(over_selection)
         self.partial_work = partial_work
+        self.concurrency, self.staleness_exponent = concurrency, float(staleness_exponent)
         self.devices: list[Device] = []
         self.seed = 0
 

@@ -77,7 +77,7 @@ def test_topk_memory_survives_a_resume(make_digits_config, tmp_path):
     [
         (["compression=topk", "aggregator=median"], "ranks each coordinate"),
         (["compression=topk", "aggregator=trimmed_mean"], "ranks each coordinate"),
-        (["compression=topk", "trainer.processes=2"], "error-feedback memory"),
+        (["compression=topk", "trainer.processes=2"], "topk keeps per-client state"),
         (["compression=topk", "compression.fraction=0"], "compression.fraction"),
         (["compression=qsgd", "compression.bits=0"], "compression.bits"),
     ],
