@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 TensorDict = dict[str, torch.Tensor]
 
 
+class NoStepFits(Exception):
+    """system.partial_work: not one local batch fits before the deadline."""
+
+
 @dataclass
 class RoundTotals:
     """What one rank's clients did in a round (summed over the ranks by the orchestrator)."""
@@ -53,7 +57,7 @@ class RoundTotals:
     up_bytes: int = 0
     down_bytes: int = 0
     dropped: list[dict] = field(default_factory=list)  # round, client, reason
-    failed_ids: set[int] = field(default_factory=set)
+    skipped_ids: set[int] = field(default_factory=set)  # failed, or no step fitted: no upload
 
     def counts(self) -> list[float]:
         return [
@@ -80,7 +84,7 @@ class RoundTotals:
             self.late += 1
         else:
             self.failed += 1
-            self.failed_ids.add(client_id)
+            self.skipped_ids.add(client_id)
         self.dropped.append({"round": round_idx + 1, "client": client_id, "reason": reason})
         if not late:  # stragglers are expected under a deadline: counted in clients/late
             log.warning("round %d: client %d %s; dropped", round_idx + 1, client_id, reason)
@@ -194,7 +198,7 @@ class ClientLoop:
             upload, private, loss_sum, seen = self.run_client(
                 client_id, round_idx, payload, backward
             )
-        if client_id in totals.failed_ids:
+        if client_id in totals.skipped_ids:
             return
         self.hand_in(client_id, round_idx, upload, private, loss_sum, seen, exchange, totals)
 
@@ -244,6 +248,11 @@ class ClientLoop:
                 run.max_samples = self.system.samples_within_deadline(
                     client_id, self._received[client_id]
                 )
+                if run.max_samples < min(self.batch_size, len(train_index)):
+                    raise NoStepFits(
+                        f"missed the deadline: not one batch fits before it "
+                        f"({run.max_samples} samples after the transfers)"
+                    )
         return generator, origin, run, state
 
     # ------------------------------------------------------------------ clients together
@@ -257,7 +266,7 @@ class ClientLoop:
                 generator, origin, run, state = self.start_client(
                     client_id, round_idx, payload, backward
                 )
-            if client_id in totals.failed_ids:
+            if client_id in totals.skipped_ids:
                 continue
             trained = {n: t.detach().clone() for n, t in self.trained_tensors().items()}
             work = {n: t.clone() for n, t in state.work.items()}
@@ -289,7 +298,7 @@ class ClientLoop:
                 state.work, state.steps, state.lr = result.work, result.steps, result.lr
                 upload, private = self.algorithm.finish(self.model, state)
                 upload = self.transforms.apply(client_id, upload, origin, generator)
-            if client_id in totals.failed_ids:
+            if client_id in totals.skipped_ids:
                 continue
             self.hand_in(
                 client_id,
@@ -339,6 +348,9 @@ class ClientLoop:
         error stops the run."""
         try:
             yield
+        except NoStepFits as late:  # a straggler with nothing to send: late, not failed
+            totals.drop(client_id, round_idx, str(late), late=True)
+            totals.skipped_ids.add(client_id)
         except InjectedFault as fault:
             totals.drop(client_id, round_idx, f"raised {fault}")
         except Exception as error:  # a bug: stop, unless the user asked for tolerance

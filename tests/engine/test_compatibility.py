@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.compat_matrix import cells, check_cell, read_table, run_cell
+from tests.compat_matrix import cells, check_cell, read_table, run_cell, system_cells
 
 SUBSET = {
     # (cell label, expected status, a part of the reason)
@@ -84,4 +84,47 @@ def test_representative_cells(label, tmp_path):
 @pytest.mark.parametrize("label", sorted(set(BY_LABEL) - set(SUBSET)))
 def test_every_cell_runs_or_is_refused_up_front(label, tmp_path):
     status, reason = run_cell(BY_LABEL[label], tmp_path)
+    assert status in ("ok", "refused")
+
+
+# The second table: algorithm variants x system policy x compression (docs/compatibility_system.md)
+SYSTEM_BY_LABEL = {cell.label: cell for cell in system_cells()}
+SYSTEM_TABLE = read_table(TABLE_PATH.with_name("compatibility_system.md"))
+SYSTEM_REGENERATE = (
+    "regenerate it: python -m tests.compat_matrix --system docs/compatibility_system.md"
+)
+# every eighth cell, about 56 (each algorithm variant meets two settings), the rest slow
+SYSTEM_ROTATION = sorted(SYSTEM_BY_LABEL)[::8]
+
+
+def test_the_system_table_lists_every_cell():
+    assert set(SYSTEM_TABLE) == set(SYSTEM_BY_LABEL), (
+        f"docs/compatibility_system.md lists other cells; {SYSTEM_REGENERATE}"
+    )
+
+
+def _system_cell_agrees(label: str, tmp_path: Path) -> None:
+    status, found = check_cell(SYSTEM_BY_LABEL[label], tmp_path)
+    reason = found if status == "refused" else ""
+    assert SYSTEM_TABLE[label] == (status, reason), (
+        f"docs/compatibility_system.md is stale for {label}: it says {SYSTEM_TABLE[label]}, the "
+        f"checks say {(status, reason)}; {SYSTEM_REGENERATE}"
+    )
+
+
+@pytest.mark.parametrize("label", SYSTEM_ROTATION)
+def test_the_system_table_agrees_with_the_checks(label, tmp_path):
+    _system_cell_agrees(label, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", sorted(set(SYSTEM_BY_LABEL) - set(SYSTEM_ROTATION)))
+def test_the_whole_system_table_agrees_with_the_checks(label, tmp_path):
+    _system_cell_agrees(label, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", sorted(SYSTEM_BY_LABEL))
+def test_every_system_cell_runs_or_is_refused_up_front(label, tmp_path):
+    status, reason = run_cell(SYSTEM_BY_LABEL[label], tmp_path)
     assert status in ("ok", "refused")

@@ -293,3 +293,14 @@ def test_a_stragglers_budget_is_what_fits_before_the_deadline():
     batches = [(torch.zeros(8, 1), torch.zeros(8)) for _ in range(10)]
     run = ClientRun(0, 0, 2, None, None, lambda: iter(batches), max_samples=30)
     assert len(list(run.batches())) == 3  # 3 batches of 8 fit in 30, a fourth does not
+
+
+def test_a_straggler_with_no_batch_before_the_deadline_is_late_not_a_crash(make_digits_config):
+    """SCAFFOLD divides by its local steps: a client that could take none must not train."""
+    cfg, _, metrics, clients = _run(
+        make_digits_config, *SAME_DEVICES, "fl.rounds=1", "alg=scaffold",
+        "system.policy=deadline", "system.deadline_s=0.05", "system.partial_work=true",
+    )  # fmt: skip
+    late = [c for c in clients if c["dropped"].startswith("missed the deadline: not one batch")]
+    assert len(late) == float(metrics[0]["clients/late"]) == cfg.fl.clients_per_round
+    assert float(metrics[0]["clients/dropped"]) == 0
