@@ -68,7 +68,7 @@ def layout_for(trainer_cfg, threads: int, parallel_clients, rounds: int, module)
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     several = trainer_cfg.get("strategy") is not None or trainer_cfg.get("devices") != 1
     memory = module.transforms.keeps_client_memory  # e.g. TopK's error feedback
-    if getattr(module, "queue", None) is not None:  # FedBuff's event queue and versions
+    if module.schedule.queue is not None:  # FedBuff's event queue and versions
         memory = "system.policy=async"
     if memory and (several or (setting != "auto" and int(setting) > 1)):
         raise ConfigError(

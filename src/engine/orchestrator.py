@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 from src.algorithms import Algorithm
 from src.contract.objective import attention_kernels
 from src.contract.ranks import Ranks
-from src.engine.buffered import AsyncQueue
 from src.engine.checkpoint import (
     check_same_frozen,
     frozen_fingerprint,
@@ -40,7 +39,7 @@ from src.engine.data import Federation
 from src.engine.distributed import RoundExchange
 from src.engine.evaluation import Evaluator
 from src.engine.layout import Layout, check_after_round
-from src.engine.sampling import sample_clients
+from src.engine.schedule import Schedule
 from src.engine.server import Server
 from src.engine.system import SystemModel
 from src.errors import AllClientsFailedError, RunInterrupted
@@ -86,7 +85,6 @@ class FederatedModule(pl.LightningModule):
         self.federation = federation
         self.rounds = rounds
         self.clients_per_round = clients_per_round
-        self.sampling = sampling
         self.eval_every = eval_every
         self.seed = seed
         self.recorder = recorder or RoundRecorder(None)
@@ -97,16 +95,12 @@ class FederatedModule(pl.LightningModule):
         self.earlier_wall_s = 0.0  # seconds of the run before a resume (from the checkpoint)
         # private tensors per client (personalised algorithms)
         self.store = store if store is not None else ClientStateStore()
-        self.system = system
-        self.sim_total_s = 0.0  # the simulated clock (system=...): when the next round starts
-        # system.policy=async (FedBuff): the clients in flight and the versions they train from
-        self.queue = (
-            AsyncQueue(system, system.concurrency, seed)
-            if system is not None and system.policy == "async"
-            else None
+        # which clients train each round, and (system=...) the simulated clock
+        self.schedule = Schedule(
+            system, federation, server, clients_per_round, local_epochs, seed, sampling
         )
-        self._available = 0  # clients available in this round (system=...)
-        self.local_epochs = local_epochs
+        if self.schedule.queue is not None:  # FedBuff's staleness weight, last of the chain
+            self.schedule.staleness = self.transforms.transforms[-1]
         self.client_loop = ClientLoop(
             model, algorithm, server, federation, self.store, self.transforms,
             optimizer, local_epochs, batch_size, seed, drop_client_errors, parallel_clients,
@@ -214,18 +208,16 @@ class FederatedModule(pl.LightningModule):
                 )
             if "clients" in self._restored:
                 self.store.load_state_dict(self._restored["clients"])
-            if "async" in self._restored:
-                self.queue.load_state_dict(self._restored["async"], self.device)
+            if "schedule" in self._restored:
+                self.schedule.load_state_dict(self._restored["schedule"], self.device)
 
     # ----------------------------------------------------------------- one round
     def training_step(self, batch, batch_idx):
         started = time.perf_counter()
         round_idx = self.round
         self._check_interrupt()  # every rank, so that all stop at the same round
-        if self.queue is not None:
-            sampled, planned_drops = self._arrivals(), []
-        else:
-            sampled, planned_drops = self._sample(round_idx)
+        sampled, planned_drops = self.schedule.clients(round_idx)
+        self.client_loop.downloads = self.schedule.downloads  # async: the versions downloaded
         training = list(sampled)
         if self.algorithm.trains_unsampled:  # all train; the sampled ones are aggregated
             chosen = set(sampled)
@@ -282,90 +274,11 @@ class FederatedModule(pl.LightningModule):
         }
         if served:  # text
             self._round_metrics["train/tokens_per_s"] = served / seconds
-        if self.queue is not None:  # the server stepped at the clock of the K-th arrival
-            self.queue.advance()
-            sim_round_s = self.queue.clock_s - self.sim_total_s
-            self.sim_total_s = self.queue.clock_s
-            self._round_metrics |= self._staleness_metrics()
-        elif self.system is not None:
-            arrivals = self.ranks.gather(done.arrivals)
-            sim_round_s = self.system.round_time(arrivals, any_late=late > 0)
-            self.sim_total_s += sim_round_s
-        if self.system is not None:
-            self._round_metrics |= {
-                "time/sim_round_s": sim_round_s,
-                "time/sim_total_s": self.sim_total_s,
-                "clients/available": self._available,
-                "clients/late": late,
-                "clients/over_selected": len(planned_drops),
-            }
+        arrivals = self.ranks.gather(done.arrivals) if self.schedule.system else []
+        self._round_metrics |= self.schedule.finish(arrivals, late, len(planned_drops))
         self.log("train/loss", self._round_metrics["train/loss"], prog_bar=True, logger=False)
         if not self._is_eval_round():
             self._emit(evaluated=False)
-
-    def _sample(self, round_idx: int) -> tuple[list[int], list[dict]]:
-        """This round's clients (sorted), and with system.policy=over_select the ones sampled
-        but dropped before training because others are predicted to finish first."""
-        weights = (
-            self.federation.summary["train_samples"] if self.sampling == "by_samples" else None
-        )
-        if self.system is None:
-            num = self.federation.num_clients
-            return sample_clients(num, self.clients_per_round, self.seed, round_idx, weights), []
-        available = self.system.available(round_idx, self.sim_total_s)
-        self._available = len(available)
-        if not available:
-            raise AllClientsFailedError(
-                f"round {round_idx + 1}: no client is available at simulated time "
-                f"{self.sim_total_s:.1f} s (system.trace's windows); the run stops"
-            )
-        count = min(self.system.per_round(self.clients_per_round), len(available))
-        sampled = sample_clients(
-            self.federation.num_clients, count, self.seed, round_idx, weights, among=available
-        )
-        if self.system.policy != "over_select" or len(sampled) <= self.clients_per_round:
-            return sampled, []
-        predicted = {k: self._predicted_time(k) for k in sampled}
-        kept = self.system.keep_first(sampled, self.clients_per_round, predicted)
-        planned = [
-            {
-                "round": round_idx + 1,
-                "client": k,
-                "reason": f"over-selected: predicted {predicted[k].total_s:.1f} s, after the "
-                f"first {len(kept)}",
-            }
-            for k in sampled
-            if k not in kept
-        ]
-        return kept, planned
-
-    def _arrivals(self) -> list[int]:
-        """system.policy=async: the next fl.clients_per_round clients to arrive, each to train
-        from the version it downloaded (a copy), its update weighed by its staleness."""
-        arrived = self.queue.take(self.clients_per_round, self._predicted_time, self._snapshot)
-        self._available = len(self.system.available(self.round, self.queue.clock_s))
-        staleness = self.transforms.transforms[-1]  # StalenessWeight, last (src/run.py)
-        staleness.base = {f.client: self.queue.snapshots[f.version] for f in arrived}
-        staleness.staleness = {f.client: self.queue.version - f.version for f in arrived}
-        self.client_loop.downloads = dict(staleness.base)
-        return sorted(f.client for f in arrived)
-
-    def _snapshot(self) -> TensorDict:
-        return {n: t.detach().clone() for n, t in self.server.payload(None).items()}
-
-    def _staleness_metrics(self) -> dict[str, float]:
-        staleness = list(self.transforms.transforms[-1].staleness.values())
-        return {
-            "clients/staleness_mean": sum(staleness) / len(staleness),
-            "clients/staleness_max": max(staleness),
-        }
-
-    def _predicted_time(self, client_id: int):
-        """over_select's prediction of a client's simulated time: fl.local_epochs passes over its
-        training split, and an upload as large as its download."""
-        down = self.server.download_bytes(client_id, self.server.payload(client_id))
-        samples = self.local_epochs * len(self.federation.clients[client_id].train)
-        return self.system.client_time(client_id, down, samples, down)
 
     def _check_layout(self, round_s: float, loop_s: float, samples: int) -> None:
         """After the first round with the processes trainer.processes=auto chose: back to one
@@ -510,8 +423,7 @@ class FederatedModule(pl.LightningModule):
             "config": self.run_config,
             "wandb_id": self.wandb_id,
             "wall_time_s": self.wall_time_s(),
-            "sim_total_s": self.sim_total_s,
-            "async": self.queue.state_dict() if self.queue is not None else None,
+            "schedule": self.schedule.state_dict(),
         }
         frozen = self._frozen  # None outside fit: the whole model, as before
         if frozen is not None and frozen["names"]:
@@ -532,11 +444,10 @@ class FederatedModule(pl.LightningModule):
             checkpoint["state_dict"].update({n: tensors[n] for n in state["frozen"]["names"]})
         self.total_bytes = state.get("total_bytes", 0)
         self.earlier_wall_s = float(state.get("wall_time_s", 0.0))  # the run's earlier parts
-        self.sim_total_s = float(state.get("sim_total_s", 0.0))
         # applied once the server is set up (see _ensure_setup)
         self._restored = {key: state[key] for key in ("server", "clients") if key in state}
-        if self.queue is not None and state.get("async"):
-            self._restored["async"] = state["async"]
+        if "schedule" in state:
+            self._restored["schedule"] = state["schedule"]
         self.recorder.rows = list(state.get("history", []))
         if self._trainer is None or self._trainer.is_global_zero:  # rank 0 writes the files
             path = getattr(self._trainer, "ckpt_path", None)

@@ -10,7 +10,7 @@ from tests.conftest import RecordingMean
 def test_a_clients_upload_does_not_depend_on_the_clients_before_it(
     make_digits_config, tmp_path, monkeypatch
 ):
-    import src.engine.orchestrator as orchestrator
+    import src.engine.schedule as orchestrator  # where a round's clients are sampled
 
     sample = orchestrator.sample_clients
     uploads = {}
