@@ -71,8 +71,10 @@ def _metrics(out: Path) -> list[dict]:
 @pytest.mark.parametrize(
     "run",
     [
-        pytest.param("alg=fedavg", marks=pytest.mark.slow),  # fedsa-flora's private states cover it
-        "alg=fedsa-flora",
+        # make test kills and resumes a run with private states on disk instead
+        # (tests/engine/test_client_state.py), and resumes in-process (test_checkpoint_size.py)
+        pytest.param("alg=fedavg", marks=pytest.mark.slow),
+        pytest.param("alg=fedsa-flora", marks=pytest.mark.slow),
         pytest.param("alg=fedlora", marks=pytest.mark.slow),
         # the merged base weights are in the server state, not in the checkpoint's model copy
         # (tests/engine/test_checkpoint_size.py resumes it in-process in make test)
