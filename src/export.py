@@ -42,7 +42,7 @@ DEFAULT = "default"  # peft's name of a model's first adapter
 def export_models(module, folder: Path) -> list[Path]:
     """Write the global model and, for a personalised algorithm, each client's deployed one;
     returns the folders written. The resident model is left holding the global model."""
-    model, server, store = module.model, module.server, module.store
+    model, server = module.model, module.server
     state_names = set(model.state_dict())
     clients = range(module.federation.num_clients) if module.algorithm.personalized else ()
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,8 +50,10 @@ def export_models(module, folder: Path) -> list[Path]:
     OmegaConf.save(OmegaConf.create(module.run_config), folder / "config.yaml")
     written = []
     for client in (None, *clients):
-        received = server.payload(client)
-        private = store.load(client) if client is not None else {}
+        # read once: a client's private state may come from disk (fl.client_state_memory_gb)
+        received, private = (
+            (server.payload(None), {}) if client is None else module.deployed_state(client)
+        )
         # what this model deploys, of the model's own tensors (SCAFFOLD also sends its controls)
         names = (set(received) | set(private)) & state_names
         if not names:  # perfed's server holds x in R^d only: no global model to write
@@ -60,7 +62,7 @@ def export_models(module, folder: Path) -> list[Path]:
                 module.algorithm.name,
             )
             continue
-        module.deploy(client)
+        module.algorithm.deploy(model, received, private, client)  # as module.deploy(client)
         target = folder / ("global" if client is None else f"client_{client:04d}")
         rank = server.spec.rank(client)
         write_model(model, target, names, rank)

@@ -108,6 +108,20 @@ def digits_config(tmp_path: Path, *overrides: str):
     return compose_config(["experiment=quickstart", "logger=none", *fast, *overrides], tmp_path)
 
 
+def refusal(cfg, output_dir) -> str:
+    """The one line that refuses `cfg` before training: building the run, or choosing its
+    processes. Hydra's instantiate wraps its targets' errors: this is the ConfigError behind."""
+    from src.errors import ConfigError, user_error
+    from src.run import build_module, set_layout
+
+    with pytest.raises(Exception) as info:
+        set_layout(cfg, build_module(cfg, Path(output_dir)))
+    error = user_error(info.value)
+    assert isinstance(error, ConfigError), info.value
+    assert "\n" not in str(error)
+    return str(error)
+
+
 @pytest.fixture
 def make_digits_config(tmp_path):
     return lambda *overrides: digits_config(tmp_path, *overrides)

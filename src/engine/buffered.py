@@ -121,6 +121,7 @@ class StalenessWeight(UploadTransform):
     x + (1/K) sum_i s(tau_i) Delta_i."""
 
     name = "staleness"
+    client_memory = "system.policy=async"  # the queue of clients in flight lives in this process
 
     def __init__(self, server, exponent: float):
         self.server, self.exponent = server, exponent

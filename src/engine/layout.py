@@ -67,9 +67,7 @@ def layout_for(trainer_cfg, threads: int, parallel_clients, rounds: int, module)
     accelerator = trainer_cfg.get("accelerator", "auto")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     several = trainer_cfg.get("strategy") is not None or trainer_cfg.get("devices") != 1
-    memory = module.transforms.keeps_client_memory  # e.g. TopK's error feedback
-    if module.schedule.queue is not None:  # FedBuff's event queue and versions
-        memory = "system.policy=async"
+    memory = module.transforms.client_memory  # TopK's error feedback, FedBuff's queue
     if memory and (several or (setting != "auto" and int(setting) > 1)):
         raise ConfigError(
             f"{memory} keeps per-client state (error feedback, or the clients in flight and "

@@ -217,7 +217,6 @@ class FederatedModule(pl.LightningModule):
         round_idx = self.round
         self._check_interrupt()  # every rank, so that all stop at the same round
         sampled, planned_drops = self.schedule.clients(round_idx)
-        self.client_loop.downloads = self.schedule.downloads  # async: the versions downloaded
         training = list(sampled)
         if self.algorithm.trains_unsampled:  # all train; the sampled ones are aggregated
             chosen = set(sampled)
@@ -234,7 +233,7 @@ class FederatedModule(pl.LightningModule):
         samples_before, loop_started = self.federation.train.served_samples, time.perf_counter()
         with attention_kernels(self.device):
             done = self.client_loop.train_round(
-                shard, round_idx, exchange, self.manual_backward, check
+                shard, round_idx, exchange, self.manual_backward, check, self.schedule.downloads
             )
         loop_s = time.perf_counter() - loop_started
         samples = self.federation.train.served_samples - samples_before

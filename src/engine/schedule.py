@@ -34,7 +34,6 @@ class Schedule:
         async_ = system is not None and system.policy == "async"
         self.queue = AsyncQueue(system, system.concurrency, seed) if async_ else None
         self.staleness: StalenessWeight | None = None  # its upload transform (src/run.py)
-        self.downloads: dict[int, TensorDict] = {}  # async: what each arrival downloaded
 
     # ------------------------------------------------------------------ before the round
     def clients(self, round_idx: int) -> tuple[list[int], list[dict]]:
@@ -81,8 +80,12 @@ class Schedule:
         self.available = len(self.system.available(round_idx, queue.clock_s))
         self.staleness.base = {f.client: queue.snapshots[f.version] for f in arrived}
         self.staleness.staleness = {f.client: queue.version - f.version for f in arrived}
-        self.downloads = dict(self.staleness.base)
         return sorted(f.client for f in arrived)
+
+    @property
+    def downloads(self) -> dict[int, TensorDict]:
+        """async: what each of this round's arrivals downloaded (its version); else nothing."""
+        return self.staleness.base if self.queue is not None else {}
 
     def _snapshot(self) -> TensorDict:
         return {n: t.detach().clone() for n, t in self.server.payload(None).items()}

@@ -60,10 +60,11 @@ class UploadTransform:
         return None
 
     @property
-    def keeps_client_memory(self) -> bool:
-        """It keeps per-client state between rounds in this process (TopK's error feedback), so
-        every client must train in this one process."""
-        return False
+    def client_memory(self) -> str:
+        """What it is, for messages, when it keeps per-client state between rounds in this
+        process (TopK's error feedback, FedBuff's clients in flight), so that every client must
+        train in this one process; '' when it keeps none."""
+        return ""
 
     def state_dict(self) -> dict:
         return {}
@@ -109,9 +110,9 @@ class TransformChain:
         return None
 
     @property
-    def keeps_client_memory(self) -> str:
-        """The name of a transform that keeps per-client state in this process ('' if none)."""
-        return next((t.name for t in self.transforms if t.keeps_client_memory), "")
+    def client_memory(self) -> str:
+        """The first transform that keeps per-client state in this process ('' if none)."""
+        return next((t.client_memory for t in self.transforms if t.client_memory), "")
 
     def state_dict(self) -> dict:
         return {t.name: t.state_dict() for t in self.transforms}

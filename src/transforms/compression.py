@@ -52,6 +52,7 @@ from typing import NamedTuple
 
 import torch
 
+from src.contract.sharing import all_finite
 from src.errors import ConfigError
 from src.transforms.chain import UploadTransform
 
@@ -108,7 +109,7 @@ class Compressor(UploadTransform):
     def apply(self, client_id, upload, origin, generator) -> TensorDict:
         """origin + decode(encode(upload - origin)), in the upload's dtypes (new tensors)."""
         with torch.no_grad():
-            if not _all_finite(list(upload.values())):
+            if not all_finite(list(upload.values())):
                 return {n: t.clone() for n, t in upload.items()}
             delta = {
                 n: t.to(_work_dtype(t.dtype)) - origin[n].to(_work_dtype(t.dtype))
@@ -169,8 +170,8 @@ class TopK(Compressor):
         self.residuals: dict[int, TensorDict] = {}
 
     @property
-    def keeps_client_memory(self) -> bool:
-        return self.error_feedback
+    def client_memory(self) -> str:
+        return self.name if self.error_feedback else ""
 
     def k(self, numel: int) -> int:
         """Entries kept of a tensor of `numel` entries."""
@@ -351,10 +352,3 @@ class LoRAQuant(Compressor):
 
 
 COMPRESSORS = {kind.name: kind for kind in (TopK, QSGD, LoRAQuant)}
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element is finite, with one device sync for all tensors."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

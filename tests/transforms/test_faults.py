@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from src.algorithms import FedAvg
-from src.engine.client_loop import all_finite
+from src.contract.sharing import all_finite
 from src.engine.sampling import sample_clients
 from src.errors import AllClientsFailedError, ClientError
 from src.run import train
